@@ -1,0 +1,376 @@
+"""Finding LoRA factor pairs in a parameter pytree, by path.
+
+The one rule, in one place
+--------------------------
+Every leaf path is turned into a tuple of string *tokens*: dict keys, attribute names and sequence
+indices, with string keys also split on ``.`` and ``/`` (so flat checkpoints such as
+``{"layers.0.q_proj.lora_A.weight": ...}`` work), and a trailing ``value`` attribute of an
+``nnx.Variable`` dropped. Each :class:`PairingRule`, in order, looks at the tokens and says whether
+the leaf is the ``a`` or the ``b`` factor of some pair, and under which group key; leaves with equal
+(rule, group key) form one pair. The default rules (:data:`DEFAULT_RULES`) find, with no
+configuration:
+
+* ``.../lora_a`` and ``.../lora_b`` siblings: Flax NNX ``nnx.LoRA``, ``nnx.LoRALinear`` (under its
+  ``lora`` submodule) and this library's layers;
+* ``.../<w>_lora_a`` and ``.../<w>_lora_b`` siblings: qwix;
+* ``.../lora/a`` and ``.../lora/b``: gemma's ``peft`` layers.
+
+All of these store factors in *Flax layout*, ``y = x @ (W0 + s * a @ b)``::
+
+    a: (*stack, *in_axes, r)      b: (*stack, r, *out_axes)
+
+:data:`PEFT` matches ``lora_A`` / ``lora_B`` path tokens (PEFT and PyTorch checkpoints, anywhere in
+the path, e.g. ``q_proj/lora_A/weight``) in *PyTorch layout*, ``W = W0 + s * B @ A``::
+
+    A: (*stack, r, *in_axes)      B: (*stack, *out_axes, r)
+
+:data:`LORAX` matches lorax's ``LoraWeight`` fields, whose ``a``/``b`` names are swapped with
+respect to ours. :func:`names` builds a rule from two leaf names, and :class:`PairingRule` wraps any
+callable.
+
+``*stack`` are leading axes shared by both factors: independent stacked layers (``nn.scan``,
+``nnx.vmap``). Unless ``stacked_axes`` is given, their number is the largest ``k`` for which both
+factors share their first ``k`` axes and the partner factor has the rank ``r`` at axis ``k`` while
+each factor keeps at least one non-rank axis. The Gram matrices contract every axis that is neither
+stacked nor the rank axis, so einsum LoRA with several feature axes
+(``a: (heads, head_dim, r)``, ``b: (r, d_model)``) works as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Layout = Literal["flax", "torch"]
+Role = Literal["a", "b"]
+MatchFn = Callable[[tuple[str, ...]], Union[tuple[Role, Hashable], None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairingRule:
+    """Says which leaves are LoRA factors and how they are laid out.
+
+    Attributes:
+      match: maps a leaf's path tokens to ``("a" | "b", group_key)``, or ``None`` for a leaf
+        that is not a factor of this rule. The two factors of one pair share their group key.
+      layout: ``"flax"`` (``a: (..., in, r)``, ``b: (..., r, out)``) or ``"torch"``
+        (``A: (..., r, in)``, ``B: (..., out, r)``).
+      name: shown in error messages and in :class:`LoRAPair`.
+    """
+
+    match: MatchFn
+    layout: Layout = "flax"
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.layout not in ("flax", "torch"):
+            raise ValueError(f"PairingRule.layout must be 'flax' or 'torch', got {self.layout!r}.")
+
+
+class LoRAPair(NamedTuple):
+    """One pair of LoRA factors found in a parameter tree.
+
+    Attributes:
+      a_path: path of the input-side factor (``a`` in Flax layout, ``A`` in PyTorch layout).
+      b_path: path of the output-side factor.
+      layout: ``"flax"`` or ``"torch"``.
+      rank: the LoRA rank ``r``.
+      stacked_shape: shape of the leading axes shared as independent stacked layers.
+      rule: name of the rule that matched.
+    """
+
+    a_path: str
+    b_path: str
+    layout: Layout
+    rank: int
+    stacked_shape: tuple[int, ...]
+    rule: str
+
+
+def names(a_name: str, b_name: str, *, layout: Layout = "flax") -> PairingRule:
+    """A rule pairing the path tokens ``a_name`` and ``b_name`` (last occurrence in the path).
+
+    The rest of the two paths must be equal, so ``("down", "up")`` pairs ``layer/down`` with
+    ``layer/up`` and ``layer/down/weight`` with ``layer/up/weight``.
+
+    Args:
+      a_name: token naming the input-side factor.
+      b_name: token naming the output-side factor.
+      layout: storage layout of both factors.
+
+    Returns:
+      A :class:`PairingRule`.
+    """
+    if a_name == b_name:
+        raise ValueError(f"names() needs two different names, got {a_name!r} twice.")
+    roles = {a_name: "a", b_name: "b"}
+
+    def match(tokens):
+        for i in range(len(tokens) - 1, -1, -1):
+            role = roles.get(tokens[i])
+            if role is not None:
+                return role, (*tokens[:i], "*", *tokens[i + 1 :])
+        return None
+
+    return PairingRule(match, layout, f"names({a_name!r}, {b_name!r})")
+
+
+_QWIX = re.compile(r"^(.+)_lora_([ab])$")
+
+
+def _match_qwix(tokens):
+    found = _QWIX.match(tokens[-1]) if tokens else None
+    if found is None:
+        return None
+    return found.group(2), (*tokens[:-1], found.group(1))
+
+
+def _match_gemma(tokens):
+    if len(tokens) >= 2 and tokens[-2] == "lora" and tokens[-1] in ("a", "b"):
+        return tokens[-1], tokens[:-1]
+    return None
+
+
+def _match_lorax(tokens):
+    # lorax's LoraWeight computes w + alpha/r * b @ a with b: (in, r), a: (r, out): its "b" is our "a".
+    if len(tokens) >= 2 and tokens[-1] in ("a", "b") and tokens[-2] != "lora":
+        return ("a" if tokens[-1] == "b" else "b"), tokens[:-1]
+    return None
+
+
+NNX: PairingRule = dataclasses.replace(names("lora_a", "lora_b"), name="lora_a/lora_b")
+QWIX: PairingRule = PairingRule(_match_qwix, "flax", "<w>_lora_a/<w>_lora_b")
+GEMMA: PairingRule = PairingRule(_match_gemma, "flax", "lora/a, lora/b")
+PEFT: PairingRule = dataclasses.replace(
+    names("lora_A", "lora_B", layout="torch"), name="lora_A/lora_B (torch layout)"
+)
+LORAX: PairingRule = PairingRule(_match_lorax, "flax", "lorax LoraWeight b/a")
+DEFAULT_RULES: tuple[PairingRule, ...] = (NNX, QWIX, GEMMA)
+
+RuleSpec = Union[PairingRule, tuple[str, str], MatchFn]
+
+
+def as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, ...]:
+    """Normalises the ``rules`` argument accepted across the library."""
+    if rules is None:
+        return DEFAULT_RULES
+    if isinstance(rules, PairingRule) or callable(rules):
+        rules = [rules]
+    elif (
+        isinstance(rules, tuple) and len(rules) == 2 and all(isinstance(r, str) for r in rules)
+    ):
+        rules = [rules]
+    out = []
+    for rule in rules:
+        if isinstance(rule, PairingRule):
+            out.append(rule)
+        elif isinstance(rule, tuple) and len(rule) == 2 and all(isinstance(r, str) for r in rule):
+            out.append(names(*rule))
+        elif callable(rule):
+            out.append(PairingRule(rule, "flax", getattr(rule, "__name__", "custom")))
+        else:
+            raise TypeError(
+                "rules must be a PairingRule, an (a_name, b_name) tuple, a callable "
+                f"tokens -> (role, group) | None, or a sequence of those; got {rule!r}."
+            )
+    if not out:
+        raise ValueError("rules is empty: give at least one PairingRule.")
+    return tuple(out)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """Turns a JAX key path into the string tokens the rules see."""
+    tokens: list[str] = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            tokens.extend(t for t in re.split(r"[./]", str(key.key)) if t)
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            tokens.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            tokens.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            tokens.append(str(key.key))
+        else:
+            tokens.append(str(key))
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and tokens[-1] in (
+        "value",
+        "raw_value",
+    ):
+        tokens.pop()
+    return tuple(tokens)
+
+
+class _Pair(NamedTuple):
+    """A pair as the preconditioner uses it: leaf indices plus static geometry."""
+
+    a_index: int
+    b_index: int
+    a_rank_axis: int
+    b_rank_axis: int
+    stacked: int
+    info: LoRAPair
+
+
+def _check_factor(path: str, role: str, leaf: Any) -> None:
+    shape = np.shape(leaf)
+    dtype = jnp.result_type(leaf)
+    if len(shape) < 2:
+        raise ValueError(
+            f"LoRA factor {role!r} at '{path}' must have at least 2 axes (features and rank), "
+            f"got shape {shape}."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"LoRA factor {role!r} at '{path}' must have a floating dtype, got {dtype}."
+        )
+
+
+def _stacked_count(a_shape, b_shape, layout: Layout, stacked_axes: int | None, paths) -> int:
+    """Number of leading stacked axes; see the module docstring for the rule."""
+    # The partner of the factor that shows r as its last axis must have r right after the stack.
+    rank, partner = (a_shape[-1], b_shape) if layout == "flax" else (b_shape[-1], a_shape)
+    limit = min(len(a_shape), len(b_shape)) - 1
+    valid = [k for k in range(limit) if a_shape[:k] == b_shape[:k] and partner[k] == rank]
+    a_path, b_path = paths
+    if stacked_axes is not None:
+        if stacked_axes not in valid:
+            raise ValueError(
+                f"stacked_axes={stacked_axes} does not fit the pair a='{a_path}' {a_shape}, "
+                f"b='{b_path}' {b_shape} ({layout} layout); valid values here: {valid}."
+            )
+        return stacked_axes
+    if not valid:
+        expected = (
+            f"a: (*stack, *in, r) and b: (*stack, r, *out) with r = a.shape[-1] = {rank}"
+            if layout == "flax"
+            else f"A: (*stack, r, *in) and B: (*stack, *out, r) with r = B.shape[-1] = {rank}"
+        )
+        raise ValueError(
+            f"LoRA rank mismatch between a='{a_path}' {a_shape} and b='{b_path}' {b_shape}: "
+            f"expected {expected}."
+        )
+    return max(valid)
+
+
+def _build_pair(a_idx, b_idx, leaves, paths, rule: PairingRule, stacked_axes) -> _Pair:
+    a, b = leaves[a_idx], leaves[b_idx]
+    a_path, b_path = paths[a_idx], paths[b_idx]
+    _check_factor(a_path, "a", a)
+    _check_factor(b_path, "b", b)
+    a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
+    k = _stacked_count(a_shape, b_shape, rule.layout, stacked_axes, (a_path, b_path))
+    if rule.layout == "flax":
+        a_rank_axis, b_rank_axis, rank = len(a_shape) - 1, k, a_shape[-1]
+    else:
+        a_rank_axis, b_rank_axis, rank = k, len(b_shape) - 1, b_shape[-1]
+    info = LoRAPair(a_path, b_path, rule.layout, int(rank), a_shape[:k], rule.name)
+    return _Pair(a_idx, b_idx, a_rank_axis, b_rank_axis, k, info)
+
+
+def _missing_partner_error(path: str, role: str, rule: PairingRule, masked: str | None):
+    other = "b" if role == "a" else "a"
+    if masked is not None:
+        return ValueError(
+            f"LoRA factor {role!r} at '{path}' arrived without its {other!r} factor, which is "
+            f"masked at '{masked}' (optax.MaskedNode): the two factors of a pair were split "
+            "across optax.partition / multi_transform branches (or optax.masked). Label both "
+            "factors of each pair alike."
+        )
+    return ValueError(
+        f"LoRA factor {role!r} at '{path}' (rule {rule.name}) has no matching {other!r} factor. "
+        "Check the factor names, or pass rules= to say how your factors are named."
+    )
+
+
+def match_pairs(
+    tree: Any,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
+) -> tuple[list[_Pair], list[Any], Any]:
+    """Finds the pairs of ``tree``; returns them with the flat leaves and the treedef.
+
+    ``optax.MaskedNode`` leaves are kept (so a pair split by a partition is reported); a pair whose
+    factors are both masked belongs to another branch and is skipped.
+    """
+    rules = as_rules(rules)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    leaves = [leaf for _, leaf in flat]
+    tokens = [path_tokens(p) for p, _ in flat]
+    paths = ["/".join(t) for t in tokens]
+    groups: dict[tuple[int, Hashable], dict[str, int]] = {}
+    for i, toks in enumerate(tokens):
+        for r_idx, rule in enumerate(rules):
+            found = rule.match(toks)
+            if found is None:
+                continue
+            role, group = found
+            if role not in ("a", "b"):
+                raise ValueError(f"Rule {rule.name} returned role {role!r} for '{paths[i]}'.")
+            slot = groups.setdefault((r_idx, group), {})
+            if role in slot:
+                raise ValueError(
+                    f"Two leaves claim to be factor {role!r} of the same LoRA pair: "
+                    f"'{paths[slot[role]]}' and '{paths[i]}' (rule {rule.name})."
+                )
+            slot[role] = i
+            break
+    pairs = []
+    for (r_idx, _), slot in groups.items():
+        rule = rules[r_idx]
+        masked = {role: _is_masked(leaves[i]) for role, i in slot.items()}
+        if all(masked.values()):
+            continue
+        if len(slot) == 1 or any(masked.values()):
+            role = next(r for r, m in masked.items() if not m)
+            other = "b" if role == "a" else "a"
+            masked_path = paths[slot[other]] if other in slot else None
+            raise _missing_partner_error(paths[slot[role]], role, rule, masked_path)
+        pairs.append(_build_pair(slot["a"], slot["b"], leaves, paths, rule, stacked_axes))
+    pairs.sort(key=lambda p: p.a_index)
+    return pairs, leaves, treedef
+
+
+def find_lora_pairs(
+    params: Any,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
+) -> list[LoRAPair]:
+    """Lists the LoRA pairs that :func:`riemannian_preconditioner` will precondition.
+
+    Args:
+      params: a parameter pytree (dicts, Flax variables, ``nnx.State``, dataclasses...).
+      rules: how factors are named; ``None`` for :data:`DEFAULT_RULES`. Also accepts a
+        :class:`PairingRule`, an ``(a_name, b_name)`` tuple, a callable
+        ``tokens -> (role, group_key) | None``, or a sequence of those.
+      stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
+
+    Returns:
+      A list of :class:`LoRAPair`, in tree order.
+
+    Raises:
+      ValueError: naming the leaf path, for a factor without its partner, mismatched ranks,
+        factors with fewer than 2 axes or a non-floating dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import rplora_jax
+      >>> params = {"q": {"kernel": jnp.zeros((8, 8)),
+      ...                 "lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}}
+      >>> [(p.a_path, p.b_path, p.rank) for p in rplora_jax.find_lora_pairs(params)]
+      [('q/lora_a', 'q/lora_b', 2)]
+    """
+    pairs, _, _ = match_pairs(params, rules=rules, stacked_axes=stacked_axes)
+    return [p.info for p in pairs]

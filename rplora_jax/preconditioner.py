@@ -1,0 +1,315 @@
+"""The Riemannian preconditioner for LoRA (Zhang & Pilanci, ICML 2024) as optax transformations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rplora_jax.pairing import RuleSpec, match_pairs, path_tokens
+
+# The reference code's value. Gram entries of trained factors are O(1) or larger, so 1e-6 only
+# matters when a factor is (nearly) rank-deficient; the zero-initialised `b` is handled exactly by
+# the identity fallback, since its partner's gradient is zero then. PEFT's 1e-2 is a stronger
+# damping that also keeps plain scaled SGD stable while `b` is tiny; pass reg=1e-2 to match it.
+DEFAULT_REG = 1e-6
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _compute_dtype(*dtypes) -> jnp.dtype:
+    """float32, or float64 when an input is (and x64 is on)."""
+    wide = any(jnp.dtype(d).itemsize > 4 for d in dtypes)
+    return jax.dtypes.canonicalize_dtype(jnp.float64 if wide else jnp.float32)
+
+
+def _gram(x: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
+    """``(*stack, r, r)`` Gram of a factor: contracts every axis but the stack and the rank."""
+    x = x.astype(dtype)
+    batch = tuple(range(stacked))
+    contract = tuple(i for i in range(stacked, x.ndim) if i != rank_axis)
+    return jax.lax.dot_general(
+        x, x, ((contract, contract), (batch, batch)), precision=_HIGHEST,
+        preferred_element_type=dtype,
+    )
+
+
+def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
+    """Multiplies the rank axis of ``g`` by the symmetric ``inv`` and casts back to g's dtype.
+
+    The operand order is chosen so the result comes out in ``g``'s axis order with no transpose:
+    a plain matmul keeps ``g``'s sharding, which a ``solve`` was seen not to.
+    """
+    batch = tuple(range(stacked))
+    gc = g.astype(dtype)
+    if rank_axis == stacked:
+        out = jax.lax.dot_general(
+            inv, gc, (((stacked,), (rank_axis,)), (batch, batch)), precision=_HIGHEST,
+            preferred_element_type=dtype,
+        )
+    else:
+        out = jax.lax.dot_general(
+            gc, inv, (((rank_axis,), (stacked,)), (batch, batch)), precision=_HIGHEST,
+            preferred_element_type=dtype,
+        )
+        if rank_axis != g.ndim - 1:
+            out = jnp.moveaxis(out, -1, rank_axis)
+    return out.astype(g.dtype)
+
+
+def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
+    """Batched ``inv(m + reg*I)`` of PSD ``(..., r, r)`` matrices, identity where singular.
+
+    LoRA starts with ``b = 0`` and users set ``reg=0``, so singular matrices are routine. Like the
+    reference code (which falls back to the identity when ``torch.inverse`` fails), a matrix that
+    is not numerically positive definite is replaced by the identity.
+    """
+    r = m.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(r, dtype=m.dtype), m.shape)
+    m = 0.5 * (m + jnp.swapaxes(m, -1, -2)) + jnp.asarray(reg, m.dtype) * eye
+    chol = jnp.linalg.cholesky(m)
+    pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)
+    scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
+    ok = (
+        jnp.all(jnp.isfinite(chol), axis=(-2, -1))
+        & (scale > 0)
+        & (jnp.min(pivots, axis=-1) ** 2 > jnp.finfo(m.dtype).eps * scale)
+    )
+    chol = jnp.where(ok[..., None, None], chol, eye)
+    linv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    inv = jnp.matmul(jnp.swapaxes(linv, -1, -2), linv, precision=_HIGHEST)
+    return jnp.where(ok[..., None, None], inv, eye)
+
+
+def _batched_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
+    """Inverts all Grams with one batched call per (rank, dtype): a few ops, not one per pair."""
+    by_kind: dict[tuple[int, Any], list[int]] = {}
+    for i, g in enumerate(grams):
+        by_kind.setdefault((g.shape[-1], g.dtype), []).append(i)
+    out: list[Any] = [None] * len(grams)
+    for (r, _), idx in by_kind.items():
+        flat = [grams[i].reshape(-1, r, r) for i in idx]
+        sizes = np.cumsum([f.shape[0] for f in flat])[:-1]
+        inv = _safe_inverse(jnp.concatenate(flat) if len(flat) > 1 else flat[0], reg)
+        for i, part in zip(idx, jnp.split(inv, sizes) if len(flat) > 1 else [inv]):
+            out[i] = part.reshape(grams[i].shape)
+    return out
+
+
+def _check_reg(reg) -> None:
+    if isinstance(reg, (int, float)) and not isinstance(reg, bool) and not reg >= 0:
+        raise ValueError(f"reg must be a non-negative number, got {reg!r}.")
+
+
+def _no_pairs_error(tree: Any) -> ValueError:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths = ["/".join(path_tokens(p)) for p, _ in flat[:4]]
+    return ValueError(
+        f"riemannian_preconditioner found no LoRA pairs among {len(flat)} leaves "
+        f"(first paths: {paths}). This almost always means the factor names do not match the "
+        "pairing rules: pass rules= (see rplora_jax.pairing), or allow_no_pairs=True if a tree "
+        "without LoRA factors is intended."
+    )
+
+
+def riemannian_preconditioner(
+    reg: float | jax.Array = DEFAULT_REG,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
+    allow_no_pairs: bool = False,
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Preconditions the gradients of every LoRA pair with its partner's ``r x r`` Gram.
+
+    For ``y = x @ (W0 + s * a @ b)`` with ``a: (in, r)`` and ``b: (r, out)``::
+
+        g_a <- g_a @ inv(b @ b.T + reg * I)        g_b <- inv(a.T @ a + reg * I) @ g_b
+
+    This is the Riemannian preconditioner of Zhang & Pilanci (2024). Put it first in a chain:
+    followed by ``optax.sgd`` it is *scaled GD*, by ``optax.adamw`` *scaled AdamW* (Adam's moments
+    then see the preconditioned gradient). Pairs are found by path (see :mod:`rplora_jax.pairing`
+    and :func:`rplora_jax.find_lora_pairs`); every other leaf passes through unchanged. Leading
+    axes shared by both factors are independent stacked layers, each with its own Grams.
+
+    The ``r x r`` algebra runs in float32 (float64 for float64 inputs) and each result is cast
+    back to its gradient's dtype. A pair whose regularised Gram is singular (``b = 0`` at
+    initialisation with ``reg=0``, a rank-deficient factor) gets the identity instead, so no
+    NaN/Inf is produced. No state is kept and nothing recompiles from step to step.
+
+    Args:
+      reg: ridge ``reg * I`` added to each Gram; a float, or an array (so
+        ``optax.inject_hyperparams`` can schedule it). Defaults to the reference code's 1e-6.
+      rules: how LoRA factors are named and laid out; ``None`` for the defaults, which find
+        ``nnx.LoRA``/``nnx.LoRALinear``, this library's layers, gemma's ``peft`` and qwix.
+        See :func:`rplora_jax.find_lora_pairs`.
+      stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
+      allow_no_pairs: if False (default), a tree with no LoRA pair is an error, since it almost
+        always means misconfigured names.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over which the factors'
+        feature axes are sharded: the Gram contributions are summed over it with ``psum``. Leave
+        it ``None`` under ``jax.jit``, where XLA inserts that reduction itself.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+    References:
+      Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models",
+      ICML 2024, https://arxiv.org/abs/2402.02347
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import rplora_jax
+      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.eye(2, 3)}
+      >>> tx = optax.chain(rplora_jax.riemannian_preconditioner(reg=0.0), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> updates["lora_b"].shape
+      (2, 3)
+    """
+    _check_reg(reg)
+
+    def find(tree):
+        pairs, leaves, treedef = match_pairs(tree, rules=rules, stacked_axes=stacked_axes)
+        if not pairs and not allow_no_pairs:
+            raise _no_pairs_error(tree)
+        return pairs, leaves, treedef
+
+    def init_fn(params):
+        find(params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "riemannian_preconditioner needs the current parameters: call "
+                "update(updates, state, params)."
+            )
+        pairs, g_leaves, treedef = find(updates)
+        p_leaves, p_treedef = jax.tree_util.tree_flatten(
+            params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        )
+        if p_treedef != treedef:
+            raise ValueError(
+                "params and updates have different tree structures:\n"
+                f"  updates: {treedef}\n  params:  {p_treedef}"
+            )
+        if not pairs:
+            return updates, state
+        return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, axis_name)), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _precondition(pairs, g_leaves, p_leaves, reg, axis_name) -> list[Any]:
+    grams, dtypes = [], []
+    for pair in pairs:
+        a, b = p_leaves[pair.a_index], p_leaves[pair.b_index]
+        g_a, g_b = g_leaves[pair.a_index], g_leaves[pair.b_index]
+        for path, p, g in ((pair.info.a_path, a, g_a), (pair.info.b_path, b, g_b)):
+            if np.shape(p) != np.shape(g):
+                raise ValueError(
+                    f"Gradient at '{path}' has shape {np.shape(g)} but its parameter has shape "
+                    f"{np.shape(p)}."
+                )
+        dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
+        dtypes.append(dtype)
+        # The a-gradient is preconditioned by b's Gram and vice versa.
+        grams.append(_gram(b, pair.b_rank_axis, pair.stacked, dtype))
+        grams.append(_gram(a, pair.a_rank_axis, pair.stacked, dtype))
+    if axis_name is not None:
+        grams = jax.lax.psum(grams, axis_name)
+    invs = _batched_inverses(grams, reg)
+    out = list(g_leaves)
+    for i, (pair, dtype) in enumerate(zip(pairs, dtypes)):
+        inv_b, inv_a = invs[2 * i], invs[2 * i + 1]
+        out[pair.a_index] = _apply(g_leaves[pair.a_index], inv_b, pair.a_rank_axis, pair.stacked,
+                                   dtype)
+        out[pair.b_index] = _apply(g_leaves[pair.b_index], inv_a, pair.b_rank_axis, pair.stacked,
+                                   dtype)
+    return out
+
+
+def scaled_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    *,
+    reg: float | jax.Array = DEFAULT_REG,
+    **pairing: Any,
+) -> optax.GradientTransformation:
+    """Scaled GD: :func:`riemannian_preconditioner` followed by ``optax.sgd``.
+
+    Identical to ``optax.chain(riemannian_preconditioner(reg, **pairing),
+    optax.sgd(learning_rate, momentum, nesterov))``.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      momentum: heavy-ball momentum, or ``None``.
+      nesterov: use Nesterov momentum.
+      reg: see :func:`riemannian_preconditioner`.
+      **pairing: ``rules``, ``stacked_axes``, ``allow_no_pairs``, ``axis_name`` as in
+        :func:`riemannian_preconditioner`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rplora_jax
+      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
+      >>> tx = rplora_jax.scaled_sgd(1e-2, momentum=0.9)
+      >>> state = tx.init(params)
+    """
+    return optax.chain(
+        riemannian_preconditioner(reg, **pairing),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
+
+def scaled_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    reg: float | jax.Array = DEFAULT_REG,
+    mask: Any = None,
+    **pairing: Any,
+) -> optax.GradientTransformation:
+    """Scaled AdamW: :func:`riemannian_preconditioner` followed by ``optax.adamw``.
+
+    Identical to ``optax.chain(riemannian_preconditioner(reg, **pairing), optax.adamw(...))``:
+    Adam's moments see the preconditioned gradient, as in the paper and its peers.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon.
+      weight_decay: decoupled weight decay, as in ``optax.adamw``.
+      reg: see :func:`riemannian_preconditioner`.
+      mask: weight-decay mask, as in ``optax.adamw``.
+      **pairing: ``rules``, ``stacked_axes``, ``allow_no_pairs``, ``axis_name`` as in
+        :func:`riemannian_preconditioner`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, rplora_jax
+      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
+      >>> tx = rplora_jax.scaled_adamw(1e-3)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+    """
+    return optax.chain(
+        riemannian_preconditioner(reg, **pairing),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+    )
