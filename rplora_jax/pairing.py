@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ import optax
 
 Layout = Literal["flax", "torch"]
 Role = Literal["a", "b"]
-MatchFn = Callable[[tuple[str, ...]], Union[tuple[Role, Hashable], None]]
+MatchFn = Callable[[tuple[str, ...]], tuple[Role, Hashable] | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _match_gemma(tokens):
 
 
 def _match_lorax(tokens):
-    # lorax's LoraWeight computes w + alpha/r * b @ a with b: (in, r), a: (r, out): its "b" is our "a".
+    # lorax's LoraWeight is w + alpha/r * b @ a, b: (in, r), a: (r, out): its "b" is our "a".
     if len(tokens) >= 2 and tokens[-1] in ("a", "b") and tokens[-2] != "lora":
         return ("a" if tokens[-1] == "b" else "b"), tokens[:-1]
     return None
@@ -154,24 +154,24 @@ PEFT: PairingRule = dataclasses.replace(
 LORAX: PairingRule = PairingRule(_match_lorax, "flax", "lorax LoraWeight b/a")
 DEFAULT_RULES: tuple[PairingRule, ...] = (NNX, QWIX, GEMMA)
 
-RuleSpec = Union[PairingRule, tuple[str, str], MatchFn]
+RuleSpec = PairingRule | tuple[str, str] | MatchFn
+
+
+def _is_name_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(n, str) for n in x)
 
 
 def as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, ...]:
     """Normalises the ``rules`` argument accepted across the library."""
     if rules is None:
         return DEFAULT_RULES
-    if isinstance(rules, PairingRule) or callable(rules):
-        rules = [rules]
-    elif (
-        isinstance(rules, tuple) and len(rules) == 2 and all(isinstance(r, str) for r in rules)
-    ):
+    if isinstance(rules, PairingRule) or callable(rules) or _is_name_pair(rules):
         rules = [rules]
     out = []
     for rule in rules:
         if isinstance(rule, PairingRule):
             out.append(rule)
-        elif isinstance(rule, tuple) and len(rule) == 2 and all(isinstance(r, str) for r in rule):
+        elif _is_name_pair(rule):
             out.append(names(*rule))
         elif callable(rule):
             out.append(PairingRule(rule, "flax", getattr(rule, "__name__", "custom")))
@@ -189,6 +189,9 @@ def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+_VALUE_ATTRS = ("value", "raw_value")
+
+
 def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
     """Turns a JAX key path into the string tokens the rules see."""
     tokens: list[str] = []
@@ -203,10 +206,8 @@ def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
             tokens.append(str(key.key))
         else:
             tokens.append(str(key))
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and tokens[-1] in (
-        "value",
-        "raw_value",
-    ):
+    # nnx.Variable leaves add a `.value` attribute that is not part of the module path.
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in _VALUE_ATTRS:
         tokens.pop()
     return tuple(tokens)
 

@@ -33,7 +33,10 @@ def _gram(x: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
     batch = tuple(range(stacked))
     contract = tuple(i for i in range(stacked, x.ndim) if i != rank_axis)
     return jax.lax.dot_general(
-        x, x, ((contract, contract), (batch, batch)), precision=_HIGHEST,
+        x,
+        x,
+        ((contract, contract), (batch, batch)),
+        precision=_HIGHEST,
         preferred_element_type=dtype,
     )
 
@@ -48,12 +51,18 @@ def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) ->
     gc = g.astype(dtype)
     if rank_axis == stacked:
         out = jax.lax.dot_general(
-            inv, gc, (((stacked,), (rank_axis,)), (batch, batch)), precision=_HIGHEST,
+            inv,
+            gc,
+            (((stacked,), (rank_axis,)), (batch, batch)),
+            precision=_HIGHEST,
             preferred_element_type=dtype,
         )
     else:
         out = jax.lax.dot_general(
-            gc, inv, (((rank_axis,), (stacked,)), (batch, batch)), precision=_HIGHEST,
+            gc,
+            inv,
+            (((rank_axis,), (stacked,)), (batch, batch)),
+            precision=_HIGHEST,
             preferred_element_type=dtype,
         )
         if rank_axis != g.ndim - 1:
@@ -66,38 +75,19 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
 
     LoRA starts with ``b = 0`` and users set ``reg=0``, so singular matrices are routine. Like the
     reference code (which falls back to the identity when ``torch.inverse`` fails), a matrix that
-    is not numerically positive definite is replaced by the identity.
+    is not numerically positive definite is replaced by the identity. The Cholesky factor only
+    reads the lower triangle, so ``m`` need not be symmetrised first.
     """
-    r = m.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(r, dtype=m.dtype), m.shape)
-    m = 0.5 * (m + jnp.swapaxes(m, -1, -2)) + jnp.asarray(reg, m.dtype) * eye
+    eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
+    m = m + jnp.asarray(reg, m.dtype) * eye
     chol = jnp.linalg.cholesky(m)
     pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)
     scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
-    ok = (
-        jnp.all(jnp.isfinite(chol), axis=(-2, -1))
-        & (scale > 0)
-        & (jnp.min(pivots, axis=-1) ** 2 > jnp.finfo(m.dtype).eps * scale)
-    )
-    chol = jnp.where(ok[..., None, None], chol, eye)
+    # NaN pivots (failed factorisation) compare False, so they also select the identity.
+    ok = jnp.min(pivots, axis=-1) ** 2 > jnp.finfo(m.dtype).eps * scale
     linv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     inv = jnp.matmul(jnp.swapaxes(linv, -1, -2), linv, precision=_HIGHEST)
     return jnp.where(ok[..., None, None], inv, eye)
-
-
-def _batched_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
-    """Inverts all Grams with one batched call per (rank, dtype): a few ops, not one per pair."""
-    by_kind: dict[tuple[int, Any], list[int]] = {}
-    for i, g in enumerate(grams):
-        by_kind.setdefault((g.shape[-1], g.dtype), []).append(i)
-    out: list[Any] = [None] * len(grams)
-    for (r, _), idx in by_kind.items():
-        flat = [grams[i].reshape(-1, r, r) for i in idx]
-        sizes = np.cumsum([f.shape[0] for f in flat])[:-1]
-        inv = _safe_inverse(jnp.concatenate(flat) if len(flat) > 1 else flat[0], reg)
-        for i, part in zip(idx, jnp.split(inv, sizes) if len(flat) > 1 else [inv]):
-            out[i] = part.reshape(grams[i].shape)
-    return out
 
 
 def _check_reg(reg) -> None:
@@ -207,32 +197,36 @@ def riemannian_preconditioner(
 
 
 def _precondition(pairs, g_leaves, p_leaves, reg, axis_name) -> list[Any]:
-    grams, dtypes = [], []
+    out = list(g_leaves)
     for pair in pairs:
-        a, b = p_leaves[pair.a_index], p_leaves[pair.b_index]
-        g_a, g_b = g_leaves[pair.a_index], g_leaves[pair.b_index]
-        for path, p, g in ((pair.info.a_path, a, g_a), (pair.info.b_path, b, g_b)):
+        factors = [leaves[i] for leaves in (p_leaves, g_leaves) for i in pair[:2]]
+        for path, p, g in zip(
+            (pair.info.a_path, pair.info.b_path), factors[:2], factors[2:], strict=True
+        ):
             if np.shape(p) != np.shape(g):
                 raise ValueError(
                     f"Gradient at '{path}' has shape {np.shape(g)} but its parameter has shape "
                     f"{np.shape(p)}."
                 )
-        dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
-        dtypes.append(dtype)
-        # The a-gradient is preconditioned by b's Gram and vice versa.
-        grams.append(_gram(b, pair.b_rank_axis, pair.stacked, dtype))
-        grams.append(_gram(a, pair.a_rank_axis, pair.stacked, dtype))
+        out[pair.a_index], out[pair.b_index] = _precondition_one(*factors, pair, reg, axis_name)
+    return out
+
+
+def _precondition_one(a, b, g_a, g_b, pair, reg, axis_name):
+    """Preconditions one pair. Work stays per pair: stacking pairs of equal shape into one
+    batched computation was measured slower (the stacking copies cost more than the saved calls).
+    """
+    dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
+    stacked, a_axis, b_axis = pair.stacked, pair.a_rank_axis, pair.b_rank_axis
+    # The a-gradient is preconditioned by b's Gram and vice versa.
+    grams = [_gram(b, b_axis, stacked, dtype), _gram(a, a_axis, stacked, dtype)]
     if axis_name is not None:
         grams = jax.lax.psum(grams, axis_name)
-    invs = _batched_inverses(grams, reg)
-    out = list(g_leaves)
-    for i, (pair, dtype) in enumerate(zip(pairs, dtypes)):
-        inv_b, inv_a = invs[2 * i], invs[2 * i + 1]
-        out[pair.a_index] = _apply(g_leaves[pair.a_index], inv_b, pair.a_rank_axis, pair.stacked,
-                                   dtype)
-        out[pair.b_index] = _apply(g_leaves[pair.b_index], inv_a, pair.b_rank_axis, pair.stacked,
-                                   dtype)
-    return out
+    inv_b, inv_a = _safe_inverse(jnp.stack(grams), reg)
+    return (
+        _apply(g_a, inv_b, a_axis, stacked, dtype),
+        _apply(g_b, inv_a, b_axis, stacked, dtype),
+    )
 
 
 def scaled_sgd(

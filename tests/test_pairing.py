@@ -1,0 +1,96 @@
+"""Pairing rules: which leaves form LoRA pairs, for the layouts of the JAX LoRA ecosystem."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import rplora_jax
+from rplora_jax.pairing import PairingRule, names
+
+
+def pairs_of(params, **kw):
+    return [
+        (p.a_path, p.b_path, p.layout, p.rank) for p in rplora_jax.find_lora_pairs(params, **kw)
+    ]
+
+
+def test_nnx_lora_and_lora_linear():
+    model = nnx.Dict(
+        lin=nnx.LoRALinear(8, 4, lora_rank=2, rngs=nnx.Rngs(0)),
+        lora=nnx.LoRA(8, 3, 4, rngs=nnx.Rngs(1)),
+    )
+    state = nnx.as_pure(nnx.state(model))
+    assert pairs_of(state) == [
+        ("lin/lora/lora_a", "lin/lora/lora_b", "flax", 2),
+        ("lora/lora_a", "lora/lora_b", "flax", 3),
+    ]
+    # Unwrapped nnx.State (Variables) pairs the same way.
+    assert pairs_of(nnx.state(model, nnx.LoRAParam)) == pairs_of(state)
+
+
+def test_gemma_and_qwix_layouts():
+    params = {
+        "attn": {
+            "q": {"w": jnp.ones((8, 8)), "lora": {"a": jnp.ones((8, 2)), "b": jnp.ones((2, 8))}}
+        },
+        "mlp": {
+            "kernel": jnp.ones((8, 16)),
+            "kernel_lora_a": jnp.ones((8, 4)),
+            "kernel_lora_b": jnp.ones((4, 16)),
+        },
+    }
+    assert pairs_of(params) == [
+        ("attn/q/lora/a", "attn/q/lora/b", "flax", 2),
+        ("mlp/kernel_lora_a", "mlp/kernel_lora_b", "flax", 4),
+    ]
+
+
+def test_unrelated_a_b_leaves_are_not_factors_by_default():
+    params = {"norm": {"a": jnp.ones((4, 2)), "b": jnp.ones((2,))}}
+    assert pairs_of(params) == []
+
+
+def test_name_pair_and_callable_rules():
+    params = {"blk": {"down": jnp.ones((8, 2)), "up": jnp.ones((2, 5))}}
+    assert pairs_of(params, rules=("down", "up")) == [("blk/down", "blk/up", "flax", 2)]
+
+    def rule(tokens):
+        if tokens[-1] in ("down", "up"):
+            return ("a" if tokens[-1] == "down" else "b"), tokens[:-1]
+        return None
+
+    assert pairs_of(params, rules=rule) == [("blk/down", "blk/up", "flax", 2)]
+    torch_rule = names("down", "up", layout="torch")
+    params_t = {"blk": {"down": jnp.ones((2, 8)), "up": jnp.ones((5, 2))}}
+    assert pairs_of(params_t, rules=torch_rule) == [("blk/down", "blk/up", "torch", 2)]
+
+
+def test_several_rules_in_order():
+    params = {
+        "x": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))},
+        "y": {"lora_A": jnp.ones((3, 4)), "lora_B": jnp.ones((4, 3))},
+    }
+    got = pairs_of(params, rules=[*rplora_jax.DEFAULT_RULES, rplora_jax.PEFT])
+    assert got == [("x/lora_a", "x/lora_b", "flax", 2), ("y/lora_A", "y/lora_B", "torch", 3)]
+
+
+def test_two_leaves_claiming_the_same_role():
+    params = {"x": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))}}
+    rule = PairingRule(lambda t: ("a", "g") if t[-1].startswith("lora") else None)
+    with pytest.raises(ValueError, match="'x/lora_a' and 'x/lora_b'"):
+        rplora_jax.find_lora_pairs(params, rules=rule)
+
+
+def test_bad_rules_argument():
+    with pytest.raises(TypeError, match="rules must be"):
+        rplora_jax.find_lora_pairs({}, rules=[3])
+    with pytest.raises(ValueError, match="'flax' or 'torch'"):
+        PairingRule(lambda t: None, layout="jax")
+
+
+def test_torch_rank_mismatch_message():
+    params = {"lora_A": jnp.ones((3, 8)), "lora_B": jnp.ones((6, 2))}
+    with pytest.raises(ValueError, match=r"A: \(\*stack, r, \*in\).*r = B.shape\[-1\] = 2"):
+        rplora_jax.find_lora_pairs(params, rules=rplora_jax.PEFT)

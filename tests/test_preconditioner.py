@@ -1,0 +1,429 @@
+"""riemannian_preconditioner, scaled_sgd and scaled_adamw against the NumPy transcription."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from reference import AdamW, factorisation_grads, precondition_flax, precondition_torch
+
+import rplora_jax
+from rplora_jax import riemannian_preconditioner, scaled_adamw, scaled_sgd
+
+
+def rand(key, shape, dtype=jnp.float32, scale=1.0):
+    return (scale * jax.random.normal(jax.random.key(key), shape)).astype(dtype)
+
+
+def precondition(params, grads, reg=1e-3, **kw):
+    tx = riemannian_preconditioner(reg, **kw)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+
+
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("reg", [0.0, 1e-3, 1.0])
+def test_one_step_matches_numpy(reg):
+    params = {
+        "q": {"kernel": rand(0, (6, 5)), "lora_a": rand(1, (6, 3)), "lora_b": rand(2, (3, 5))}
+    }
+    grads = jax.tree.map(lambda p: rand(7, p.shape), params)
+    updates = jax.jit(lambda g, p: precondition(p, g, reg))(grads, params)
+    want_a, want_b = precondition_flax(
+        grads["q"]["lora_a"],
+        grads["q"]["lora_b"],
+        params["q"]["lora_a"],
+        params["q"]["lora_b"],
+        reg,
+    )
+    np.testing.assert_allclose(updates["q"]["lora_a"], want_a, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["q"]["lora_b"], want_b, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(updates["q"]["kernel"], grads["q"]["kernel"])
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_stacked_layers_are_independent():
+    params = {"lora_a": rand(1, (4, 7, 3)), "lora_b": rand(2, (4, 3, 5))}
+    grads = {"lora_a": rand(3, (4, 7, 3)), "lora_b": rand(4, (4, 3, 5))}
+    updates = precondition(params, grads, 1e-2)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, stacked=1
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=2e-5, atol=1e-6)
+    (pair,) = rplora_jax.find_lora_pairs(params)
+    assert pair.stacked_shape == (4,) and pair.rank == 3
+
+
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "stacked"),
+    [
+        ((3, 4, 2), (2, 10), 0),  # einsum: a over (heads, head_dim)
+        ((10, 2), (2, 3, 4), 0),  # einsum: b over (heads, head_dim)
+        ((5, 3, 4, 2), (5, 2, 3, 4), 1),  # stacked layers of einsum LoRA
+    ],
+)
+def test_multi_axis_factors(a_shape, b_shape, stacked):
+    params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
+    grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
+    updates = precondition(params, grads, 1e-2)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, stacked
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=5e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+
+
+def test_explicit_stacked_axes_overrides_inference():
+    # r == number of layers makes both readings valid; the inferred one is the stacked one.
+    params = {"lora_a": rand(1, (4, 6, 4)), "lora_b": rand(2, (4, 4, 6))}
+    grads = {"lora_a": rand(3, (4, 6, 4)), "lora_b": rand(4, (4, 4, 6))}
+    assert rplora_jax.find_lora_pairs(params)[0].stacked_shape == (4,)
+    updates = precondition(params, grads, 1e-2, stacked_axes=0)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, 0
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=5e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="stacked_axes=2 does not fit"):
+        rplora_jax.find_lora_pairs(params, stacked_axes=2)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_pytorch_layout_peft_names():
+    # A PEFT checkpoint kept in PyTorch layout: lora_A.weight (r, in), lora_B.weight (out, r).
+    params = {
+        "layers.0.q_proj.lora_A.weight": rand(1, (3, 8)),
+        "layers.0.q_proj.lora_B.weight": rand(2, (6, 3)),
+    }
+    grads = {k: rand(i + 5, v.shape) for i, (k, v) in enumerate(params.items())}
+    updates = precondition(params, grads, 1e-3, rules=rplora_jax.PEFT)
+    want_A, want_B = precondition_torch(
+        grads["layers.0.q_proj.lora_A.weight"],
+        grads["layers.0.q_proj.lora_B.weight"],
+        params["layers.0.q_proj.lora_A.weight"],
+        params["layers.0.q_proj.lora_B.weight"],
+        1e-3,
+    )
+    np.testing.assert_allclose(updates["layers.0.q_proj.lora_A.weight"], want_A, rtol=2e-5)
+    np.testing.assert_allclose(updates["layers.0.q_proj.lora_B.weight"], want_B, rtol=2e-5)
+    (pair,) = rplora_jax.find_lora_pairs(params, rules=rplora_jax.PEFT)
+    assert pair.layout == "torch" and pair.rank == 3
+    assert pair.a_path == "layers/0/q_proj/lora_A/weight"
+
+
+def test_lorax_swapped_names():
+    # lorax: W + b @ a with b: (in, r) zero-initialised and a: (r, out).
+    params = {
+        "dense": {"kernel": {"w": rand(0, (8, 6)), "b": rand(1, (8, 2)), "a": rand(2, (2, 6))}}
+    }
+    grads = jax.tree.map(lambda p: rand(9, p.shape), params)
+    updates = precondition(params, grads, 1e-3, rules=rplora_jax.LORAX)
+    k, g = params["dense"]["kernel"], grads["dense"]["kernel"]
+    want_in, want_out = precondition_flax(g["b"], g["a"], k["b"], k["a"], 1e-3)
+    np.testing.assert_allclose(updates["dense"]["kernel"]["b"], want_in, rtol=2e-5)
+    np.testing.assert_allclose(updates["dense"]["kernel"]["a"], want_out, rtol=2e-5)
+    np.testing.assert_array_equal(updates["dense"]["kernel"]["w"], g["w"])
+
+
+def _factorisation_problem():
+    # Started near the solution: from a random start plain scaled GD may diverge at this step.
+    rng = np.random.default_rng(0)
+    left, right = rng.standard_normal((12, 3)), rng.standard_normal((3, 10))
+    a0 = left + 0.3 * rng.standard_normal((12, 3))
+    b0 = right + 0.3 * rng.standard_normal((3, 10))
+    return left @ right, a0, b0
+
+
+def _run_jax(tx, target, a0, b0, steps):
+    params = {"lora_a": jnp.asarray(a0, jnp.float32), "lora_b": jnp.asarray(b0, jnp.float32)}
+    t = jnp.asarray(target, jnp.float32)
+
+    @jax.jit
+    def step(params, state):
+        g_a, g_b = factorisation_grads(params["lora_a"], params["lora_b"], t)
+        updates, state = tx.update({"lora_a": g_a, "lora_b": g_b}, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return np.asarray(params["lora_a"]), np.asarray(params["lora_b"])
+
+
+def test_scaled_sgd_trajectory_matches_numpy():
+    target, a, b = _factorisation_problem()
+    got_a, got_b = _run_jax(scaled_sgd(0.3, reg=1e-4), target, a, b, 60)
+    for _ in range(60):
+        g_a, g_b = precondition_flax(*factorisation_grads(a, b, target), a, b, 1e-4)
+        a, b = a - 0.3 * g_a, b - 0.3 * g_b
+    np.testing.assert_allclose(got_a @ got_b, a @ b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_a, a, rtol=1e-3, atol=1e-4)
+    # Scaled GD solves this well-posed factorisation; the trajectory is not a trivial one.
+    assert np.linalg.norm(a @ b - target) < 1e-6 * np.linalg.norm(target)
+
+
+def test_scaled_adamw_trajectory_matches_numpy():
+    target, a, b = _factorisation_problem()
+    got_a, got_b = _run_jax(scaled_adamw(1e-2, reg=1e-3), target, a, b, 60)
+    opt = AdamW(1e-2)
+    for _ in range(60):
+        g = precondition_flax(*factorisation_grads(a, b, target), a, b, 1e-3)
+        a, b = opt.step([a, b], list(g))
+    np.testing.assert_allclose(got_a, a, rtol=1e-3, atol=2e-5)
+    np.testing.assert_allclose(got_b, b, rtol=1e-3, atol=2e-5)
+
+
+def test_scaled_adamw_is_the_chain():
+    target, a, b = _factorisation_problem()
+    chain = optax.chain(riemannian_preconditioner(1e-3), optax.adamw(1e-2, weight_decay=1e-4))
+    got = _run_jax(scaled_adamw(1e-2, reg=1e-3), target, a, b, 10)
+    want = _run_jax(chain, target, a, b, 10)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_learning_rate_schedule():
+    target, a, b = _factorisation_problem()
+    schedule = optax.linear_schedule(0.3, 0.0, 20)
+    got_a, _ = _run_jax(scaled_sgd(schedule, reg=1e-4), target, a, b, 20)
+    for t in range(20):
+        g_a, g_b = precondition_flax(*factorisation_grads(a, b, target), a, b, 1e-4)
+        lr = 0.3 * (1 - t / 20)
+        a, b = a - lr * g_a, b - lr * g_b
+    np.testing.assert_allclose(got_a, a, rtol=1e-3, atol=1e-4)
+
+
+def _lora_tree():
+    return {
+        "base": {"kernel": rand(0, (6, 5))},
+        "q": {"lora_a": rand(1, (6, 2)), "lora_b": rand(2, (2, 5))},
+    }
+
+
+def test_inside_partition_with_frozen_base():
+    params = _lora_tree()
+    grads = jax.tree.map(lambda p: rand(5, p.shape), params)
+    labels = {"base": {"kernel": "frozen"}, "q": {"lora_a": "lora", "lora_b": "lora"}}
+    tx = optax.partition({"lora": scaled_sgd(1.0, reg=1e-3), "frozen": optax.set_to_zero()}, labels)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["base"]["kernel"], 0.0)
+    want_a, want_b = precondition_flax(
+        grads["q"]["lora_a"],
+        grads["q"]["lora_b"],
+        params["q"]["lora_a"],
+        params["q"]["lora_b"],
+        1e-3,
+    )
+    np.testing.assert_allclose(updates["q"]["lora_a"], -want_a, rtol=2e-5)
+    np.testing.assert_allclose(updates["q"]["lora_b"], -want_b, rtol=2e-5)
+
+
+def test_pair_split_across_partition_is_an_error():
+    params = _lora_tree()
+    labels = {"base": {"kernel": "frozen"}, "q": {"lora_a": "lora", "lora_b": "frozen"}}
+    tx = optax.partition(
+        {"lora": riemannian_preconditioner(), "frozen": optax.set_to_zero()}, labels
+    )
+    with pytest.raises(ValueError, match=r"'q/lora_a'.*masked at 'q/lora_b'.*partition"):
+        tx.init(params)
+
+
+def test_under_multisteps_preconditions_the_mean_gradient():
+    params = _lora_tree()
+    g1 = jax.tree.map(lambda p: rand(5, p.shape), params)
+    g2 = jax.tree.map(lambda p: rand(6, p.shape), params)
+    tx = optax.MultiSteps(scaled_sgd(1.0, reg=1e-3), every_k_schedule=2)
+    state = tx.init(params)
+    u1, state = tx.update(g1, state, params)
+    u2, state = tx.update(g2, state, params)
+    np.testing.assert_array_equal(u1["q"]["lora_a"], 0.0)
+    mean = jax.tree.map(lambda x, y: (x + y) / 2, g1, g2)
+    want_a, _ = precondition_flax(
+        mean["q"]["lora_a"], mean["q"]["lora_b"], params["q"]["lora_a"], params["q"]["lora_b"], 1e-3
+    )
+    np.testing.assert_allclose(u2["q"]["lora_a"], -want_a, rtol=1e-4, atol=1e-6)
+
+
+def test_under_apply_if_finite():
+    params = _lora_tree()
+    tx = optax.apply_if_finite(scaled_sgd(1.0), max_consecutive_errors=3)
+    state = tx.init(params)
+    bad = jax.tree.map(lambda p: jnp.full(p.shape, jnp.inf), params)
+    updates, state = tx.update(bad, state, params)
+    assert int(state.notfinite_count) == 1
+    for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(leaf, 0.0)
+    good = jax.tree.map(lambda p: rand(5, p.shape), params)
+    updates, state = tx.update(good, state, params)
+    assert int(state.notfinite_count) == 0
+    assert np.all(np.isfinite(updates["q"]["lora_a"])) and np.any(updates["q"]["lora_a"] != 0)
+
+
+def test_inject_hyperparams_schedules_reg_without_recompiling():
+    params = _lora_tree()
+    grads = jax.tree.map(lambda p: rand(5, p.shape), params)
+    regs = [1e-1, 1e-2, 1e-3]
+    tx = optax.inject_hyperparams(riemannian_preconditioner)(
+        reg=lambda count: jnp.asarray(regs, jnp.float32)[count]
+    )
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for reg in regs:
+        updates, state = update(grads, state, params)
+        want_a, _ = precondition_flax(
+            grads["q"]["lora_a"],
+            grads["q"]["lora_b"],
+            params["q"]["lora_a"],
+            params["q"]["lora_b"],
+            reg,
+        )
+        np.testing.assert_allclose(updates["q"]["lora_a"], want_a, rtol=1e-4)
+    assert update._cache_size() == 1
+
+
+def test_no_recompilation_across_steps():
+    _, a, b = _factorisation_problem()
+    tx = scaled_adamw(1e-2)
+    params = {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for i in range(4):
+        grads = jax.tree.map(lambda p, i=i: p * (i + 1), params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert update._cache_size() == 1
+
+
+def test_nnx_optimizer_trains_lora_linear():
+    class Model(nnx.Module):
+        def __init__(self, *, rngs):
+            self.l1 = nnx.LoRALinear(8, 16, lora_rank=4, rngs=rngs)
+            self.l2 = nnx.LoRALinear(16, 3, lora_rank=4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.gelu(self.l1(x)))
+
+    model = Model(rngs=nnx.Rngs(0))
+    kernel_before = np.asarray(model.l1.kernel[...])
+    x = rand(1, (64, 8))
+    y = jnp.sin(x[:, :3] * 2.0)
+    optimizer = nnx.Optimizer(model, scaled_adamw(3e-2), wrt=nnx.LoRAParam)
+    pairs = rplora_jax.find_lora_pairs(nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
+    assert [(p.a_path, p.b_path) for p in pairs] == [
+        ("l1/lora/lora_a", "l1/lora/lora_b"),
+        ("l2/lora/lora_a", "l2/lora/lora_b"),
+    ]
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(
+            lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)
+        )(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(60)]
+    assert losses[-1] < 0.5 * losses[0]
+    np.testing.assert_array_equal(model.l1.kernel[...], kernel_before)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_factors(dtype):
+    params = {"lora_a": rand(1, (16, 4), dtype), "lora_b": rand(2, (4, 12), dtype)}
+    grads = {"lora_a": rand(3, (16, 4), dtype), "lora_b": rand(4, (4, 12), dtype)}
+    updates = jax.jit(lambda g, p: precondition(p, g, 1e-2))(grads, params)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2
+    )
+    assert updates["lora_a"].dtype == dtype and updates["lora_b"].dtype == dtype
+    # The algebra runs in float32: only the final rounding to `dtype` is lost.
+    tol = float(jnp.finfo(dtype).eps) * 2
+    np.testing.assert_allclose(
+        np.asarray(updates["lora_a"], np.float64), want_a, rtol=tol, atol=tol
+    )
+    np.testing.assert_allclose(
+        np.asarray(updates["lora_b"], np.float64), want_b, rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_zero_b_with_reg_zero_falls_back_to_identity():
+    # LoRA's initial state: b = 0, so b b^T = 0 is singular; a^T a is fine.
+    params = {"lora_a": rand(1, (10, 3)), "lora_b": jnp.zeros((3, 7))}
+    grads = {"lora_a": rand(3, (10, 3)), "lora_b": rand(4, (3, 7))}
+    updates = jax.jit(lambda g, p: precondition(p, g, 0.0))(grads, params)
+    np.testing.assert_array_equal(updates["lora_a"], grads["lora_a"])
+    _, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 0.0
+    )
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=2e-5)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_rank_deficient_and_zero_factors_stay_finite():
+    a = jnp.concatenate([rand(1, (10, 1))] * 3, axis=1)  # rank 1 of 3
+    params = {"lora_a": a, "lora_b": jnp.zeros((3, 7))}
+    grads = {"lora_a": rand(3, (10, 3)), "lora_b": rand(4, (3, 7))}
+    updates = precondition(params, grads, 0.0)
+    np.testing.assert_array_equal(updates["lora_a"], grads["lora_a"])
+    np.testing.assert_array_equal(updates["lora_b"], grads["lora_b"])
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates = precondition(zeros, grads, 0.0)
+    np.testing.assert_array_equal(updates["lora_a"], grads["lora_a"])
+
+
+def test_update_without_params_is_an_error():
+    tx = riemannian_preconditioner()
+    params = _lora_tree()
+    with pytest.raises(ValueError, match="needs the current parameters"):
+        tx.update(params, tx.init(params))
+
+
+def test_negative_reg_is_an_error():
+    with pytest.raises(ValueError, match="reg must be a non-negative"):
+        riemannian_preconditioner(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"x": {"lora_a": jnp.ones((4, 2))}}, r"'a' at 'x/lora_a'.*no matching 'b'"),
+        ({"x": {"lora_b": jnp.ones((2, 4))}}, r"'b' at 'x/lora_b'.*no matching 'a'"),
+        (
+            {"x": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((3, 4))}},
+            r"rank mismatch between a='x/lora_a' \(4, 2\) and b='x/lora_b' \(3, 4\)",
+        ),
+        (
+            {"x": {"lora_a": jnp.ones((4,)), "lora_b": jnp.ones((2, 4))}},
+            r"'x/lora_a' must have at least 2 axes",
+        ),
+        (
+            {"x": {"lora_a": jnp.ones((4, 2), jnp.int32), "lora_b": jnp.ones((2, 4))}},
+            r"'x/lora_a' must have a floating dtype, got int32",
+        ),
+        ({"w": jnp.ones((4, 4))}, r"no LoRA pairs among 1 leaves \(first paths: \['w'\]\)"),
+    ],
+)
+def test_bad_input_names_the_leaf(params, message):
+    with pytest.raises(ValueError, match=message):
+        riemannian_preconditioner().init(params)
+
+
+def test_allow_no_pairs_passes_everything_through():
+    params = {"w": jnp.ones((4, 4))}
+    tx = riemannian_preconditioner(allow_no_pairs=True)
+    updates, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_array_equal(updates["w"], params["w"])
+
+
+def test_mismatched_gradient_shape_is_an_error():
+    params = _lora_tree()
+    grads = dict(params, q={"lora_a": jnp.ones((6, 3)), "lora_b": params["q"]["lora_b"]})
+    with pytest.raises(ValueError, match="'q/lora_a'"):
+        precondition(params, grads)
