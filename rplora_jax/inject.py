@@ -194,12 +194,36 @@ class LinenLoRA:
         """Like :meth:`init`, also returning the sorted module paths that received LoRA."""
         matched: list[str] = []
         linear: list[str] = []
-        variables = self._run(
-            lambda: self.module.init(rngs, *args, **kwargs), True, matched, linear
-        )
-        if not matched:
-            raise _matched_nothing_error(self.targets, sorted(set(linear)))
+
+        def init(key):
+            variables = self.module.init(key, *args, **kwargs)
+            # Checked while tracing, so a bad rule fails before anything is compiled.
+            if not matched:
+                raise _matched_nothing_error(self.targets, sorted(set(linear)))
+            return variables
+
+        # One compiled init, not hundreds of eagerly dispatched ops.
+        variables = self._run(lambda: jax.jit(init)(rngs), True, matched, linear)
         return variables, sorted(set(matched))
+
+    def target_paths(self, *args: Any, **kwargs: Any) -> list[str]:
+        """The sorted module paths the targets select, found by tracing only (no compute).
+
+        Args:
+          *args: example inputs, as for ``init`` (without the rng).
+          **kwargs: keyword arguments of ``init``.
+
+        Returns:
+          The paths; raises ``ValueError`` as :meth:`init` does for bad rules.
+        """
+        paths: list[str] = []
+
+        def trace(key):
+            paths.extend(self.init_with_paths(key, *args, **kwargs)[1])
+            return 0
+
+        jax.eval_shape(trace, jax.random.key(0))
+        return paths
 
     def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any:
         """``module.init`` with LoRA; raises ``ValueError`` if the targets match no layer."""

@@ -39,7 +39,38 @@ def _gram(x: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
         ((contract, contract), (batch, batch)),
         precision=_HIGHEST,
         preferred_element_type=dtype,
+        **_explicit_out_sharding(x, stacked),
     )
+
+
+def _explicit_out_sharding(x: jax.Array, stacked: int) -> dict[str, Any]:
+    """On a mesh of Explicit axes (``jax.make_mesh``'s default) a dot that contracts a sharded
+    axis must be told its output sharding: the stacked axes keep theirs, the r x r is replicated.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return {}
+    if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return {}
+    spec = tuple(sharding.spec) + (None,) * x.ndim
+    return {"out_sharding": jax.sharding.PartitionSpec(*spec[:stacked], None, None)}
+
+
+def _psum_where_sharded(gram: jax.Array, axis_name: Any) -> jax.Array:
+    """Sums a Gram over the named axes its factor is sharded (varies) along, and only those.
+
+    A factor replicated over an axis (``b`` of a row-parallel layer) already holds its whole
+    Gram: summing it there would multiply it by the axis size. This reads shard_map's
+    varying-axes type, so it needs ``check_vma=True`` (shard_map's default).
+    """
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    aval = jax.typeof(gram)
+    manual = getattr(aval, "manual_axis_type", None)
+    varying = manual.varying if manual is not None else getattr(aval, "vma", None)
+    if varying is not None:
+        axes = tuple(a for a in axes if a in varying)
+    return jax.lax.psum(gram, axes) if axes else gram
 
 
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
@@ -142,9 +173,11 @@ def riemannian_preconditioner(
       stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
       allow_no_pairs: if False (default), a tree with no LoRA pair is an error, since it almost
         always means misconfigured names.
-      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over which the factors'
-        feature axes are sharded: the Gram contributions are summed over it with ``psum``. Leave
-        it ``None`` under ``jax.jit``, where XLA inserts that reduction itself.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) over which factors' feature axes
+        may be sharded: each Gram is summed with ``psum`` over those of these axes its factor
+        varies along (so replicated factors are not over-counted; needs ``check_vma=True``,
+        shard_map's default). Leave it ``None`` under ``jax.jit``, where XLA inserts that
+        reduction itself, and under ``pmap`` or data parallelism, where factors are replicated.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -223,7 +256,7 @@ def _precondition_one(a, b, g_a, g_b, pair, reg, axis_name):
     # The a-gradient is preconditioned by b's Gram and vice versa.
     grams = [_gram(b, b_axis, stacked, dtype), _gram(a, a_axis, stacked, dtype)]
     if axis_name is not None:
-        grams = jax.lax.psum(grams, axis_name)
+        grams = [_psum_where_sharded(g, axis_name) for g in grams]
     inv_b, inv_a = _safe_inverse(jnp.stack(grams), reg)
     return (
         _apply(g_a, inv_b, a_axis, stacked, dtype),

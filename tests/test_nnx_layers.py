@@ -1,0 +1,95 @@
+"""NNX LoRA layers: wrapping existing layers, the scaled term, stacking, merge, LoRAParam grads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rplora_jax
+from rplora_jax.nnx import LoRAEinsum, LoRALinear, merge
+
+X = jax.random.normal(jax.random.key(1), (2, 3, 6))
+
+
+def test_from_linear_shares_base_and_matches_then_merges():
+    base = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+    y0 = base(X)
+    layer = LoRALinear.from_linear(base, rank=2, alpha=8.0, rngs=nnx.Rngs(1))
+    assert layer.kernel is base.kernel and layer.bias is base.bias
+    np.testing.assert_array_equal(layer(X), y0)
+    assert layer.lora_scaling == 4.0
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), (2, 4))
+    a, b = layer.lora_a[...], layer.lora_b[...]
+    want = y0 + 4.0 * (X @ a) @ b
+    np.testing.assert_allclose(layer(X), want, rtol=1e-5, atol=1e-5)
+    merged = merge(layer)
+    assert type(merged) is nnx.Linear
+    np.testing.assert_allclose(merged(X), layer(X), rtol=1e-5, atol=1e-5)
+    assert isinstance(layer, LoRALinear)  # the LoRA model itself is untouched
+    (pair,) = rplora_jax.find_lora_pairs(nnx.state(layer, nnx.LoRAParam))
+    assert (pair.a_path, pair.b_path, pair.rank) == ("lora_a", "lora_b", 2)
+
+
+def test_einsum_from_base_and_merge():
+    base = nnx.Einsum("btd,dnh->btnh", (6, 2, 4), (2, 4), rngs=nnx.Rngs(0))
+    y0 = base(X)
+    layer = LoRAEinsum.from_einsum(base, rank=3, alpha=3.0, rslora=True, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(layer(X), y0)
+    assert layer.lora_a.shape == (6, 3) and layer.lora_b.shape == (3, 2, 4)
+    assert layer.lora_scaling == pytest.approx(3.0 / np.sqrt(3.0))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 2, 4))
+    merged = merge(layer)
+    assert type(merged) is nnx.Einsum
+    np.testing.assert_allclose(merged(X), layer(X), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="was built for"):
+        layer(X, einsum_str="btd,dnh->bnth")
+
+
+def test_vmap_stacked_layers_pair_per_layer():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return LoRALinear(6, 6, rank=2, rngs=nnx.Rngs(key))
+
+    stacked = make(jax.random.split(jax.random.key(0), 3))
+    (pair,) = rplora_jax.find_lora_pairs(nnx.state(stacked, nnx.LoRAParam))
+    assert pair.stacked_shape == (3,) and pair.rank == 2
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make_base(key):
+        return nnx.Linear(6, 6, rngs=nnx.Rngs(key))
+
+    base = make_base(jax.random.split(jax.random.key(0), 3))
+    wrapped = LoRALinear.from_linear(base, rank=2, rngs=nnx.Rngs(1))
+    assert wrapped.lora_a.shape == (3, 6, 2) and wrapped.lora_b.shape == (3, 2, 6)
+    wrapped.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 2, 6))
+    merged = merge(wrapped)  # folds each layer with its own factors
+    want = base.kernel[...] + jnp.einsum("lir,lro->lio", wrapped.lora_a[...], wrapped.lora_b[...])
+    np.testing.assert_allclose(merged.kernel[...], want, rtol=1e-5, atol=1e-6)
+
+
+def test_grads_only_on_lora_params_and_dropout():
+    layer = LoRALinear(6, 4, rank=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    layer.lora_b[...] = jnp.ones((2, 4))
+
+    def loss(m):
+        return jnp.sum(m(X) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+    assert sorted(k for k, _ in nnx.to_flat_state(grads)) == [("lora_a",), ("lora_b",)]
+    layer.eval()
+    y_eval = layer(X)
+    want = X @ layer.kernel[...] + layer.bias[...][None, None]
+    want = want + (X @ layer.lora_a[...]) @ layer.lora_b[...]
+    np.testing.assert_allclose(y_eval, want, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert float(jnp.abs(layer(X) - y_eval).max()) > 1e-3
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        LoRALinear(6, 4, rank=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dropout_rate"):
+        LoRALinear(6, 4, rank=2, dropout_rate=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="ordered"):
+        LoRAEinsum("btd,ndh->btnh", (2, 6, 4), rank=2, rngs=nnx.Rngs(0))

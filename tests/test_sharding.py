@@ -1,0 +1,275 @@
+"""Sharding: factor specs from kernel specs, sharded jit == one device, shard_map, pmap.
+
+The multi-device checks run once, in a subprocess with 8 virtual CPU devices
+(tests/multidevice_checks.py); the tests here assert on the numbers it reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import rplora_jax
+from rplora_jax.sharding import lora_factor_specs, lora_specs, named_shardings
+
+HERE = Path(__file__).resolve().parent
+
+# float32 on CPU; the sharded run sums the Grams and gradients in another order than one device.
+SHARDED_RTOL = 1e-5
+
+
+def run_multidevice(group: str, out_dir: Path, *args: str) -> dict:
+    """Runs a group of tests/multidevice_checks.py in a fresh 8-device process."""
+    out = out_dir / f"{group}.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "multidevice_checks.py"), group, str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    result = run_multidevice("sharding", tmp_path_factory.mktemp("sharding"))
+    assert result["device_count"] == 8
+    return result
+
+
+# ---- specs (in process) ------------------------------------------------------------------------
+def test_factor_specs_flax_layout():
+    a, b = lora_factor_specs(P("data", "model"), a_ndim=2, b_ndim=2)
+    assert (tuple(a), tuple(b)) == (("data", None), (None, "model"))
+    # Trailing axes left out of the kernel spec are replicated.
+    a, b = lora_factor_specs(P("data"), a_ndim=2, b_ndim=2)
+    assert (tuple(a), tuple(b)) == (("data", None), (None, None))
+
+
+def test_factor_specs_stacked_and_multi_axis():
+    # Stacked layers (L, heads, head_dim, d_model): stack axis kept on both factors.
+    spec = P("pipe", "model", None, "data")
+    a, b = lora_factor_specs(spec, a_ndim=4, b_ndim=3, stacked=1)
+    assert tuple(a) == ("pipe", "model", None, None)
+    assert tuple(b) == ("pipe", None, "data")
+
+
+def test_factor_specs_torch_layout():
+    # PyTorch weight (out, in); A: (r, in), B: (out, r).
+    a, b = lora_factor_specs(P("model", "data"), a_ndim=2, b_ndim=2, layout="torch")
+    assert (tuple(a), tuple(b)) == ((None, "data"), ("model", None))
+
+
+def test_factor_specs_errors():
+    with pytest.raises(ValueError, match="has 3 entries but the kernel has only 2"):
+        lora_factor_specs(P("a", "b", "c"), a_ndim=2, b_ndim=2)
+    with pytest.raises(ValueError, match="layout must be"):
+        lora_factor_specs(P(), a_ndim=2, b_ndim=2, layout="jax")
+
+
+def _layer(d_in, d_out, r=2):
+    return {
+        "kernel": jnp.zeros((d_in, d_out)),
+        "lora_a": jnp.zeros((d_in, r)),
+        "lora_b": jnp.zeros((r, d_out)),
+    }
+
+
+def test_lora_specs_finds_kernels_by_convention():
+    params = {
+        "mine": _layer(8, 16),
+        # nnx.LoRALinear keeps its factors under `lora`.
+        "nnx": {"kernel": jnp.zeros((8, 4)), "lora": _layer(8, 4) | {"kernel": None}},
+        # qwix: `<w>_lora_a` next to `<w>`.
+        "qwix": {
+            "w": jnp.zeros((4, 8)),
+            "w_lora_a": jnp.zeros((4, 2)),
+            "w_lora_b": jnp.zeros((2, 8)),
+        },
+        # gemma: `lora/a`, `lora/b` next to `w`.
+        "gemma": {"w": jnp.zeros((6, 8)), "lora": {"a": jnp.zeros((6, 2)), "b": jnp.zeros((2, 8))}},
+    }
+    del params["nnx"]["lora"]["kernel"]
+    given = jax.tree.map(lambda _: None, params)
+    given["mine"]["kernel"] = P("data", "model")
+    given["nnx"]["kernel"] = P(None, "model")
+    given["qwix"]["w"] = P("model", None)
+    given["gemma"]["w"] = P("data", "model")
+    specs = lora_specs(params, given)
+    got = jax.tree.map(tuple, specs, is_leaf=lambda s: isinstance(s, P))
+    assert got["mine"] == {
+        "kernel": ("data", "model"),
+        "lora_a": ("data", None),
+        "lora_b": (None, "model"),
+    }
+    assert got["nnx"]["lora"] == {"lora_a": (None, None), "lora_b": (None, "model")}
+    assert got["qwix"]["w_lora_a"] == ("model", None)
+    assert got["qwix"]["w_lora_b"] == (None, None)
+    assert got["gemma"]["lora"] == {"a": ("data", None), "b": (None, "model")}
+
+
+def test_lora_specs_peft_torch_layout():
+    params = {
+        "q_proj": {
+            "base_layer": {"weight": jnp.zeros((16, 8))},
+            "lora_A": {"weight": jnp.zeros((2, 8))},
+            "lora_B": {"weight": jnp.zeros((16, 2))},
+        }
+    }
+    given = {
+        "q_proj": {
+            "base_layer": {"weight": P("model", "data")},
+            "lora_A": {"weight": None},
+            "lora_B": {"weight": None},
+        }
+    }
+    specs = lora_specs(params, given, rules=rplora_jax.PEFT)
+    assert tuple(specs["q_proj"]["lora_A"]["weight"]) == (None, "data")
+    assert tuple(specs["q_proj"]["lora_B"]["weight"]) == ("model", None)
+
+
+def test_lora_specs_errors_name_the_paths():
+    params = {"q": {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 16))}}
+    given = jax.tree.map(lambda _: None, params)
+    with pytest.raises(ValueError, match="No base kernel found for the LoRA pair a='q/lora_a'"):
+        lora_specs(params, given)
+    params = {"q": _layer(8, 16) | {"kernel": jnp.zeros((8, 15))}}
+    given = jax.tree.map(lambda _: None, params)
+    with pytest.raises(ValueError, match=r"Kernel 'q/kernel' has shape \(8, 15\).*\(8, 16\)"):
+        lora_specs(params, given)
+    with pytest.raises(ValueError, match="param_specs has 1 leaves but params has 3"):
+        lora_specs(params, {"q": P()})
+    params = {"q": _layer(8, 16)}
+    given = {"q": {"kernel": P("a", "b", "c"), "lora_a": None, "lora_b": None}}
+    with pytest.raises(ValueError, match="of kernel 'q/kernel' has 3 entries"):
+        lora_specs(params, given)
+
+
+def test_lora_specs_explicit_kernel_path():
+    params = {
+        "base": jnp.zeros((8, 16)),
+        "adapter": {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 16))},
+    }
+    given = {"base": P(None, "model"), "adapter": {"lora_a": None, "lora_b": None}}
+    specs = lora_specs(params, given, kernel_path={"adapter/lora_a": "base"})
+    assert tuple(specs["adapter"]["lora_b"]) == (None, "model")
+    specs = lora_specs(params, given, kernel_path=lambda pair: "base")
+    assert tuple(specs["adapter"]["lora_a"]) == (None, None)
+
+
+def test_named_shardings_binds_specs():
+    mesh = jax.make_mesh((1,), ("data",))
+    shardings = named_shardings(mesh, {"w": P("data"), "b": None})
+    assert shardings["w"].spec == P("data") and shardings["b"].spec == P()
+    assert shardings["w"].mesh is mesh
+
+
+# ---- 8 devices (subprocess) --------------------------------------------------------------------
+def test_sharded_jit_equals_single_device(report):
+    sharded = report["sharded"]
+    assert sharded["mesh"] == {"data": 4, "model": 2}
+    assert sharded["max_rel_diff"] < SHARDED_RTOL
+    assert sharded["max_loss_diff"] < 1e-6
+    assert sharded["losses"][-1] < sharded["losses"][0]
+
+
+def test_factor_specs_follow_kernels(report):
+    specs = report["sharded"]["specs"]
+    assert specs["layer1"] == {"lora_a": "P('data', None)", "lora_b": "P(None, 'model')"}
+    assert specs["layer2"] == {"lora_a": "P('model', None)", "lora_b": "P(None, 'data')"}
+
+
+def test_preconditioned_gradients_keep_their_sharding(report):
+    per_leaf = report["sharded"]["precond_sharding"]
+    assert len(per_leaf) == 4
+    assert all(same for _, same in per_leaf.values()), per_leaf
+
+
+def test_pmap_example_matches_jit(report):
+    pmap = report["pmap"]
+    assert pmap["devices"] == 8
+    assert pmap["max_rel_diff"] < SHARDED_RTOL
+    assert pmap["losses_pmap"][-1] < pmap["losses_pmap"][0]
+
+
+def test_shard_map_axis_name_equals_unsharded(report):
+    res = report["shard_map"]
+    assert res["one_axis"] < SHARDED_RTOL
+    assert res["two_axes_stacked"] < SHARDED_RTOL
+    # Without axis_name each device inverts its partial Gram: the psum is what makes it right.
+    assert res["one_axis_no_psum"] > 0.1
+
+
+def test_shard_map_axis_name_with_a_replicated_factor(report):
+    assert report["shard_map"]["mixed_replicated_b"] < SHARDED_RTOL
+
+
+def test_preconditioner_under_explicit_mesh(report):
+    res = report["explicit_mesh"]
+    assert "error" not in res, res.get("error")
+    assert res["rel"] < SHARDED_RTOL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_matches_one_process(report):
+    """The multi-host path: jax.distributed.initialize, 2 processes x 4 CPU devices, each
+    loading only its own rows of every batch, reproduce the 8-device single-process losses."""
+    steps, port = 3, _free_port()
+    cmd = [
+        sys.executable,
+        str(HERE.parent / "examples" / "sharded_training.py"),
+        "--distributed",
+        "--coordinator",
+        f"localhost:{port}",
+        "--num-processes",
+        "2",
+        "--cpu-devices",
+        "4",
+        "--steps",
+        str(steps),
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    stdout = outs[0][0]
+    assert "2 process(es), mesh {'data': 4, 'model': 2}" in stdout
+    assert "DIFFERS" not in stdout
+    found = re.search(r"loss (\d+\.\d+) -> (\d+\.\d+) in 3 steps", stdout)
+    assert found, stdout
+    losses = report["sharded"]["losses"]
+    assert float(found.group(1)) == pytest.approx(losses[0], abs=1e-5)
+    assert float(found.group(2)) == pytest.approx(losses[steps - 1], abs=1e-5)
