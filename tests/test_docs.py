@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 
-from rplora_jax import pairing, preconditioner
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("module", [pairing, preconditioner])
-def test_docstring_examples(module):
+MODULES = [
+    "pairing",
+    "preconditioner",
+    "linen",
+    "nnx",
+    "inject",
+    "adapters",
+    "sharding",
+    "checkpoint",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(f"rplora_jax.{name}")
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
