@@ -1,7 +1,7 @@
 """Cost of the preconditioner: jitted optimizer update, scaled_adamw vs optax.adamw.
 
 Both optimizers update the same LoRA parameters (update + apply_updates, buffers donated); the
-median of repeated runs after warm-up is printed for each, with their ratio measured in this run.
+median of repeated runs after warm-up (the two alternate step by step) is printed for each, with their ratio measured in this run.
 Also prints compile time of the scaled_adamw update for a growing number of pairs.
 
     python benchmarks/update_overhead.py [--repeats 20] [--skip-compile]
@@ -44,20 +44,24 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def time_update(tx, params, grads, repeats: int) -> float:
-    params = jax.tree.map(jnp.copy, params)
-    state = tx.init(params)
-    step = make_step(tx)
-    for _ in range(3):
-        params, state = step(params, state, grads)
-    jax.block_until_ready(params)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        params, state = step(params, state, grads)
-        jax.block_until_ready(params)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_updates(txs: dict, params, grads, repeats: int) -> dict[str, float]:
+    """Median step time of each optimizer; they alternate step by step so that changes in the
+    machine's load hit all of them alike."""
+    runs = {}
+    for name, tx in txs.items():
+        p = jax.tree.map(jnp.copy, params)
+        runs[name] = [make_step(tx), p, tx.init(p)]
+    times: dict[str, list[float]] = {name: [] for name in txs}
+    for i in range(repeats + 3):
+        for name, run in runs.items():
+            step, p, state = run
+            start = time.perf_counter()
+            p, state = step(p, state, grads)
+            jax.block_until_ready(p)
+            if i >= 3:  # warm-up: compilation and first-touch allocations
+                times[name].append(time.perf_counter() - start)
+            run[1:] = [p, state]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compile_time(n_pairs: int) -> float:
@@ -78,8 +82,9 @@ def main() -> None:
     for name, (n, width, rank) in SETS.items():
         params = make_params(n, width, rank)
         grads = make_params(n, width, rank, seed=1)
-        base = time_update(optax.adamw(1e-3), params, grads, args.repeats)
-        scaled = time_update(rplora_jax.scaled_adamw(1e-3), params, grads, args.repeats)
+        txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
+        medians = time_updates(txs, params, grads, args.repeats)
+        base, scaled = medians["adamw"], medians["scaled_adamw"]
         print(
             f"{name}: adamw {base * 1e3:.2f} ms, scaled_adamw {scaled * 1e3:.2f} ms, "
             f"ratio {scaled / base:.2f}"

@@ -20,6 +20,10 @@ from rplora_jax.pairing import RuleSpec, match_pairs, path_tokens
 DEFAULT_REG = 1e-2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Above this rank, _apply uses a matmul: its unrolled form grows the program with r.
+_UNROLL_MAX_RANK = 32
+# Grams inverted by one batched call; see _all_inverses.
+_INVERSE_CHUNK = 8
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -76,30 +80,48 @@ def _psum_where_sharded(gram: jax.Array, axis_name: Any) -> jax.Array:
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
     """Multiplies the rank axis of ``g`` by the symmetric ``inv`` and casts back to g's dtype.
 
-    The operand order is chosen so the result comes out in ``g``'s axis order with no transpose:
-    a plain matmul keeps ``g``'s sharding, which a ``solve`` was seen not to.
+    Written as ``r`` broadcast multiply-adds rather than a matmul: XLA fuses them with the slice
+    of ``inv`` and with the next optimizer's elementwise update, so the preconditioned gradient is
+    never written out (measured 2.8x -> 2.2x of AdamW's update time on 128 pairs of rank 16 on
+    CPU), and every product is exact float32 on any backend. Elementwise work keeps ``g``'s
+    sharding, which ``jnp.linalg.solve`` was seen not to. Large ranks use a matmul, whose HLO
+    does not grow with ``r``.
     """
-    batch = tuple(range(stacked))
     gc = g.astype(dtype)
+    r = g.shape[rank_axis]
+    if r > _UNROLL_MAX_RANK:
+        return _apply_matmul(gc, inv, rank_axis, stacked, dtype).astype(g.dtype)
+    # inv[..., k, :] laid out along g's axes: stacked axes first, r at the rank axis.
+    row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
+    row_shape[rank_axis] = r
+    out = None
+    for k in range(r):
+        term = jax.lax.slice_in_dim(gc, k, k + 1, axis=rank_axis) * inv[..., k, :].reshape(
+            row_shape
+        )
+        out = term if out is None else out + term
+    return out.astype(g.dtype)
+
+
+def _apply_matmul(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype):
+    # Operand order chosen so the result comes out in g's axis order with no transpose.
+    batch = tuple(range(stacked))
     if rank_axis == stacked:
-        out = jax.lax.dot_general(
+        return jax.lax.dot_general(
             inv,
-            gc,
+            g,
             (((stacked,), (rank_axis,)), (batch, batch)),
             precision=_HIGHEST,
             preferred_element_type=dtype,
         )
-    else:
-        out = jax.lax.dot_general(
-            gc,
-            inv,
-            (((rank_axis,), (stacked,)), (batch, batch)),
-            precision=_HIGHEST,
-            preferred_element_type=dtype,
-        )
-        if rank_axis != g.ndim - 1:
-            out = jnp.moveaxis(out, -1, rank_axis)
-    return out.astype(g.dtype)
+    out = jax.lax.dot_general(
+        g,
+        inv,
+        (((rank_axis,), (stacked,)), (batch, batch)),
+        precision=_HIGHEST,
+        preferred_element_type=dtype,
+    )
+    return out if rank_axis == g.ndim - 1 else jnp.moveaxis(out, -1, rank_axis)
 
 
 def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
@@ -233,35 +255,59 @@ def riemannian_preconditioner(
 
 def _precondition(pairs, g_leaves, p_leaves, reg, axis_name) -> list[Any]:
     out = list(g_leaves)
+    grams, dtypes = [], []
     for pair in pairs:
-        factors = [leaves[i] for leaves in (p_leaves, g_leaves) for i in pair[:2]]
-        for path, p, g in zip(
-            (pair.info.a_path, pair.info.b_path), factors[:2], factors[2:], strict=True
+        a, b, g_a, g_b = (leaves[i] for leaves in (p_leaves, g_leaves) for i in pair[:2])
+        _check_shapes(pair, (a, b), (g_a, g_b))
+        dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
+        dtypes.append(dtype)
+        # The a-gradient is preconditioned by b's Gram and vice versa.
+        grams += [
+            _gram(b, pair.b_rank_axis, pair.stacked, dtype),
+            _gram(a, pair.a_rank_axis, pair.stacked, dtype),
+        ]
+    if axis_name is not None:
+        grams = [_psum_where_sharded(g, axis_name) for g in grams]
+    invs = _all_inverses(grams, reg)
+    for i, (pair, dtype) in enumerate(zip(pairs, dtypes, strict=True)):
+        for index, axis, inv in (
+            (pair.a_index, pair.a_rank_axis, invs[2 * i]),
+            (pair.b_index, pair.b_rank_axis, invs[2 * i + 1]),
         ):
-            if np.shape(p) != np.shape(g):
-                raise ValueError(
-                    f"Gradient at '{path}' has shape {np.shape(g)} but its parameter has shape "
-                    f"{np.shape(p)}."
-                )
-        out[pair.a_index], out[pair.b_index] = _precondition_one(*factors, pair, reg, axis_name)
+            out[index] = _apply(g_leaves[index], inv, axis, pair.stacked, dtype)
     return out
 
 
-def _precondition_one(a, b, g_a, g_b, pair, reg, axis_name):
-    """Preconditions one pair. Work stays per pair: stacking pairs of equal shape into one
-    batched computation was measured slower (the stacking copies cost more than the saved calls).
+def _check_shapes(pair, params, grads) -> None:
+    for path, p, g in zip((pair.info.a_path, pair.info.b_path), params, grads, strict=True):
+        if np.shape(p) != np.shape(g):
+            raise ValueError(
+                f"Gradient at '{path}' has shape {np.shape(g)} but its parameter has shape "
+                f"{np.shape(p)}."
+            )
+
+
+def _all_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
+    """Inverts the Grams with one batched factorisation per chunk of alike (rank, dtype) Grams.
+
+    Fewer, batched kernels than one set per pair; chunks are bounded because XLA's fusion passes
+    grow quadratically with the number of slices taken from one buffer.
     """
-    dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
-    stacked, a_axis, b_axis = pair.stacked, pair.a_rank_axis, pair.b_rank_axis
-    # The a-gradient is preconditioned by b's Gram and vice versa.
-    grams = [_gram(b, b_axis, stacked, dtype), _gram(a, a_axis, stacked, dtype)]
-    if axis_name is not None:
-        grams = [_psum_where_sharded(g, axis_name) for g in grams]
-    inv_b, inv_a = _safe_inverse(jnp.stack(grams), reg)
-    return (
-        _apply(g_a, inv_b, a_axis, stacked, dtype),
-        _apply(g_b, inv_a, b_axis, stacked, dtype),
-    )
+    kinds: dict[tuple[int, Any], list[int]] = {}
+    for i, g in enumerate(grams):
+        kinds.setdefault((g.shape[-1], g.dtype), []).append(i)
+    out: list[Any] = [None] * len(grams)
+    for (r, _), same in kinds.items():
+        for c in range(0, len(same), _INVERSE_CHUNK):
+            idx = same[c : c + _INVERSE_CHUNK]
+            flat = [grams[i].reshape(-1, r, r) for i in idx]
+            inv = _safe_inverse(jnp.concatenate(flat), reg)
+            start = 0
+            for i, f in zip(idx, flat, strict=True):
+                part = jax.lax.slice_in_dim(inv, start, start + f.shape[0])
+                out[i] = part.reshape(grams[i].shape)
+                start += f.shape[0]
+    return out
 
 
 def scaled_sgd(
@@ -270,20 +316,26 @@ def scaled_sgd(
     nesterov: bool = False,
     *,
     reg: float | jax.Array = DEFAULT_REG,
-    **pairing: Any,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
+    allow_no_pairs: bool = False,
+    axis_name: Any = None,
 ) -> optax.GradientTransformation:
     """Scaled GD: :func:`riemannian_preconditioner` followed by ``optax.sgd``.
 
-    Identical to ``optax.chain(riemannian_preconditioner(reg, **pairing),
-    optax.sgd(learning_rate, momentum, nesterov))``.
+    Identical to ``optax.chain(riemannian_preconditioner(reg, ...),
+    optax.sgd(learning_rate, momentum, nesterov))``. Keyword arguments are explicit (no
+    ``**kwargs``) so ``optax.inject_hyperparams(scaled_sgd)`` works.
 
     Args:
       learning_rate: a float or an optax schedule.
       momentum: heavy-ball momentum, or ``None``.
       nesterov: use Nesterov momentum.
       reg: see :func:`riemannian_preconditioner`.
-      **pairing: ``rules``, ``stacked_axes``, ``allow_no_pairs``, ``axis_name`` as in
-        :func:`riemannian_preconditioner`.
+      rules: as in :func:`riemannian_preconditioner`.
+      stacked_axes: as in :func:`riemannian_preconditioner`.
+      allow_no_pairs: as in :func:`riemannian_preconditioner`.
+      axis_name: as in :func:`riemannian_preconditioner`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -295,7 +347,13 @@ def scaled_sgd(
       >>> state = tx.init(params)
     """
     return optax.chain(
-        riemannian_preconditioner(reg, **pairing),
+        riemannian_preconditioner(
+            reg,
+            rules=rules,
+            stacked_axes=stacked_axes,
+            allow_no_pairs=allow_no_pairs,
+            axis_name=axis_name,
+        ),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
 
@@ -309,11 +367,14 @@ def scaled_adamw(
     *,
     reg: float | jax.Array = DEFAULT_REG,
     mask: Any = None,
-    **pairing: Any,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
+    allow_no_pairs: bool = False,
+    axis_name: Any = None,
 ) -> optax.GradientTransformation:
     """Scaled AdamW: :func:`riemannian_preconditioner` followed by ``optax.adamw``.
 
-    Identical to ``optax.chain(riemannian_preconditioner(reg, **pairing), optax.adamw(...))``:
+    Identical to ``optax.chain(riemannian_preconditioner(reg, ...), optax.adamw(...))``:
     Adam's moments see the preconditioned gradient, as in the paper and its peers.
 
     Args:
@@ -324,8 +385,10 @@ def scaled_adamw(
       weight_decay: decoupled weight decay, as in ``optax.adamw``.
       reg: see :func:`riemannian_preconditioner`.
       mask: weight-decay mask, as in ``optax.adamw``.
-      **pairing: ``rules``, ``stacked_axes``, ``allow_no_pairs``, ``axis_name`` as in
-        :func:`riemannian_preconditioner`.
+      rules: as in :func:`riemannian_preconditioner`.
+      stacked_axes: as in :func:`riemannian_preconditioner`.
+      allow_no_pairs: as in :func:`riemannian_preconditioner`.
+      axis_name: as in :func:`riemannian_preconditioner`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -339,6 +402,12 @@ def scaled_adamw(
       >>> updates, state = tx.update(grads, state, params)
     """
     return optax.chain(
-        riemannian_preconditioner(reg, **pairing),
+        riemannian_preconditioner(
+            reg,
+            rules=rules,
+            stacked_axes=stacked_axes,
+            allow_no_pairs=allow_no_pairs,
+            axis_name=axis_name,
+        ),
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
     )

@@ -286,6 +286,15 @@ def test_inject_hyperparams_schedules_reg_without_recompiling():
     assert update._cache_size() == 1
 
 
+@pytest.mark.parametrize("factory", [scaled_adamw, scaled_sgd])
+def test_inject_hyperparams_wraps_the_scaled_optimizers(factory):
+    target, a, b = _factorisation_problem()
+    tx = optax.inject_hyperparams(factory)(learning_rate=1e-2, reg=1e-3)
+    got = _run_jax(tx, target, a, b, 5)
+    want = _run_jax(factory(1e-2, reg=1e-3), target, a, b, 5)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
 def test_no_recompilation_across_steps():
     _, a, b = _factorisation_problem()
     tx = scaled_adamw(1e-2)
