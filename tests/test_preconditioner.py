@@ -78,6 +78,31 @@ def test_multi_axis_factors(a_shape, b_shape, stacked):
     np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("stacked", [0, 1])
+def test_large_rank_uses_the_matmul_path(stacked):
+    lead = (2,) * stacked
+    params = {"lora_a": rand(1, (*lead, 50, 40)), "lora_b": rand(2, (*lead, 40, 60))}
+    grads = {"lora_a": rand(3, (*lead, 50, 40)), "lora_b": rand(4, (*lead, 40, 60))}
+    updates = precondition(params, grads, 1e-1)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-1, stacked
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=1e-4, atol=1e-6)
+    torch_params = {
+        "lora_A": jnp.swapaxes(params["lora_a"], -1, -2),
+        "lora_B": jnp.swapaxes(params["lora_b"], -1, -2),
+    }
+    torch_grads = {
+        "lora_A": jnp.swapaxes(grads["lora_a"], -1, -2),
+        "lora_B": jnp.swapaxes(grads["lora_b"], -1, -2),
+    }
+    updates = precondition(torch_params, torch_grads, 1e-1, rules=rplora_jax.PEFT)
+    np.testing.assert_allclose(np.swapaxes(updates["lora_A"], -1, -2), want_a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.swapaxes(updates["lora_B"], -1, -2), want_b, rtol=1e-4, atol=1e-6)
+
+
 def test_explicit_stacked_axes_overrides_inference():
     # r == number of layers makes both readings valid; the inferred one is the stacked one.
     params = {"lora_a": rand(1, (4, 6, 4)), "lora_b": rand(2, (4, 4, 6))}
