@@ -55,10 +55,10 @@ def test_tokenizer_matches_recorded_ids(reference):
 def test_embeddings_match_pytorch_fixture(reference, embedder):
     ref, _ = reference
     model, params = embedder
-    emb = model.apply({"params": params}, ref["input_ids"], ref["attention_mask"])
+    emb = jax.jit(model.apply)({"params": params}, ref["input_ids"], ref["attention_mask"])
     np.testing.assert_allclose(np.asarray(emb), ref["embeddings"], atol=1e-5, rtol=0)
     encoder = bert.BertEncoder(model.config)
-    hidden = encoder.apply(
+    hidden = jax.jit(encoder.apply)(
         {"params": params["encoder"]}, ref["input_ids"][:1], ref["attention_mask"][:1]
     )
     keep = ref["attention_mask"][0].astype(bool)
@@ -91,7 +91,7 @@ def test_lora_starts_at_the_pretrained_model_and_pairs(reference, embedder):
 
     # lora_b = 0: the encoder is exactly the pretrained one.
     def enc(p):
-        h = bert.BertEncoder(model.config, lora).apply(
+        h = jax.jit(bert.BertEncoder(model.config, lora).apply)(
             {"params": p["encoder"]}, ref["input_ids"], ref["attention_mask"]
         )
         return bert.mean_pool(h, ref["attention_mask"])

