@@ -1,7 +1,8 @@
 """Cost of the preconditioner: jitted optimizer update, scaled_adamw vs optax.adamw.
 
 Both optimizers update the same LoRA parameters (update + apply_updates, buffers donated); the
-median of repeated runs after warm-up (the two alternate step by step) is printed for each, with their ratio measured in this run.
+median of repeated runs after warm-up (the two alternate step by step) is printed for each, with
+their ratio measured in this run.
 Also prints compile time of both updates for a growing number of pairs.
 
     python benchmarks/update_overhead.py [--repeats 20] [--skip-compile]
