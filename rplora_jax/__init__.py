@@ -52,6 +52,7 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module("rplora_jax.checkpoint").TrainCheckpointer
     raise AttributeError(f"module 'rplora_jax' has no attribute {name!r}")
 
+
 __all__ = [
     "DEFAULT_REG",
     "DEFAULT_RULES",

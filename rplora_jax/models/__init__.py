@@ -1,5 +1,10 @@
-"""Pretrained models with LoRA, for experiments that run offline."""
+"""Pretrained models with LoRA, for experiments that run offline.
 
+BERT's names are re-exported here; the Llama decoder is the submodule ``llama`` (its
+``LoRAConfig`` and ``split_trainable`` differ from BERT's).
+"""
+
+from rplora_jax.models import llama
 from rplora_jax.models.bert import (
     LORA_TARGETS,
     BertClassifier,
@@ -21,6 +26,7 @@ __all__ = [
     "BertEncoder",
     "BertTokenizer",
     "LoRAConfig",
+    "llama",
     "load_pretrained",
     "mean_pool",
     "merge_params",
