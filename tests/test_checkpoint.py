@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from multidevice import run_multidevice
 
 import rplora_jax
 from rplora_jax.checkpoint import TrainCheckpointer
-
-HERE = Path(__file__).resolve().parent
-
-
-def run_multidevice(group: str, out_dir: Path, *args: str) -> dict:
-    """Runs a group of tests/multidevice_checks.py in a fresh 8-device process."""
-    out = out_dir / f"{group}.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "multidevice_checks.py"), group, str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 def _params(seed=0):

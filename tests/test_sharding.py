@@ -6,7 +6,6 @@ The multi-device checks run once, in a subprocess with 8 virtual CPU devices
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
+from multidevice import run_multidevice
 
 import rplora_jax
 from rplora_jax.sharding import lora_factor_specs, lora_specs, named_shardings
@@ -26,21 +26,6 @@ HERE = Path(__file__).resolve().parent
 
 # float32 on CPU; the sharded run sums the Grams and gradients in another order than one device.
 SHARDED_RTOL = 1e-5
-
-
-def run_multidevice(group: str, out_dir: Path, *args: str) -> dict:
-    """Runs a group of tests/multidevice_checks.py in a fresh 8-device process."""
-    out = out_dir / f"{group}.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "multidevice_checks.py"), group, str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
