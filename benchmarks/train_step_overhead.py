@@ -10,6 +10,7 @@ ratio are printed, for two settings:
 * rank 64 on every linear layer of every block.
 
     python benchmarks/train_step_overhead.py [--repeats 20] [--batch-size 32] [--length 64]
+    python benchmarks/train_step_overhead.py --settings rank64_all   # one setting only
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import rplora_jax
 from rplora_jax.models import bert
 
 SETTINGS = {
-    "rank 8 on query,value": bert.LoRAConfig(rank=8, targets=("query", "value")),
-    "rank 64 on all linear layers": bert.LoRAConfig(rank=64, targets=bert.LORA_TARGETS),
+    "rank8_qv": bert.LoRAConfig(rank=8, targets=("query", "value")),
+    "rank64_all": bert.LoRAConfig(rank=64, targets=bert.LORA_TARGETS),
 }
 
 
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--length", type=int, default=64)
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = p.parse_args()
     rng = np.random.default_rng(0)
     batch = {
@@ -92,10 +94,12 @@ def main() -> None:
         f"batch {args.batch_size} x {args.length} tokens, {jax.devices()[0].platform}, "
         f"median of {args.repeats} after warm-up"
     )
-    for name, lora in SETTINGS.items():
+    for name in args.settings:
+        lora = SETTINGS[name]
         med = bench(lora, batch, args.repeats)
+        label = f"rank {lora.rank} on {','.join(lora.targets)}"
         print(
-            f"{name:>30}: adamw {1e3 * med['adamw']:8.1f} ms   scaled_adamw "
+            f"{label:>44}: adamw {1e3 * med['adamw']:8.1f} ms   scaled_adamw "
             f"{1e3 * med['scaled_adamw']:8.1f} ms   ratio {med['scaled_adamw'] / med['adamw']:.3f}"
         )
 

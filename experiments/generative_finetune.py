@@ -39,12 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optimizers import OPTIMIZERS, make_optimizer
 
-import rplora_jax
 from rplora_jax import bible
 from rplora_jax.models import llama
-
-OPTIMIZERS = ("adamw", "scaled_adamw", "sgd", "scaled_sgd")
 
 DEFAULT_LRS = {
     "adamw": (3e-4, 1e-3, 3e-3),
@@ -54,35 +52,6 @@ DEFAULT_LRS = {
 }
 
 SYSTEM = "Rewrite Bible verses in modern English."
-
-
-def _factory(name: str, momentum: float, weight_decay: float, reg: float):
-    # Explicit one-argument signatures: inject_hyperparams reads the factory's signature.
-    if name == "adamw":
-        return lambda learning_rate: optax.adamw(learning_rate, weight_decay=weight_decay)
-    if name == "scaled_adamw":
-        return lambda learning_rate: rplora_jax.scaled_adamw(
-            learning_rate, weight_decay=weight_decay, reg=reg
-        )
-    if name == "sgd":
-        return lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None)
-    if name == "scaled_sgd":
-        return lambda learning_rate: rplora_jax.scaled_sgd(
-            learning_rate, momentum=momentum or None, reg=reg
-        )
-    raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
-
-
-def make_optimizer(
-    name: str,
-    lr: float,
-    *,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    reg: float = rplora_jax.DEFAULT_REG,
-) -> optax.GradientTransformation:
-    """One of :data:`OPTIMIZERS` at constant rate ``lr`` (held in the state, one compile)."""
-    return optax.inject_hyperparams(_factory(name, momentum, weight_decay, reg))(learning_rate=lr)
 
 
 def prompt_ids(tok: llama.LlamaTokenizer, source: str) -> list[int]:

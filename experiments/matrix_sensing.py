@@ -171,8 +171,12 @@ def _make_advance(families: tuple[str, ...], weight_decay: float, chunk: int):
         b_all = jnp.concatenate([p["lora_b"] for p in params_list])
         x = jnp.matmul(a_all, b_all, precision=jax.lax.Precision.HIGHEST)
         bsz, n, _ = x.shape
-        residual = s_a @ x.reshape(bsz, n * n).T - y.T  # (m, B)
-        g_x = (s_a_t @ residual).T.reshape(bsz, n, n)
+        # The barriers keep XLA:CPU from fusing the subtraction and transposes into the two big
+        # products: fused, they leave its fast matmul for a slow loop (two runs at n = 200 took
+        # 10 s per iteration instead of 0.36 s).
+        barrier = jax.lax.optimization_barrier
+        residual = barrier(s_a @ x.reshape(bsz, n * n).T) - y.T  # (m, B)
+        g_x = barrier(s_a_t @ residual).T.reshape(bsz, n, n)
         g_a = jnp.matmul(g_x, jnp.swapaxes(b_all, -1, -2), precision=jax.lax.Precision.HIGHEST)
         g_b = jnp.matmul(jnp.swapaxes(a_all, -1, -2), g_x, precision=jax.lax.Precision.HIGHEST)
         out, start = [], 0

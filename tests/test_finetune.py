@@ -1,16 +1,13 @@
 """A few LoRA fine-tuning steps on real data improve over the untuned pretrained model."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
 from rplora_jax import data
 from rplora_jax.models import bert
-
-_PATH = Path(__file__).parents[1] / "experiments" / "finetune_classification.py"
 
 
 def _available() -> bool:
@@ -23,11 +20,7 @@ def _available() -> bool:
 
 @pytest.fixture(scope="module")
 def ft():
-    spec = importlib.util.spec_from_file_location("finetune_classification", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["finetune_classification"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/finetune_classification.py")
 
 
 @pytest.mark.skipif(

@@ -1,28 +1,19 @@
 """LoRA injected into the example transformer (linen and NNX): equality at init, pairing,
 training with scaled_adamw, frozen base, merge, adapter round trip, and bad target rules."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx, traverse_util
+from script_loader import load_script
 
 import rplora_jax
 from rplora_jax import adapters, inject
 from rplora_jax import nnx as lora_nnx
 
-_spec = importlib.util.spec_from_file_location(
-    "lora_transformer",
-    pathlib.Path(__file__).resolve().parents[1] / "examples" / "lora_transformer.py",
-)
-ex = importlib.util.module_from_spec(_spec)
-sys.modules["lora_transformer"] = ex
-_spec.loader.exec_module(ex)
+ex = load_script("examples/lora_transformer.py")
 
 CFG = ex.Config()
 TOKENS = ex.make_batch(jax.random.key(123), CFG)

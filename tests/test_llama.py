@@ -1,19 +1,16 @@
 """SmolLM2-135M read from its GGUF file: right q/k layout, coherent greedy decoding, LoRA pairs."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_loader import load_script
 
 import rplora_jax
 from rplora_jax import bible, data
 from rplora_jax.models import llama
-
-_EXPERIMENT = Path(__file__).parents[1] / "experiments" / "generative_finetune.py"
 
 
 def _available() -> bool:
@@ -141,11 +138,7 @@ def _bible_available() -> bool:
 
 @pytest.fixture(scope="module")
 def gen_ft():
-    spec = importlib.util.spec_from_file_location("generative_finetune", _EXPERIMENT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["generative_finetune"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/generative_finetune.py")
 
 
 @pytest.mark.skipif(

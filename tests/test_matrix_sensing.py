@@ -1,22 +1,13 @@
 """Reduced-size ScaledGD matrix-sensing benchmark: scaled GD is insensitive to κ, GD is not."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-_PATH = Path(__file__).parents[1] / "experiments" / "matrix_sensing.py"
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def ms():
-    spec = importlib.util.spec_from_file_location("matrix_sensing", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["matrix_sensing"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/matrix_sensing.py")
 
 
 @pytest.fixture(scope="module")
