@@ -16,8 +16,8 @@ All runs share one sensing operator and are advanced together: the two products 
 which is what makes the default size affordable on a CPU. A run leaves the batch once it reaches
 ``tol`` or its iteration cap.
 
-    python experiments/matrix_sensing.py                    # the issue's setting (CPU: ~20 min)
-    python experiments/matrix_sensing.py --n 60 --r 5       # a quick look (seconds)
+    python experiments/matrix_sensing.py               # the issue's setting (2 CPU cores: ~37 min)
+    python experiments/matrix_sensing.py --n 60 --r 5  # a quick look (seconds)
 
 Writes ``summary.csv``, ``traces.csv`` and ``error_vs_iteration.png`` to ``--out``.
 """
@@ -387,9 +387,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--kappas", type=float, nargs="+", default=[1, 5, 10, 20, 100])
     p.add_argument("--step", type=float, default=0.5, help="GD / scaled GD step size")
     p.add_argument("--tol", type=float, default=1e-5)
-    p.add_argument("--max-iters", type=int, default=3000, help="cap for GD and scaled GD")
-    p.add_argument("--adam-lrs", type=float, nargs="*", default=[3e-3, 1e-2, 3e-2, 1e-1])
-    p.add_argument("--adam-iters", type=int, default=600, help="cap for the AdamW sweep")
+    p.add_argument("--max-iters", type=int, default=6000, help="cap for GD and scaled GD")
+    p.add_argument("--adam-lrs", type=float, nargs="*", default=[1e-2, 3e-2, 1e-1])
+    p.add_argument("--adam-iters", type=int, default=1000, help="cap for the AdamW sweep")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/matrix_sensing"))

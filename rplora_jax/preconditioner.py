@@ -129,11 +129,49 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
 
     LoRA starts with ``b = 0`` and users set ``reg=0``, so singular matrices are routine. Like the
     reference code (which falls back to the identity when ``torch.inverse`` fails), a matrix that
-    is not numerically positive definite is replaced by the identity. The Cholesky factor only
-    reads the lower triangle, so ``m`` need not be symmetrised first.
+    is not numerically positive definite is replaced by the identity.
+
+    On CPU this is Gauss-Jordan elimination in plain XLA ops: with jaxlib 0.10.2's LAPACK
+    Cholesky, some updates (e.g. 16 rank-64 pairs, see the tests) never finished, every thread
+    idle. Elsewhere it is the backend's batched Cholesky.
     """
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     m = m + jnp.asarray(reg, m.dtype) * eye
+    return jax.lax.platform_dependent(m, eye, cpu=_gauss_jordan_inverse, default=_cholesky_inverse)
+
+
+def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
+    """Inverse of SPD ``m`` by Gauss-Jordan without pivoting (stable for SPD), identity if singular.
+
+    Step ``k``'s pivot is the ``k``-th Schur complement's leading entry, i.e. the square of the
+    Cholesky factor's ``k``-th diagonal entry, so the test matches :func:`_cholesky_inverse`.
+    """
+    shape, r = m.shape, m.shape[-1]
+    m, eye = m.reshape(-1, r, r), eye.reshape(-1, r, r)
+    idx = jnp.arange(r)
+    scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
+
+    def step(k, carry):
+        a, min_pivot = carry
+        is_k = (idx == k)[None, :]
+        pivot = a[:, k, k]
+        row = jnp.where(is_k, 1.0, a[:, k, :]) / pivot[:, None]
+        col = jnp.where(is_k, 0.0, a[:, :, k])
+        a = jnp.where(is_k[:, None, :], 0.0, a) - col[:, :, None] * row[:, None, :]
+        a = jnp.where(is_k[:, :, None], row[:, None, :], a)
+        return a, jnp.minimum(min_pivot, pivot)
+
+    inv, min_pivot = jax.lax.fori_loop(0, r, step, (m, jnp.full(scale.shape, jnp.inf, m.dtype)))
+    # NaN pivots compare False, so they also select the identity.
+    ok = min_pivot > jnp.finfo(m.dtype).eps * scale
+    return jnp.where(ok[:, None, None], inv, eye).reshape(shape)
+
+
+def _cholesky_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
+    """Inverse of SPD ``m`` from its Cholesky factor, identity if singular.
+
+    The factorisation only reads the lower triangle, so ``m`` need not be symmetrised first.
+    """
     chol = jnp.linalg.cholesky(m)
     pivots = jnp.diagonal(chol, axis1=-2, axis2=-1)
     scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
@@ -292,6 +330,7 @@ def _all_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
 
     Fewer, batched kernels than one set per pair; chunks are bounded because XLA's fusion passes
     grow quadratically with the number of slices taken from one buffer.
+
     """
     kinds: dict[tuple[int, Any], list[int]] = {}
     for i, g in enumerate(grams):

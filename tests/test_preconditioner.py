@@ -11,6 +11,7 @@ from flax import nnx
 from reference import AdamW, factorisation_grads, precondition_flax, precondition_torch
 
 import rplora_jax
+from rplora_jax import preconditioner as P
 from rplora_jax import riemannian_preconditioner, scaled_adamw, scaled_sgd
 
 
@@ -410,6 +411,50 @@ def test_rank_deficient_and_zero_factors_stay_finite():
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates = precondition(zeros, grads, 0.0)
     np.testing.assert_array_equal(updates["lora_a"], grads["lora_a"])
+
+
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("rank", [3, 64])
+def test_cpu_and_cholesky_inverses_agree(rank):
+    # CPU inverts by Gauss-Jordan; GPU/TPU by Cholesky. Both must give inv(m + reg I), and the
+    # identity for the singular matrices LoRA starts with, in the same cases.
+    x = rand(5, (4, rank, rank + 2))
+    singular = jnp.zeros((1, rank, rank))
+    m = jnp.concatenate([x @ jnp.swapaxes(x, -1, -2), singular])
+    eye = jnp.broadcast_to(jnp.eye(rank), m.shape)
+    gj = jax.jit(P._gauss_jordan_inverse)(m + 1e-3 * eye, eye)
+    chol = jax.jit(P._cholesky_inverse)(m + 1e-3 * eye, eye)
+    want = np.linalg.inv(np.asarray(m[:4], np.float64) + 1e-3 * np.eye(rank))
+    np.testing.assert_allclose(gj[:4], want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(chol[:4], want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
+    gj0 = jax.jit(P._gauss_jordan_inverse)(m, eye)
+    np.testing.assert_array_equal(gj0[4], np.eye(rank))
+    np.testing.assert_array_equal(jax.jit(P._cholesky_inverse)(m, eye)[4], np.eye(rank))
+
+
+_MANY_PAIRS = """
+import jax, jax.numpy as jnp, numpy as np, rplora_jax
+p = {f"l{i}": {"lora_a": jnp.full((384, 64), 0.01 + i), "lora_b": jnp.full((64, 384), 0.01)}
+     for i in range(16)}
+tx = rplora_jax.riemannian_preconditioner(1e-2)
+u, _ = jax.jit(tx.update)(p, tx.init(p), p)
+a, b = (np.asarray(p["l3"][n], np.float64) for n in ("lora_a", "lora_b"))
+want = a @ np.linalg.inv(b @ b.T + 1e-2 * np.eye(64))
+print(np.abs(np.asarray(u["l3"]["lora_a"]) - want).max() / np.abs(want).max())
+"""
+
+
+def test_many_high_rank_pairs_do_not_hang():
+    # These 16 rank-64 pairs never finished one update with jaxlib 0.10.2's LAPACK Cholesky on
+    # CPU (all threads idle); a subprocess makes a regression fail instead of hanging the suite.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MANY_PAIRS], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 1e-3  # float32 Grams, condition number ~250
 
 
 def test_update_without_params_is_an_error():
