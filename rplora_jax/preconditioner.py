@@ -144,7 +144,8 @@ def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     """Inverse of SPD ``m`` by Gauss-Jordan without pivoting (stable for SPD), identity if singular.
 
     Step ``k``'s pivot is the ``k``-th Schur complement's leading entry, i.e. the square of the
-    Cholesky factor's ``k``-th diagonal entry, so the test matches :func:`_cholesky_inverse`.
+    Cholesky factor's ``k``-th diagonal entry, so the singularity test matches
+    :func:`_cholesky_inverse`'s.
     """
     shape, r = m.shape, m.shape[-1]
     m, eye = m.reshape(-1, r, r), eye.reshape(-1, r, r)
@@ -330,7 +331,6 @@ def _all_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
 
     Fewer, batched kernels than one set per pair; chunks are bounded because XLA's fusion passes
     grow quadratically with the number of slices taken from one buffer.
-
     """
     kinds: dict[tuple[int, Any], list[int]] = {}
     for i, g in enumerate(grams):
