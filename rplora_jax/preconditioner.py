@@ -152,19 +152,19 @@ def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     idx = jnp.arange(r)
     scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
 
-    def step(k, carry):
-        a, min_pivot = carry
+    def step(a, k):
         is_k = (idx == k)[None, :]
         pivot = a[:, k, k]
         row = jnp.where(is_k, 1.0, a[:, k, :]) / pivot[:, None]
         col = jnp.where(is_k, 0.0, a[:, :, k])
         a = jnp.where(is_k[:, None, :], 0.0, a) - col[:, :, None] * row[:, None, :]
         a = jnp.where(is_k[:, :, None], row[:, None, :], a)
-        return a, jnp.minimum(min_pivot, pivot)
+        return a, pivot
 
-    inv, min_pivot = jax.lax.fori_loop(0, r, step, (m, jnp.full(scale.shape, jnp.inf, m.dtype)))
-    # NaN pivots compare False, so they also select the identity.
-    ok = min_pivot > jnp.finfo(m.dtype).eps * scale
+    # Pivots are scan outputs, not carried: under shard_map a carry must keep its varying axes.
+    inv, pivots = jax.lax.scan(step, m, idx)
+    # NaN pivots propagate through min and compare False, so they also select the identity.
+    ok = jnp.min(pivots, axis=0) > jnp.finfo(m.dtype).eps * scale
     return jnp.where(ok[:, None, None], inv, eye).reshape(shape)
 
 
