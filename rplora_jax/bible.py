@@ -45,6 +45,7 @@ __all__ = [
     "VersePair",
     "clean_osis",
     "find_module",
+    "is_available",
     "kjv_web_splits",
     "parallel_verses",
     "split_pairs",
@@ -238,6 +239,16 @@ _BOOK_END = re.compile(r"<div\b[^>]*\beID=[^>]*\btype=\"book\"[^>]*/>")
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _BEFORE_PUNCT = re.compile(r"\s+([,.;:!?\u2019\u201d)])")  # also right quotes
+
+
+def is_available(*names: str) -> bool:
+    """Whether the SWORD modules ``names`` (default: KJV and WEB) are installed."""
+    try:
+        for name in names or (KJV_MODULE, WEB_MODULE):
+            find_module(name)
+    except DatasetNotInstalledError:
+        return False
+    return True
 
 
 def clean_osis(markup: str) -> str:

@@ -7,18 +7,8 @@ import pytest
 
 from rplora_jax import bible, data
 
-
-def _installed() -> bool:
-    try:
-        bible.find_module(bible.KJV_MODULE)
-        bible.find_module(bible.WEB_MODULE)
-    except data.DatasetNotInstalledError:
-        return False
-    return True
-
-
 needs_modules = pytest.mark.skipif(
-    not _installed(),
+    not bible.is_available(),
     reason=f"needs the SWORD Bibles: {bible.APT_HINT}",
 )
 

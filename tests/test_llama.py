@@ -127,22 +127,13 @@ def test_bad_inputs_raise():
         llama.LlamaConfig(num_heads=9, num_kv_heads=2)
 
 
-def _bible_available() -> bool:
-    try:
-        bible.find_module(bible.KJV_MODULE)
-        bible.find_module(bible.WEB_MODULE)
-    except data.DatasetNotInstalledError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def gen_ft():
     return load_script("experiments/generative_finetune.py")
 
 
 @pytest.mark.skipif(
-    not _bible_available(),
+    not bible.is_available(),
     reason="needs the SWORD Bibles: apt-get install -y sword-text-kjv sword-text-web",
 )
 def test_few_lora_steps_lower_heldout_loss(loaded, tok, gen_ft):
