@@ -26,13 +26,14 @@ from flax import linen as nn
 from flax import nnx
 
 import rplora_jax
-from rplora_jax import adapters, inject
-from rplora_jax import nnx as lora_nnx
+from rplora_jax.partition import print_trainable_parameters
 
 # Every projection of every block: attention and MLP (PEFT's target_modules="all-linear" minus
 # the LM head). The regex must match the whole module path.
 LINEN_TARGETS = r"(blocks|block_\d+)/(attn/(query|key|value|out)|mlp/(fc1|fc2))"
 NNX_TARGETS = r"blocks/\d+/(attn/(query|key|value|out)|mlp/(fc1|fc2))"
+LORA = rplora_jax.LoRAConfig(rank=4, alpha=8.0)
+LR = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,16 +137,16 @@ def train_linen(steps: int = 30, *, scan_layers: bool = False, seed: int = 0, cf
     """Injects LoRA into a (stand-in for a pretrained) linen transformer and trains it.
 
     Returns:
-      ``(lora, pretrained, variables, losses)``: the :class:`rplora_jax.inject.LinenLoRA`, the
+      ``(lora, pretrained, variables, losses)``: the ``LinenLoRA`` (see ``inject_linen``), the
       original variables, the trained variables and the loss per step.
     """
     model = LinenTransformer(cfg, scan_layers=scan_layers)
     k_init, k_lora, k_data = jax.random.split(jax.random.key(seed), 3)
     example = make_batch(k_data, cfg)
     pretrained = jax.jit(model.init)(k_init, example)
-    lora = inject.inject_linen(model, LINEN_TARGETS, rank=4, alpha=8.0)
+    lora = rplora_jax.inject_linen(model, LINEN_TARGETS, LORA)
     variables = lora.init_from(pretrained, k_lora, example)
-    tx = adapters.freeze_base(rplora_jax.scaled_adamw(1e-2, weight_decay=0.0))
+    tx = rplora_jax.freeze_base(rplora_jax.scaled_adamw(LR, weight_decay=0.0))
     opt_state = tx.init(variables)
 
     @jax.jit
@@ -230,9 +231,9 @@ def train_nnx(steps: int = 30, *, seed: int = 0, cfg=Config()):
     """
     model = NNXTransformer(cfg, rngs=nnx.Rngs(seed))
     original = nnx.clone(model)
-    inject.inject_nnx(model, NNX_TARGETS, rank=4, alpha=8.0, rngs=nnx.Rngs(seed + 1))
+    rplora_jax.inject_nnx(model, NNX_TARGETS, LORA, rngs=nnx.Rngs(seed + 1))
     optimizer = nnx.Optimizer(
-        model, rplora_jax.scaled_adamw(1e-2, weight_decay=0.0), wrt=nnx.LoRAParam
+        model, rplora_jax.scaled_adamw(LR, weight_decay=0.0), wrt=nnx.LoRAParam
     )
 
     @nnx.jit
@@ -255,20 +256,20 @@ def train_nnx(steps: int = 30, *, seed: int = 0, cfg=Config()):
 def main() -> None:
     lora, _pretrained, variables, losses = train_linen()
     print(f"linen: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    adapters.print_trainable_parameters(variables)
+    print_trainable_parameters(variables)
     tokens = make_batch(jax.random.key(9), Config())
     merged = lora.merge(variables)  # the original model's variables, LoRA folded in
     diff = jnp.abs(lora.module.apply(merged, tokens) - lora.apply(variables, tokens)).max()
     print(f"linen: merged vs unmerged max |diff| = {float(diff):.2e}")
     with tempfile.TemporaryDirectory() as tmp:
         file = os.path.join(tmp, "adapter.safetensors")
-        adapters.save_adapter(file, variables, metadata={"rank": "4", "alpha": "8"})
+        rplora_jax.save_adapter(file, variables, metadata={"rank": "4", "alpha": "8"})
         print(f"linen: adapter file {os.path.getsize(file):,} bytes")
 
     model, _original, losses = train_nnx()
     print(f"nnx:   loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    adapters.print_trainable_parameters(model)
-    merged_model = lora_nnx.merge(model)
+    print_trainable_parameters(model)
+    merged_model = rplora_jax.merge(model)
     diff = jnp.abs(merged_model(tokens) - model(tokens)).max()
     print(f"nnx:   merged vs unmerged max |diff| = {float(diff):.2e}")
 

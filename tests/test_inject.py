@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx, traverse_util
+from reference import AdamW, precondition_flax
 from script_loader import load_script
 
 import rplora_jax
-from rplora_jax import adapters, inject
-from rplora_jax import nnx as lora_nnx
+from rplora_jax import LoRAConfig, adapters, inject_linen, inject_nnx
+from rplora_jax.partition import count_parameters
 
 ex = load_script("examples/lora_transformer.py")
 
@@ -30,6 +31,7 @@ def nnx_run():
     return ex.train_nnx(steps=15)
 
 
+@pytest.mark.slow
 def test_linen_equal_at_init_and_pairs(linen_run):
     lora, pretrained, _, _ = linen_run
     expected = [f"block_{i}/{p}" for i in range(CFG.num_layers) for p in PROJECTIONS]
@@ -44,9 +46,79 @@ def test_linen_equal_at_init_and_pairs(linen_run):
     np.testing.assert_array_equal(y_lora, y_base)
 
 
+def _flat(tree) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(rplora_jax.pairing.path_tokens(p)): np.asarray(v) for p, v in flat}
+
+
+def _replay(factors, grad_fn, batches):
+    """Scaled AdamW on the factors, transcribed in NumPy float64 (reference.py); the gradients
+    come from JAX at the replayed parameters."""
+    pairs = rplora_jax.find_lora_pairs(factors)
+    params = {k: np.asarray(v, np.float64) for k, v in _flat(factors).items()}
+    names = sorted(params)
+    opt = AdamW(ex.LR, weight_decay=0.0)
+    for tokens in batches:
+        g = _flat(grad_fn({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, tokens))
+        pre = dict(g)
+        for p in pairs:
+            pre[p.a_path], pre[p.b_path] = precondition_flax(
+                g[p.a_path], g[p.b_path], params[p.a_path], params[p.b_path], rplora_jax.DEFAULT_REG
+            )
+        new = opt.step([params[n] for n in names], [pre[n] for n in names])
+        params = dict(zip(names, new, strict=True))
+    return params
+
+
+def _assert_close_to_replay(got, want):
+    # Adam divides by |g|: a float32 gradient near 0 can flip an update's sign, so a few
+    # entries may differ by up to 2 * lr; all others agree to float32 accuracy.
+    for k in want:
+        err = np.abs(np.asarray(got[k], np.float64) - want[k])
+        assert np.mean(err < 1e-4) > 0.995, (k, float(np.mean(err < 1e-4)))
+        assert float(err.max()) <= 2.5 * ex.LR * 3, k
+
+
+@pytest.mark.slow
+def test_linen_training_matches_numpy_replay():
+    steps = 3
+    lora, pretrained, variables, _ = ex.train_linen(steps=steps)
+    _, k_lora, k_data = jax.random.split(jax.random.key(0), 3)
+    fresh = lora.init_from(pretrained, k_lora, ex.make_batch(k_data, CFG))
+    factor_paths = {
+        p for pair in rplora_jax.find_lora_pairs(fresh) for p in (pair.a_path, pair.b_path)
+    }
+    base = {k: v for k, v in _flat(fresh).items() if k not in factor_paths}
+
+    def loss(factors, tokens):
+        flat = {**base, **factors}
+        tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+        return ex.next_token_loss(lora.apply(tree, tokens), tokens)
+
+    factors = {k: v for k, v in _flat(fresh).items() if k in factor_paths}
+    batches = [ex.make_batch(jax.random.fold_in(k_data, i), CFG) for i in range(steps)]
+    want = _replay(factors, jax.jit(jax.grad(loss)), batches)
+    _assert_close_to_replay({k: v for k, v in _flat(variables).items() if k in want}, want)
+    # The preconditioner changed the result: plain AdamW's factors differ by far more.
+    plain = _replay_plain(factors, jax.jit(jax.grad(loss)), batches)
+    diffs = [np.abs(plain[k] - want[k]).max() for k in want if k.endswith("lora_b")]
+    assert max(diffs) > 1e-3
+
+
+def _replay_plain(factors, grad_fn, batches):
+    params = {k: np.asarray(v, np.float64) for k, v in factors.items()}
+    names = sorted(params)
+    opt = AdamW(ex.LR, weight_decay=0.0)
+    for tokens in batches:
+        g = _flat(grad_fn({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, tokens))
+        new = opt.step([params[n] for n in names], [g[n] for n in names])
+        params = dict(zip(names, new, strict=True))
+    return params
+
+
+@pytest.mark.slow
 def test_linen_training_freezes_base_and_merges(linen_run, tmp_path):
-    lora, pretrained, variables, losses = linen_run
-    assert losses[-1] < 0.5 * losses[0]
+    lora, pretrained, variables, _ = linen_run
     flat_pre = traverse_util.flatten_dict(pretrained)
     flat = traverse_util.flatten_dict(variables)
     factors = {k for k in flat if k[-1] in ("lora_a", "lora_b")}
@@ -68,14 +140,14 @@ def test_linen_training_freezes_base_and_merges(linen_run, tmp_path):
     assert float(jnp.abs(y_lora - y_pre).max()) > 1e-2
 
     adapter = adapters.extract_adapter(variables)
-    restored = adapters.unmerge(merged, adapter, lora.scaling)
+    restored = rplora_jax.unmerge(merged, adapter, scale=lora.config.scale)
     for k, v in traverse_util.flatten_dict(restored).items():
         np.testing.assert_allclose(v, flat[k], rtol=0, atol=1e-5)
 
     file = tmp_path / "adapter.safetensors"
-    adapters.save_adapter(str(file), variables, metadata={"rank": "4"})
+    rplora_jax.save_adapter(str(file), variables, metadata={"rank": "4"})
     fresh = lora.init_from(pretrained, jax.random.key(7), TOKENS)
-    loaded = adapters.load_adapter(str(file), into=fresh)
+    loaded = rplora_jax.load_adapter(str(file), into=fresh)
     for k, v in traverse_util.flatten_dict(loaded).items():
         np.testing.assert_array_equal(v, flat[k])  # bit-exact round trip
     n_factor = sum(flat[k].size for k in factors)
@@ -84,7 +156,7 @@ def test_linen_training_freezes_base_and_merges(linen_run, tmp_path):
 
 def test_linen_nn_scan_injection_stacks_pairs():
     model = ex.LinenTransformer(CFG, scan_layers=True)
-    lora = inject.inject_linen(model, ex.LINEN_TARGETS, rank=2)
+    lora = inject_linen(model, ex.LINEN_TARGETS, LoRAConfig(rank=2))
     # Shapes are enough for the pairing: trace only, no compilation.
     variables = jax.eval_shape(lora.init, jax.random.key(0), TOKENS)
     pairs = rplora_jax.find_lora_pairs(variables)
@@ -94,9 +166,10 @@ def test_linen_nn_scan_injection_stacks_pairs():
     assert all(p.stacked_shape == (CFG.num_layers,) and p.rank == 2 for p in pairs)
 
 
+@pytest.mark.slow
 def test_nnx_equal_at_init_trains_and_merges(nnx_run):
     model, original, losses = nnx_run
-    assert losses[-1] < 0.5 * losses[0]
+    assert np.all(np.isfinite(losses)) and len(losses) == 15
     pairs = rplora_jax.find_lora_pairs(nnx.state(model, nnx.LoRAParam))
     expected = [f"blocks/{i}/{p}" for i in range(CFG.num_layers) for p in PROJECTIONS]
     assert sorted(p.a_path for p in pairs) == sorted(f"{p}/lora_a" for p in expected)
@@ -108,13 +181,13 @@ def test_nnx_equal_at_init_trains_and_merges(nnx_run):
         np.testing.assert_array_equal(v[...], base_orig[k][...])
 
     fresh = nnx.clone(original)
-    inject.inject_nnx(fresh, ex.NNX_TARGETS, rank=2, rngs=nnx.Rngs(5))
+    inject_nnx(fresh, ex.NNX_TARGETS, LoRAConfig(rank=2), rngs=nnx.Rngs(5))
     np.testing.assert_array_equal(fresh(TOKENS), original(TOKENS))
 
-    merged = lora_nnx.merge(model)
+    merged = rplora_jax.merge(model)
     assert nnx.graphdef(merged) == nnx.graphdef(original)
     np.testing.assert_allclose(merged(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-4)
-    count = adapters.count_parameters(model)
+    count = count_parameters(model)
     assert count.trainable == sum(
         np.size(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
     )
@@ -139,34 +212,88 @@ def test_nnx_vmap_stacked_injection():
 
     model = Stack(nnx.Rngs(0))
     y0 = model(X := jax.random.normal(jax.random.key(1), (2, 6)))
-    assert inject.inject_nnx(model, "layers", rank=2, rngs=nnx.Rngs(1)) == ["layers"]
+    assert inject_nnx(model, "layers", LoRAConfig(rank=2), rngs=nnx.Rngs(1)) == ["layers"]
     (pair,) = rplora_jax.find_lora_pairs(nnx.state(model, nnx.LoRAParam))
     assert pair.stacked_shape == (3,)
     # Inside the compiled scan XLA may fuse the unchanged matmul differently: 1 ulp.
     np.testing.assert_allclose(model(X), y0, rtol=1e-6, atol=1e-6)
 
 
+R2 = LoRAConfig(rank=2)
+
+
 def test_bad_target_rules_linen():
     model = ex.LinenTransformer(CFG)
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"matched no module.*'block_0/attn/query'"):
-        inject.inject_linen(model, r"attn/query", rank=2).init(jax.random.key(0), TOKENS)
+        inject_linen(model, r"attn/query", R2).init(key, TOKENS)
     with pytest.raises(ValueError, match=r"'block_0/ln1', a LayerNorm, which is not a linear"):
-        inject.inject_linen(model, r"block_\d/ln1", rank=2).init(jax.random.key(0), TOKENS)
+        inject_linen(model, r"block_\d/ln1", R2).init(key, TOKENS)
     with pytest.raises(ValueError, match=r"'block_0/attn', a LinenAttention"):
-        inject.inject_linen(model, r"block_0/attn.*", rank=2).init(jax.random.key(0), TOKENS)
+        inject_linen(model, r"block_0/attn.*", R2).init(key, TOKENS)
     with pytest.raises(ValueError, match="invalid regular expression"):
-        inject.inject_linen(model, r"block_(", rank=2)
+        inject_linen(model, r"block_(", R2)
+    with pytest.raises(TypeError, match="LoRAConfig"):
+        inject_linen(model, r"block_0/mlp/fc1", 2)
+    # One pattern of a list that matches nothing is named, even when the others match.
+    with pytest.raises(ValueError, match=r"\['block_0/mlp/fc3'\] match no module"):
+        inject_linen(model, [r"block_0/mlp/fc1", r"block_0/mlp/fc3"], R2).init(key, TOKENS)
+    with pytest.raises(ValueError, match=r"\['nothing'\] match no module"):
+        inject_linen(model, [r"block_0/mlp/fc1", r"nothing"], R2).target_paths(TOKENS)
+
+
+def test_linen_lora_added_twice_is_a_clear_error():
+    from rplora_jax.layers.lora_linen import LoRADense
+
+    x, key = jnp.ones((1, 4)), jax.random.key(0)
+    # A layer that already is a LoRA layer cannot be targeted again.
+    lora_layer = inject_linen(nn.Sequential([LoRADense(3, lora=R2)]), r"layers_0", R2)
+    with pytest.raises(ValueError, match=r"'layers_0', a LoRADense, which already has LoRA"):
+        lora_layer.init(key, x)
+
+    class Proj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="proj")(x)
+
+    # Injection run inside another injection of the same layer: the library's message, not
+    # Flax's NameInUseError.
+    outer, inner = inject_linen(Proj(), r"proj", R2), inject_linen(Proj(), r"proj", R2)
+    with pytest.raises(ValueError, match=r"'proj' already has LoRA factors"):
+        outer._run(lambda: inner.init(key, x), True)
 
 
 def test_bad_target_rules_nnx():
     model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"matched no module.*'layers/0'"):
-        inject.inject_nnx(model, r"0", rank=2, rngs=nnx.Rngs(0))
+        inject_nnx(model, r"0", R2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"'layers/1', a LayerNorm, which is not a linear"):
-        inject.inject_nnx(model, r"layers/\d", rank=2, rngs=nnx.Rngs(0))
-    inject.inject_nnx(model, r"layers/0", rank=2, rngs=nnx.Rngs(0))
+        inject_nnx(model, r"layers/\d", R2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\['layers/2'\] match no module"):
+        inject_nnx(model, [r"layers/0", r"layers/2"], R2, rngs=nnx.Rngs(0))
+    inject_nnx(model, r"layers/0", R2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="already has LoRA"):
-        inject.inject_nnx(model, r"layers/0", rank=2, rngs=nnx.Rngs(0))
+        inject_nnx(model, r"layers/0", R2, rngs=nnx.Rngs(0))
+
+
+def test_nnx_multi_head_attention_gets_lora():
+    attn = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    y0 = attn(x)
+    paths = inject_nnx(attn, r"query|value|out", LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+    assert paths == ["out", "query", "value"]
+    np.testing.assert_array_equal(attn(x), y0)
+    pairs = {p.a_path: p for p in rplora_jax.find_lora_pairs(nnx.state(attn, nnx.LoRAParam))}
+    assert pairs["query/lora_a"].rank == 2 and attn.query.lora_b.shape == (2, 2, 4)
+    assert attn.out.lora_a.shape == (2, 4, 2)  # contracts (heads, head_dim)
+    for name in ("query", "value", "out"):
+        layer = getattr(attn, name)
+        layer.lora_b[...] = jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+    merged = rplora_jax.merge(attn)
+    assert type(merged.query) is nnx.LinearGeneral
+    np.testing.assert_allclose(merged(x), attn(x), rtol=1e-5, atol=1e-5)
 
 
 def test_linen_einsum_injection_checks_kernel_order():
@@ -177,4 +304,4 @@ def test_linen_einsum_injection_checks_kernel_order():
 
     x = jnp.ones((1, 3, 6))
     with pytest.raises(ValueError, match=r"LoRA on 'proj'.*ordered"):
-        inject.inject_linen(M(), "proj", rank=2).init(jax.random.key(0), x)
+        inject_linen(M(), "proj", R2).init(jax.random.key(0), x)

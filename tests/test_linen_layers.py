@@ -9,7 +9,8 @@ import pytest
 from flax import linen as nn
 
 import rplora_jax
-from rplora_jax.linen import LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum
+from rplora_jax import LoRAConfig
+from rplora_jax.layers.lora_linen import LoRADense, LoRADenseGeneral, LoRAEinsum
 
 X = jax.random.normal(jax.random.key(1), (2, 3, 6))
 
@@ -24,14 +25,14 @@ def apply(module, variables, *args, **kwargs):
 
 
 CASES = {
-    "dense": (nn.Dense(4), LoRADense(4, rank=2)),
+    "dense": (nn.Dense(4), LoRADense(4, lora=LoRAConfig(rank=2))),
     "dense_general": (
         nn.DenseGeneral((2, 3), axis=(-2, -1)),
-        LoRADenseGeneral((2, 3), axis=(-2, -1), rank=2),
+        LoRADenseGeneral((2, 3), axis=(-2, -1), lora=LoRAConfig(rank=2)),
     ),
     "einsum": (
         nn.Einsum((6, 2, 4), "btd,dnh->btnh"),
-        LoRAEinsum((6, 2, 4), "btd,dnh->btnh", rank=2),
+        LoRAEinsum((6, 2, 4), "btd,dnh->btnh", lora=LoRAConfig(rank=2)),
     ),
 }
 
@@ -60,8 +61,8 @@ def test_drop_in_same_params_and_outputs(name):
 
 @pytest.mark.parametrize("rslora,expected", [(False, 16.0 / 4), (True, 16.0 / 2)])
 def test_dense_lora_term_and_scale(rslora, expected):
-    layer = LoRADense(5, rank=4, alpha=16.0, rslora=rslora)
-    assert layer.scaling == expected
+    layer = LoRADense(5, lora=LoRAConfig(rank=4, alpha=16.0, rslora=rslora))
+    assert layer.lora.scale == expected
     params = init(layer, X)["params"]
     params["lora_b"] = jax.random.normal(jax.random.key(2), (4, 5))
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
@@ -72,7 +73,9 @@ def test_dense_lora_term_and_scale(rslora, expected):
 
 
 def test_einsum_lora_term_matches_merged_kernel():
-    layer = LoRAEinsum((6, 2, 4), "btd,dnh->btnh", rank=3, alpha=6.0, use_bias=False)
+    layer = LoRAEinsum(
+        (6, 2, 4), "btd,dnh->btnh", use_bias=False, lora=LoRAConfig(rank=3, alpha=6.0)
+    )
     params = init(layer, X)["params"]
     params["lora_b"] = jax.random.normal(jax.random.key(2), (3, 2, 4))
     merged = params["kernel"] + 2.0 * jnp.einsum("dr,rnh->dnh", params["lora_a"], params["lora_b"])
@@ -81,7 +84,7 @@ def test_einsum_lora_term_matches_merged_kernel():
 
 
 def test_einsum_shared_axes_are_stacked_pairs():
-    layer = LoRAEinsum((3, 6, 5), "ebd,edf->ebf", rank=2)
+    layer = LoRAEinsum((3, 6, 5), "ebd,edf->ebf", lora=LoRAConfig(rank=2))
     x = jax.random.normal(jax.random.key(0), (3, 4, 6))
     params = init(layer, x)["params"]
     assert params["lora_a"].shape == (3, 6, 2) and params["lora_b"].shape == (3, 2, 5)
@@ -94,13 +97,13 @@ def test_einsum_shared_axes_are_stacked_pairs():
 
 
 def test_einsum_kernel_order_error_names_the_layer():
-    layer = LoRAEinsum((2, 6, 4), "btd,ndh->btnh", rank=2)
+    layer = LoRAEinsum((2, 6, 4), "btd,ndh->btnh", lora=LoRAConfig(rank=2))
     with pytest.raises(ValueError, match=r"LoRAEinsum.*\[shared\]\[contracted\]\[output\]"):
         init(layer, X)
 
 
 def test_dropout_only_on_lora_path():
-    layer = LoRADense(5, rank=2, dropout_rate=0.5)
+    layer = LoRADense(5, lora=LoRAConfig(rank=2, dropout_rate=0.5))
     params = init(layer, X, deterministic=True)["params"]
     rngs = {"dropout": jax.random.key(3)}
     base = apply(layer, {"params": params}, X, deterministic=True)
@@ -113,7 +116,7 @@ def test_dropout_only_on_lora_path():
     drop = apply(layer, {"params": params}, X, deterministic=False, rngs=rngs)
     assert float(jnp.abs(det - drop).max()) > 1e-2
     # With kernel = 0 and a = b = I the output is dropout(x) itself: inverted dropout.
-    eye = LoRADense(6, rank=6, dropout_rate=0.25, use_bias=False)
+    eye = LoRADense(6, use_bias=False, lora=LoRAConfig(rank=6, dropout_rate=0.25))
     p = {"kernel": jnp.zeros((6, 6)), "lora_a": jnp.eye(6), "lora_b": jnp.eye(6)}
     x = jax.random.normal(jax.random.key(4), (64, 6))
     y = np.asarray(apply(eye, {"params": p}, x, deterministic=False, rngs=rngs))
@@ -125,7 +128,7 @@ def test_dropout_only_on_lora_path():
 
 
 def test_factor_dtype_and_promotion():
-    layer = LoRADense(5, rank=2, lora_param_dtype=jnp.bfloat16)
+    layer = LoRADense(5, lora=LoRAConfig(rank=2, param_dtype=jnp.bfloat16))
     params = init(layer, X)["params"]
     assert params["kernel"].dtype == jnp.float32
     assert params["lora_a"].dtype == jnp.bfloat16 and params["lora_b"].dtype == jnp.bfloat16
@@ -134,10 +137,10 @@ def test_factor_dtype_and_promotion():
 
 def test_initialisers():
     x = jnp.ones((1, 400))
-    a = init(LoRADense(3, rank=4), x)["params"]["lora_a"]
+    a = init(LoRADense(3, lora=LoRAConfig(rank=4)), x)["params"]["lora_a"]
     bound = 1.0 / np.sqrt(400)  # PEFT's kaiming_uniform_(a=sqrt(5))
     assert float(jnp.abs(a).max()) <= bound and float(jnp.abs(a).max()) > 0.9 * bound
-    g = init(LoRADense(3, rank=4, a_init="gaussian"), x)["params"]["lora_a"]
+    g = init(LoRADense(3, lora=LoRAConfig(rank=4, a_init="gaussian")), x)["params"]["lora_a"]
     np.testing.assert_allclose(float(jnp.std(g)), 1.0 / 4, rtol=0.1)
     with pytest.raises(ValueError, match="a_init"):
         LoRAConfig(a_init="xavier")
@@ -152,8 +155,8 @@ def test_bad_rank(bad):
 class _Scanned(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-        x = LoRADense(6, rank=2, name="proj")(x)
-        x = LoRAEinsum((6, 2, 3), "btd,dnh->btnh", rank=3, name="heads")(x)
+        x = LoRADense(6, name="proj", lora=LoRAConfig(rank=2))(x)
+        x = LoRAEinsum((6, 2, 3), "btd,dnh->btnh", name="heads", lora=LoRAConfig(rank=3))(x)
         return x.reshape((*x.shape[:-2], 6)), None
 
 

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from script_loader import load_script
+
+import experiments.matrix_sensing
 
 
 @pytest.fixture(scope="module")
 def ms():
-    return load_script("experiments/matrix_sensing.py")
+    return experiments.matrix_sensing
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,19 @@ import pytest
 from flax import nnx
 
 import rplora_jax
-from rplora_jax.nnx import LoRAEinsum, LoRALinear, merge
+from rplora_jax import LoRAConfig, merge
+from rplora_jax.layers.lora_nnx import LoRAEinsum, LoRALinear, LoRALinearGeneral
 
 X = jax.random.normal(jax.random.key(1), (2, 3, 6))
 
 
-def test_from_linear_shares_base_and_matches_then_merges():
+def test_from_base_shares_base_and_matches_then_merges():
     base = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
     y0 = base(X)
-    layer = LoRALinear.from_linear(base, rank=2, alpha=8.0, rngs=nnx.Rngs(1))
+    layer = LoRALinear.from_base(base, LoRAConfig(rank=2, alpha=8.0), rngs=nnx.Rngs(1))
     assert layer.kernel is base.kernel and layer.bias is base.bias
     np.testing.assert_array_equal(layer(X), y0)
-    assert layer.lora_scaling == 4.0
+    assert layer.lora.scale == 4.0
     layer.lora_b[...] = jax.random.normal(jax.random.key(2), (2, 4))
     a, b = layer.lora_a[...], layer.lora_b[...]
     want = y0 + 4.0 * (X @ a) @ b
@@ -34,10 +35,10 @@ def test_from_linear_shares_base_and_matches_then_merges():
 def test_einsum_from_base_and_merge():
     base = nnx.Einsum("btd,dnh->btnh", (6, 2, 4), (2, 4), rngs=nnx.Rngs(0))
     y0 = base(X)
-    layer = LoRAEinsum.from_einsum(base, rank=3, alpha=3.0, rslora=True, rngs=nnx.Rngs(1))
+    layer = LoRAEinsum.from_base(base, LoRAConfig(rank=3, alpha=3.0, rslora=True), rngs=nnx.Rngs(1))
     np.testing.assert_array_equal(layer(X), y0)
     assert layer.lora_a.shape == (6, 3) and layer.lora_b.shape == (3, 2, 4)
-    assert layer.lora_scaling == pytest.approx(3.0 / np.sqrt(3.0))
+    assert layer.lora.scale == pytest.approx(3.0 / np.sqrt(3.0))
     layer.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 2, 4))
     merged = merge(layer)
     assert type(merged) is nnx.Einsum
@@ -49,7 +50,7 @@ def test_einsum_from_base_and_merge():
 def test_vmap_stacked_layers_pair_per_layer():
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):
-        return LoRALinear(6, 6, rank=2, rngs=nnx.Rngs(key))
+        return LoRALinear(6, 6, lora=LoRAConfig(rank=2), rngs=nnx.Rngs(key))
 
     stacked = make(jax.random.split(jax.random.key(0), 3))
     (pair,) = rplora_jax.find_lora_pairs(nnx.state(stacked, nnx.LoRAParam))
@@ -60,7 +61,7 @@ def test_vmap_stacked_layers_pair_per_layer():
         return nnx.Linear(6, 6, rngs=nnx.Rngs(key))
 
     base = make_base(jax.random.split(jax.random.key(0), 3))
-    wrapped = LoRALinear.from_linear(base, rank=2, rngs=nnx.Rngs(1))
+    wrapped = LoRALinear.from_base(base, LoRAConfig(rank=2), rngs=nnx.Rngs(1))
     assert wrapped.lora_a.shape == (3, 6, 2) and wrapped.lora_b.shape == (3, 2, 6)
     wrapped.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 2, 6))
     merged = merge(wrapped)  # folds each layer with its own factors
@@ -69,7 +70,7 @@ def test_vmap_stacked_layers_pair_per_layer():
 
 
 def test_grads_only_on_lora_params_and_dropout():
-    layer = LoRALinear(6, 4, rank=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    layer = LoRALinear(6, 4, lora=LoRAConfig(rank=2, dropout_rate=0.5), rngs=nnx.Rngs(0))
     layer.lora_b[...] = jnp.ones((2, 4))
 
     def loss(m):
@@ -88,8 +89,63 @@ def test_grads_only_on_lora_params_and_dropout():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="rank must be a positive int"):
-        LoRALinear(6, 4, rank=0, rngs=nnx.Rngs(0))
+        LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="dropout_rate"):
-        LoRALinear(6, 4, rank=2, dropout_rate=1.0, rngs=nnx.Rngs(0))
+        LoRAConfig(rank=2, dropout_rate=1.0)
+    with pytest.raises(TypeError, match="LoRAConfig"):
+        LoRALinear(6, 4, lora=2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="ordered"):
-        LoRAEinsum("btd,ndh->btnh", (2, 6, 4), rank=2, rngs=nnx.Rngs(0))
+        LoRAEinsum("btd,ndh->btnh", (2, 6, 4), lora=LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+
+
+def test_linear_general_term_and_merge():
+    # The layer nnx.MultiHeadAttention's projections are made of, with two output axes and, for
+    # the output projection, two contracted axes.
+    x = jax.random.normal(jax.random.key(0), (2, 3, 2, 4))
+    base = nnx.LinearGeneral((2, 4), 5, axis=(-2, -1), rngs=nnx.Rngs(0))
+    y0 = base(x)
+    layer = LoRALinearGeneral.from_base(base, LoRAConfig(rank=3, alpha=6.0), rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(layer(x), y0)
+    assert layer.lora_a.shape == (2, 4, 3) and layer.lora_b.shape == (3, 5)
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 5))
+    delta = np.einsum("bthd,hdr,ro->bto", *map(np.asarray, (x, layer.lora_a, layer.lora_b)))
+    np.testing.assert_allclose(layer(x), np.asarray(y0) + 2.0 * delta, rtol=1e-5, atol=1e-5)
+    merged = merge(layer)
+    assert type(merged) is nnx.LinearGeneral
+    np.testing.assert_allclose(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+class _Two(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)])
+
+    def __call__(self, x):
+        return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+
+def test_merge_folds_flax_lora_linear():
+    layer = nnx.LoRALinear(6, 4, lora_rank=2, rngs=nnx.Rngs(0))
+    layer.lora.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 4))
+    merged = merge(layer)
+    assert type(merged) is nnx.Linear
+    want = layer.kernel[...] + layer.lora.lora_a[...] @ layer.lora.lora_b[...]
+    np.testing.assert_allclose(merged.kernel[...], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(merged(X), layer(X), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_what_it_cannot_fold():
+    # A standalone nnx.LoRA (or qwix's <w>_lora_a params) has no kernel merge can fold into:
+    # the model must not come back silently unmerged.
+    model = _Two(nnx.Rngs(0))
+    model.adapter = nnx.LoRA(4, 2, 3, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="adapter/lora_a"):
+        merge(model)
+    with pytest.raises(ValueError, match="stores its own scale"):
+        merge(LoRALinear(4, 3, lora=LoRAConfig(rank=2), rngs=nnx.Rngs(0)), scale=2.0)
+
+
+def test_merge_refuses_integer_kernel():
+    layer = LoRALinear(4, 3, lora=LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    layer.kernel = nnx.Param(jnp.full((4, 3), 7, jnp.int8))  # a quantized base
+    with pytest.raises(ValueError, match="int8 kernel"):
+        merge(layer)

@@ -55,6 +55,7 @@ def test_builder_covers_every_notebook():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_runs_at_smoke_size(name, monkeypatch):
     builder = _builder()

@@ -1,31 +1,40 @@
-"""Pairing rules: which leaves form LoRA pairs, for the layouts of the JAX LoRA ecosystem."""
+"""Pairing rules: which leaves form LoRA pairs, for the layouts of the JAX LoRA ecosystem.
+
+Only jax is needed, except by the nnx test, which imports flax itself.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 import rplora_jax
 from rplora_jax.pairing import PairingRule, names
 
 
 def pairs_of(params, **kw):
-    return [
-        (p.a_path, p.b_path, p.layout, p.rank) for p in rplora_jax.find_lora_pairs(params, **kw)
-    ]
+    """(a_path, b_path, layout, rank) of each pair; also checks that no axis was read as stacked."""
+    pairs = rplora_jax.find_lora_pairs(params, **kw)
+    assert all(p.stacked_shape == () for p in pairs), pairs
+    return [(p.a_path, p.b_path, p.layout, p.rank) for p in pairs]
+
+
+def rules_of(params, **kw):
+    return [p.rule for p in rplora_jax.find_lora_pairs(params, **kw)]
 
 
 def test_nnx_lora_and_lora_linear():
+    nnx = pytest.importorskip("flax.nnx")
     model = nnx.Dict(
         lin=nnx.LoRALinear(8, 4, lora_rank=2, rngs=nnx.Rngs(0)),
         lora=nnx.LoRA(8, 3, 4, rngs=nnx.Rngs(1)),
     )
-    state = nnx.as_pure(nnx.state(model))
+    state = nnx.to_pure_dict(nnx.state(model))
     assert pairs_of(state) == [
         ("lin/lora/lora_a", "lin/lora/lora_b", "flax", 2),
         ("lora/lora_a", "lora/lora_b", "flax", 3),
     ]
+    assert rules_of(state) == [rplora_jax.NNX.name] * 2
     # Unwrapped nnx.State (Variables) pairs the same way.
     assert pairs_of(nnx.state(model, nnx.LoRAParam)) == pairs_of(state)
 
@@ -45,6 +54,7 @@ def test_gemma_and_qwix_layouts():
         ("attn/q/lora/a", "attn/q/lora/b", "flax", 2),
         ("mlp/kernel_lora_a", "mlp/kernel_lora_b", "flax", 4),
     ]
+    assert rules_of(params) == [rplora_jax.GEMMA.name, rplora_jax.QWIX.name]
 
 
 def test_unrelated_a_b_leaves_are_not_factors_by_default():
@@ -74,6 +84,12 @@ def test_several_rules_in_order():
     }
     got = pairs_of(params, rules=[*rplora_jax.DEFAULT_RULES, rplora_jax.PEFT])
     assert got == [("x/lora_a", "x/lora_b", "flax", 2), ("y/lora_A", "y/lora_B", "torch", 3)]
+    assert rules_of(params, rules=[*rplora_jax.DEFAULT_RULES, rplora_jax.PEFT]) == [
+        rplora_jax.NNX.name,
+        rplora_jax.PEFT.name,
+    ]
+    # Without PEFT the torch-named pair is not found at all.
+    assert pairs_of(params) == [("x/lora_a", "x/lora_b", "flax", 2)]
 
 
 def test_two_leaves_claiming_the_same_role():

@@ -163,6 +163,7 @@ def test_named_shardings_binds_specs():
 
 
 # ---- 8 devices (subprocess) --------------------------------------------------------------------
+@pytest.mark.slow
 def test_sharded_jit_equals_single_device(report):
     sharded = report["sharded"]
     assert sharded["mesh"] == {"data": 4, "model": 2}
@@ -171,18 +172,21 @@ def test_sharded_jit_equals_single_device(report):
     assert sharded["losses"][-1] < sharded["losses"][0]
 
 
+@pytest.mark.slow
 def test_factor_specs_follow_kernels(report):
     specs = report["sharded"]["specs"]
     assert specs["layer1"] == {"lora_a": "P('data', None)", "lora_b": "P(None, 'model')"}
     assert specs["layer2"] == {"lora_a": "P('model', None)", "lora_b": "P(None, 'data')"}
 
 
+@pytest.mark.slow
 def test_preconditioned_gradients_keep_their_sharding(report):
     per_leaf = report["sharded"]["precond_sharding"]
     assert len(per_leaf) == 4
     assert all(same for _, same in per_leaf.values()), per_leaf
 
 
+@pytest.mark.slow
 def test_pmap_example_matches_jit(report):
     pmap = report["pmap"]
     assert pmap["devices"] == 8
@@ -190,6 +194,7 @@ def test_pmap_example_matches_jit(report):
     assert pmap["losses_pmap"][-1] < pmap["losses_pmap"][0]
 
 
+@pytest.mark.slow
 def test_shard_map_axis_name_equals_unsharded(report):
     res = report["shard_map"]
     assert res["one_axis"] < SHARDED_RTOL
@@ -198,10 +203,12 @@ def test_shard_map_axis_name_equals_unsharded(report):
     assert res["one_axis_no_psum"] > 0.1
 
 
+@pytest.mark.slow
 def test_shard_map_axis_name_with_a_replicated_factor(report):
     assert report["shard_map"]["mixed_replicated_b"] < SHARDED_RTOL
 
 
+@pytest.mark.slow
 def test_preconditioner_under_explicit_mesh(report):
     res = report["explicit_mesh"]
     assert "error" not in res, res.get("error")
@@ -214,6 +221,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_one_process(report):
     """The multi-host path: jax.distributed.initialize, 2 processes x 4 CPU devices, each
     loading only its own rows of every batch, reproduce the 8-device single-process losses."""

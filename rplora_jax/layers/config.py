@@ -1,4 +1,8 @@
-"""Pieces shared by the linen and NNX LoRA layers: scaling, initialisers and einsum splitting."""
+"""The one LoRA configuration, and what the linen and NNX layers share: initialisers, the einsum
+split and the fold ``a @ b`` used when merging.
+
+Needs only JAX: importing it does not import Flax.
+"""
 
 from __future__ import annotations
 
@@ -19,68 +23,96 @@ ZEROS: Initializer = jax.nn.initializers.zeros
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def lora_scaling(rank: int, alpha: float | None = None, rslora: bool = False) -> float:
-    """The factor ``s`` in ``y = x @ (W0 + s * a @ b)``.
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA options, shared by the linen layers, the NNX layers and injection.
 
-    Args:
+    A layer computes ``y = x @ W0 + bias + scale * dropout(x) @ a @ b`` with factors in Flax
+    layout, ``a: (*in, rank)`` and ``b: (rank, *out)``.
+
+    Attributes:
       rank: the LoRA rank ``r``.
-      alpha: LoRA's alpha. ``None`` means ``s = 1``.
-      rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023) instead of
-        ``alpha / r``.
-
-    Returns:
-      The scale as a Python float.
+      alpha: LoRA's alpha: ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
+        ``None`` gives ``scale = 1``.
+      rslora: use the rank-stabilised scale ``alpha / sqrt(rank)`` (Kalajdzievski, 2023).
+      dropout_rate: dropout on the LoRA path's input (PEFT's ``lora_dropout``).
+      a_init: ``"kaiming_uniform"`` (PEFT's default: uniform in ``+-1/sqrt(fan_in)``),
+        ``"gaussian"`` (PEFT's ``init_lora_weights="gaussian"``: normal with std ``1/rank``) or
+        an initializer ``(key, shape, dtype) -> array``.
+      b_init: initializer for ``b``; zeros, so training starts at the base model.
+      param_dtype: dtype of the factors; ``None`` uses the base layer's ``param_dtype``. The
+        forward pass promotes, so bfloat16 factors on a float32 base compute in float32.
 
     Example:
-      >>> lora_scaling(8, 16.0), lora_scaling(16, 16.0, rslora=True)
+      >>> LoRAConfig(rank=8, alpha=16.0).scale, LoRAConfig(16, 16.0, rslora=True).scale
       (2.0, 4.0)
     """
-    check_rank(rank, "lora_scaling")
-    if alpha is None:
-        return 1.0
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
+    rank: int = 8
+    alpha: float | None = None
+    rslora: bool = False
+    dropout_rate: float = 0.0
+    a_init: AInit = "kaiming_uniform"
+    b_init: Initializer = ZEROS
+    param_dtype: Any = None
 
-def check_rank(rank: Any, where: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{where}: rank must be a positive int, got {rank!r}.")
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRAConfig: rank must be a positive int, got {self.rank!r}.")
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+        ):
+            raise ValueError(f"LoRAConfig: alpha must be a number or None, got {self.alpha!r}.")
+        if not 0.0 <= float(self.dropout_rate) < 1.0:
+            raise ValueError(
+                f"LoRAConfig: dropout_rate must be in [0, 1), got {self.dropout_rate!r}."
+            )
+        if not callable(self.b_init):
+            raise ValueError(f"LoRAConfig: b_init must be an initializer, got {self.b_init!r}.")
+        self.a_initializer()  # validates a_init
 
+    @property
+    def scale(self) -> float:
+        """``s`` in ``W0 + s * a @ b``."""
+        if self.alpha is None:
+            return 1.0
+        return float(self.alpha) / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-def check_dropout(rate: Any, where: str) -> None:
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"{where}: dropout_rate must be in [0, 1), got {rate!r}.")
+    def factor_dtype(self, base_param_dtype: Any) -> Any:
+        """The factors' dtype for a base layer whose parameters have ``base_param_dtype``."""
+        return base_param_dtype if self.param_dtype is None else self.param_dtype
 
+    def a_initializer(self, n_stack: int = 0) -> Initializer:
+        """The initializer of ``a: (*stack, *in, r)``: fan-in is the product of the input axes.
 
-def a_initializer(a_init: AInit, rank: int, n_stack: int = 0) -> Initializer:
-    """Resolves the ``a_init`` option to an initialiser for ``a: (*stack, *in, r)``.
+        Args:
+          n_stack: leading axes that are independent stacked layers (not fan-in).
 
-    ``"kaiming_uniform"`` is PEFT's default, ``kaiming_uniform_(a=sqrt(5))``: uniform in
-    ``+-1/sqrt(fan_in)`` with ``fan_in`` the product of the input axes. ``"gaussian"`` is PEFT's
-    ``init_lora_weights="gaussian"``: normal with standard deviation ``1/r``. A callable is used as
-    is, with the usual ``(key, shape, dtype)`` signature.
-    """
-    if callable(a_init):
-        return a_init
-    if a_init == "gaussian":
-        return jax.nn.initializers.normal(stddev=1.0 / rank)
-    if a_init == "kaiming_uniform":
+        Returns:
+          An initializer ``(key, shape, dtype) -> array``.
+        """
+        if callable(self.a_init):
+            return self.a_init
+        if self.a_init == "gaussian":
+            return jax.nn.initializers.normal(stddev=1.0 / self.rank)
+        if self.a_init == "kaiming_uniform":
 
-        def init(key, shape, dtype=jnp.float32):
-            # Every axis but the stack and the rank is an input axis.
-            in_axes = tuple(range(n_stack, len(shape) - 1))
-            return jax.nn.initializers.variance_scaling(
-                1.0 / 3.0,
-                "fan_in",
-                "uniform",
-                in_axis=in_axes,
-                out_axis=-1,
-                batch_axis=tuple(range(n_stack)),
-            )(key, shape, dtype)
+            def init(key, shape, dtype=jnp.float32):
+                # PEFT's kaiming_uniform_(a=sqrt(5)): variance 1/(3 fan_in), uniform.
+                return jax.nn.initializers.variance_scaling(
+                    1.0 / 3.0,
+                    "fan_in",
+                    "uniform",
+                    in_axis=tuple(range(n_stack, len(shape) - 1)),
+                    out_axis=-1,
+                    batch_axis=tuple(range(n_stack)),
+                )(key, shape, dtype)
 
-        return init
-    raise ValueError(
-        f"a_init must be 'kaiming_uniform', 'gaussian' or an initializer, got {a_init!r}."
-    )
+            return init
+        raise ValueError(
+            "LoRAConfig: a_init must be 'kaiming_uniform', 'gaussian' or an initializer, got "
+            f"{self.a_init!r}."
+        )
 
 
 @dataclasses.dataclass(frozen=True)

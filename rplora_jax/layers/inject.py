@@ -9,13 +9,13 @@ matches a path if any one does. Paths are ``/``-joined module names, e.g.
   matching ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call gets ``s * x @ a @ b`` added and
   ``lora_a``/``lora_b`` created next to its ``kernel``. The model's code and parameter names are
   untouched, so pretrained variables load as they are (:meth:`LinenLoRA.init_from`).
-* NNX (:func:`inject_nnx`): matching ``nnx.Linear`` / ``nnx.Einsum`` submodules are replaced in
-  place by :class:`rplora_jax.nnx.LoRALinear` / :class:`rplora_jax.nnx.LoRAEinsum` sharing the
-  original ``kernel``/``bias`` variables.
+* NNX (:func:`inject_nnx`): matching ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``
+  submodules are replaced in place by the layers of :mod:`rplora_jax.layers.lora_nnx`, sharing
+  the original ``kernel``/``bias`` variables.
 
 ``b`` starts at zero, so the injected model's outputs equal the original's exactly at
-initialisation. A rule that matches no layer, or matches something that is not a linear layer,
-is a ``ValueError`` naming the paths.
+initialisation. A pattern that matches no layer, a match that is not a linear layer, and a layer
+that already has LoRA are each a ``ValueError`` naming the paths.
 """
 
 from __future__ import annotations
@@ -30,32 +30,51 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx, traverse_util
 
-from rplora_jax import linen as lora_linen
-from rplora_jax import nnx as lora_nnx
-from rplora_jax._common import ZEROS, AInit, Initializer
+from rplora_jax.layers import lora_nnx
+from rplora_jax.layers.config import LoRAConfig
+from rplora_jax.layers.lora_linen import LINEN_LINEAR, LINEN_LORA, lora_delta
 
 Targets = str | Sequence[str]
 
-LINEN_LINEAR = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-LINEN_LORA = (lora_linen.LoRADense, lora_linen.LoRADenseGeneral, lora_linen.LoRAEinsum)
-NNX_LINEAR = (nnx.Linear, nnx.Einsum)
-NNX_LORA = (*lora_nnx.LORA_LAYERS, nnx.LoRALinear, nnx.LoRA)
+NNX_LINEAR = tuple(base for base, _ in lora_nnx.LORA_FOR_BASE)
+NNX_LORA = (*lora_nnx.NNX_LORA, nnx.LoRALinear, nnx.LoRA)
 
 
-def compile_targets(targets: Targets) -> Callable[[str], bool]:
-    """Turns a regex or a sequence of regexes into a full-match predicate on module paths."""
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
+class _TargetMatcher:
+    """A regex or list of regexes, full-matched against module paths; remembers what matched."""
+
+    def __init__(self, targets: Targets):
+        patterns = [targets] if isinstance(targets, str) else list(targets)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(
+                f"targets must be a regex string or a non-empty list of them, got {targets!r}."
+            )
+        self.targets = targets
+        self.compiled = []
+        for p in patterns:
+            try:
+                self.compiled.append(re.compile(p))
+            except re.error as e:
+                raise ValueError(f"targets: invalid regular expression {p!r}: {e}") from e
+        self.used: set[int] = set()
+
+    def __call__(self, path: str) -> bool:
+        hits = [i for i, c in enumerate(self.compiled) if c.fullmatch(path)]
+        self.used.update(hits)
+        return bool(hits)
+
+    def check(self, linear_paths: Sequence[str]) -> None:
+        """Raises naming the patterns that matched no module."""
+        unused = [c.pattern for i, c in enumerate(self.compiled) if i not in self.used]
+        if not unused:
+            return
+        shown = ", ".join(f"'{p}'" for p in list(linear_paths)[:12]) or "none"
+        more = f" (and {len(linear_paths) - 12} more)" if len(linear_paths) > 12 else ""
+        what = "matched no module" if len(unused) == len(self.compiled) else "match no module"
         raise ValueError(
-            f"targets must be a regex string or a non-empty list of them, got {targets!r}."
+            f"LoRA target pattern(s) {unused} {what}. A pattern must match the whole "
+            f"'/'-joined module path; linear layers in this model: {shown}{more}."
         )
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"targets: invalid regular expression {p!r}: {e}") from e
-    return lambda path: any(c.fullmatch(path) for c in compiled)
 
 
 def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
@@ -71,89 +90,35 @@ def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
     )
 
 
-def _matched_nothing_error(targets: Targets, linear_paths: Sequence[str]) -> ValueError:
-    shown = ", ".join(f"'{p}'" for p in list(linear_paths)[:12]) or "none"
-    more = f" (and {len(linear_paths) - 12} more)" if len(linear_paths) > 12 else ""
-    return ValueError(
-        f"LoRA target rule {targets!r} matched no module. The regex must match the whole "
-        f"'/'-joined module path; linear layers in this model: {shown}{more}."
-    )
-
-
 def _linen_path(module: nn.Module) -> str:
     return "/".join(module.scope.path) if module.scope is not None else ""
 
 
-def _linen_delta(module, args, kwargs, cfg, deterministic, path):
-    x = args[0] if args else kwargs["inputs"]
-    common = dict(
-        deterministic=deterministic,
-        dtype=module.dtype,
-        base_param_dtype=module.param_dtype,
-        precision=module.precision,
-    )
-    if isinstance(module, nn.Dense):
-        return lora_linen.dense_delta(module, x, (x.ndim - 1,), (module.features,), cfg, **common)
-    if isinstance(module, nn.DenseGeneral):
-        if tuple(np.atleast_1d(module.batch_dims)):
-            raise ValueError(
-                f"LoRA on '{path}': nn.DenseGeneral with batch_dims={module.batch_dims} is not "
-                "supported."
-            )
-        axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-        axis = tuple(sorted(ax % x.ndim for ax in axis))
-        features = (
-            tuple(module.features) if isinstance(module.features, Sequence) else (module.features,)
-        )
-        return lora_linen.dense_delta(module, x, axis, features, cfg, **common)
-    eq = module.einsum_str
-    if eq is None:
-        eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    return lora_linen.einsum_delta(
-        module, x, eq, module.shape, cfg, where=f"LoRA on '{path}'", **common
-    )
-
-
-def lora_interceptor(
-    targets: Targets,
-    config: lora_linen.LoRAConfig,
-    *,
-    deterministic: bool = True,
+def _interceptor(
+    is_target: _TargetMatcher,
+    config: LoRAConfig,
+    deterministic: bool,
     matched: list[str] | None = None,
     linear: list[str] | None = None,
 ) -> Callable[..., Any]:
-    """The ``nn.intercept_methods`` interceptor that :class:`LinenLoRA` uses.
-
-    Use it directly to add LoRA inside your own ``init``/``apply`` calls::
-
-        with nn.intercept_methods(lora_interceptor(r".*/(query|value)", LoRAConfig(rank=8))):
-            variables = model.init(key, x)
-
-    Args:
-      targets: regex (or list) that must fully match a module path.
-      config: LoRA options.
-      deterministic: disables LoRA dropout.
-      matched: if given, receives the path of every matched layer call.
-      linear: if given, receives the path of every linear layer called.
-
-    Returns:
-      The interceptor.
-    """
-    is_target = compile_targets(targets)
+    """The ``nn.intercept_methods`` interceptor that adds LoRA to the targeted layers' calls."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or module.scope is None:
             return next_fun(*args, **kwargs)
         path = _linen_path(module)
-        if isinstance(module, LINEN_LINEAR) and linear is not None:
+        is_linear = isinstance(module, LINEN_LINEAR) and not isinstance(module, LINEN_LORA)
+        if is_linear and linear is not None:
             linear.append(path)
         if not is_target(path):
             return next_fun(*args, **kwargs)
-        if not isinstance(module, LINEN_LINEAR):
+        if not is_linear:
             raise _not_linear_error(path, module, "nn.Dense, nn.DenseGeneral, nn.Einsum")
         y = next_fun(*args, **kwargs)
-        delta = _linen_delta(module, args, kwargs, config, deterministic, path)
+        x = args[0] if args else kwargs["inputs"]
+        eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+        delta = lora_delta(module, x, config, deterministic=deterministic, einsum_str=eq)
         if matched is not None:
             matched.append(path)
         return y + delta.astype(y.dtype)
@@ -171,39 +136,30 @@ class LinenLoRA:
     Attributes:
       module: the original linen module (unchanged).
       targets: the target regex(es).
-      config: LoRA options.
+      config: the LoRA options.
     """
 
     module: nn.Module
     targets: Targets
-    config: lora_linen.LoRAConfig
-
-    @property
-    def scaling(self) -> float:
-        """``s`` in ``W0 + s * a @ b`` for every injected layer."""
-        return self.config.scaling
+    config: LoRAConfig
 
     def _run(self, fn, deterministic, matched=None, linear=None):
-        interceptor = lora_interceptor(
-            self.targets, self.config, deterministic=deterministic, matched=matched, linear=linear
-        )
-        with nn.intercept_methods(interceptor):
-            return fn()
+        matcher = _TargetMatcher(self.targets)
+        with nn.intercept_methods(
+            _interceptor(matcher, self.config, deterministic, matched, linear)
+        ):
+            out = fn()
+        if matched is not None:
+            matcher.check(sorted(set(linear or [])))
+        return out
 
     def init_with_paths(self, rngs: Any, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
         """Like :meth:`init`, also returning the sorted module paths that received LoRA."""
         matched: list[str] = []
-        linear: list[str] = []
-
-        def init(key):
-            variables = self.module.init(key, *args, **kwargs)
-            # Checked while tracing, so a bad rule fails before anything is compiled.
-            if not matched:
-                raise _matched_nothing_error(self.targets, sorted(set(linear)))
-            return variables
-
-        # One compiled init, not hundreds of eagerly dispatched ops.
-        variables = self._run(lambda: jax.jit(init)(rngs), True, matched, linear)
+        # One compiled init, not hundreds of eagerly dispatched ops; a bad rule fails while
+        # tracing, before anything is compiled.
+        init = jax.jit(lambda key: self.module.init(key, *args, **kwargs))
+        variables = self._run(lambda: init(rngs), True, matched, [])
         return variables, sorted(set(matched))
 
     def target_paths(self, *args: Any, **kwargs: Any) -> list[str]:
@@ -216,17 +172,13 @@ class LinenLoRA:
         Returns:
           The paths; raises ``ValueError`` as :meth:`init` does for bad rules.
         """
-        paths: list[str] = []
-
-        def trace(key):
-            paths.extend(self.init_with_paths(key, *args, **kwargs)[1])
-            return 0
-
-        jax.eval_shape(trace, jax.random.key(0))
-        return paths
+        matched: list[str] = []
+        init = lambda key: self.module.init(key, *args, **kwargs)
+        self._run(lambda: jax.eval_shape(init, jax.random.key(0)), True, matched, [])
+        return sorted(set(matched))
 
     def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any:
-        """``module.init`` with LoRA; raises ``ValueError`` if the targets match no layer."""
+        """``module.init`` with LoRA; raises ``ValueError`` if a target matches no layer."""
         return self.init_with_paths(rngs, *args, **kwargs)[0]
 
     def apply(
@@ -262,14 +214,11 @@ class LinenLoRA:
           ``variables`` plus ``lora_a``/``lora_b`` for each targeted layer.
         """
         matched: list[str] = []
-        linear: list[str] = []
 
         def full_init(key):
             return self.module.init(key, *args, **kwargs)
 
-        abstract = self._run(lambda: jax.eval_shape(full_init, rngs), True, matched, linear)
-        if not matched:
-            raise _matched_nothing_error(self.targets, sorted(set(linear)))
+        abstract = self._run(lambda: jax.eval_shape(full_init, rngs), True, matched, [])
         flat_abstract = traverse_util.flatten_dict(abstract)
         factor_keys = {
             k for k in flat_abstract if k[-1] in ("lora_a", "lora_b") and k[0] == "params"
@@ -288,9 +237,9 @@ class LinenLoRA:
 
     def merge(self, variables: Any) -> Any:
         """Variables of the *original* module with ``s * a @ b`` folded into each kernel."""
-        from rplora_jax.adapters import merge
+        from rplora_jax.merge import merge
 
-        return merge(variables, self.scaling)
+        return merge(_unfreeze(variables), scale=self.config.scale)
 
 
 def _unfreeze(tree: Any) -> Any:
@@ -314,26 +263,22 @@ def _check_same_leaves(given: dict, expected: dict) -> None:
             )
 
 
-def inject_linen(
-    module: nn.Module,
-    targets: Targets,
-    *,
-    rank: int = 8,
-    alpha: float | None = None,
-    rslora: bool = False,
-    dropout_rate: float = 0.0,
-    a_init: AInit = "kaiming_uniform",
-    b_init: Initializer = ZEROS,
-    param_dtype: Any = None,
-) -> LinenLoRA:
+def _check_config(config: Any, fn: str) -> None:
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(
+            f"{fn}: config must be a rplora_jax.LoRAConfig (e.g. LoRAConfig(rank=8, alpha=16)), "
+            f"got {config!r}."
+        )
+
+
+def inject_linen(module: nn.Module, targets: Targets, config: LoRAConfig) -> LinenLoRA:
     """Adds LoRA to the ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` layers a regex names.
 
     Args:
       module: any linen module; its code is not changed.
       targets: regex (or list of regexes) that must fully match a module path such as
-        ``"block_0/attn/query"``.
-      rank, alpha, rslora, dropout_rate, a_init, b_init, param_dtype: see
-        :class:`rplora_jax.linen.LoRAConfig`.
+        ``"block_0/attn/query"``. Each pattern must match at least one layer.
+      config: the LoRA options.
 
     Returns:
       A :class:`LinenLoRA` with ``init``, ``init_from`` (pretrained weights), ``apply``, ``merge``.
@@ -345,23 +290,17 @@ def inject_linen(
       >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
       >>> x = jnp.ones((1, 4))
       >>> pretrained = model.init(jax.random.key(0), x)
-      >>> lora = inject_linen(model, r"layers_0", rank=2)
+      >>> lora = inject_linen(model, r"layers_0", rplora_jax.LoRAConfig(rank=2))
       >>> variables = lora.init_from(pretrained, jax.random.key(1), x)
       >>> bool((lora.apply(variables, x) == model.apply(pretrained, x)).all())
       True
       >>> [p.a_path for p in rplora_jax.find_lora_pairs(variables)]
       ['params/layers_0/lora_a']
     """
-    config = lora_linen.LoRAConfig(
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        dropout_rate=dropout_rate,
-        a_init=a_init,
-        b_init=b_init,
-        param_dtype=param_dtype,
-    )
-    compile_targets(targets)
+    _check_config(config, "inject_linen")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"inject_linen needs a linen Module, got {type(module).__name__}.")
+    _TargetMatcher(targets)  # validates the patterns now
     return LinenLoRA(module, targets, config)
 
 
@@ -369,32 +308,27 @@ def _nnx_path(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
-def inject_nnx(
-    model: nnx.Module,
-    targets: Targets,
-    *,
-    rank: int = 8,
-    alpha: float | None = None,
-    rslora: bool = False,
-    dropout_rate: float = 0.0,
-    a_init: AInit = "kaiming_uniform",
-    b_init: Initializer = ZEROS,
-    lora_param_dtype: Any = None,
-    rngs: nnx.Rngs,
-) -> list[str]:
-    """Replaces, in place, the ``nnx.Linear``/``nnx.Einsum`` submodules a regex names.
+def _lora_class(module: nnx.Module) -> type | None:
+    if isinstance(module, NNX_LORA):
+        return None
+    return next((lora for base, lora in lora_nnx.LORA_FOR_BASE if type(module) is base), None)
 
-    Each becomes a :class:`rplora_jax.nnx.LoRALinear` / :class:`rplora_jax.nnx.LoRAEinsum` that
-    shares the original ``kernel``/``bias`` variables and adds ``lora_a``/``lora_b``
-    (``nnx.LoRAParam``). Layers stacked by ``nnx.vmap`` get stacked factors.
+
+def inject_nnx(
+    model: nnx.Module, targets: Targets, config: LoRAConfig, *, rngs: nnx.Rngs
+) -> list[str]:
+    """Replaces, in place, the ``nnx.Linear``/``LinearGeneral``/``Einsum`` layers a regex names.
+
+    Each becomes the matching layer of :mod:`rplora_jax.layers.lora_nnx` (``LoRALinear``,
+    ``LoRALinearGeneral``, ``LoRAEinsum``), sharing the original ``kernel``/``bias`` variables
+    and adding ``lora_a``/``lora_b`` (``nnx.LoRAParam``). Layers stacked by ``nnx.vmap`` get
+    stacked factors; ``nnx.MultiHeadAttention``'s projections are ``LinearGeneral`` layers.
 
     Args:
       model: the NNX model, modified in place.
       targets: regex (or list of regexes) that must fully match a path such as
-        ``"blocks/0/attn/query"``.
-      rank, alpha, rslora, dropout_rate, a_init, b_init, lora_param_dtype: see
-        :class:`rplora_jax.nnx.LoRALinear` (``lora_param_dtype=None``: the base's
-        ``param_dtype``).
+        ``"blocks/0/attn/query"``. Each pattern must match at least one layer.
+      config: the LoRA options (``param_dtype=None``: each base layer's ``param_dtype``).
       rngs: random streams for the factors.
 
     Returns:
@@ -403,49 +337,35 @@ def inject_nnx(
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
+      >>> import rplora_jax
       >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
       >>> y0 = model(jnp.ones((1, 4)))
-      >>> inject_nnx(model, r"layers/0", rank=2, rngs=nnx.Rngs(2))
+      >>> inject_nnx(model, r"layers/0", rplora_jax.LoRAConfig(rank=2), rngs=nnx.Rngs(2))
       ['layers/0']
       >>> bool((model(jnp.ones((1, 4))) == y0).all())
       True
     """
+    _check_config(config, "inject_nnx")
     if not isinstance(model, nnx.Module):
-        raise ValueError(f"inject_nnx needs an nnx.Module, got {type(model).__name__}.")
-    is_target = compile_targets(targets)
-    options = dict(
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        dropout_rate=dropout_rate,
-        a_init=a_init,
-        b_init=b_init,
-        lora_param_dtype=lora_param_dtype,
-        rngs=rngs,
-    )
+        raise TypeError(f"inject_nnx needs an nnx.Module, got {type(model).__name__}.")
+    is_target = _TargetMatcher(targets)
     found, linear = [], []
-    for path, module in nnx.iter_modules(model):
+    for path, module in lora_nnx.iter_modules(model):
         name = _nnx_path(path)
-        is_linear = isinstance(module, NNX_LINEAR) and not isinstance(module, NNX_LORA)
-        if is_linear:
+        lora_cls = _lora_class(module)
+        if lora_cls is not None:
             linear.append(name)
         if not is_target(name):
             continue
-        if not is_linear:
-            raise _not_linear_error(name or "<root>", module, "nnx.Linear, nnx.Einsum")
-        found.append((path, module))
-    if not found:
-        raise _matched_nothing_error(targets, sorted(linear))
-    for path, module in found:
-        if isinstance(module, nnx.Linear):
-            new = lora_nnx.LoRALinear.from_linear(module, **options)
-        else:
-            new = lora_nnx.LoRAEinsum.from_einsum(module, **options)
+        if lora_cls is None:
+            raise _not_linear_error(
+                name or "<root>", module, "nnx.Linear, nnx.LinearGeneral, nnx.Einsum"
+            )
         if not path:
             raise ValueError("inject_nnx cannot replace the root module itself; wrap it first.")
-        parent = model
-        for key in path[:-1]:
-            parent = lora_nnx.get_child(parent, key)
-        lora_nnx.set_child(parent, path[-1], new)
-    return sorted(_nnx_path(p) for p, _ in found)
+        found.append((path, lora_cls, module))
+    is_target.check(sorted(linear))
+    for path, lora_cls, module in found:
+        lora_nnx.replace_module(model, path, lora_cls.from_base(module, config, rngs=rngs))
+    return sorted(_nnx_path(p) for p, _, _ in found)

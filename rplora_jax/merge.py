@@ -1,0 +1,223 @@
+"""Folding LoRA into the base weights (``W0 <- W0 + s * a @ b``) and back.
+
+One entry point, :func:`merge`, for both kinds of model: a nested dict of parameters (linen
+variables, ``nnx.to_pure_dict(state)``, any hand-written model), or an ``nnx.Module`` (its LoRA
+layers become plain layers). An NNX LoRA layer stores its scale; a dict does not, so ``scale`` is
+required there. Folding runs in float32 (or wider) and is cast to the kernel's dtype; an integer
+(quantized) kernel is refused rather than silently truncated.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rplora_jax.pairing import NNX, QWIX, LoRAPair, RuleSpec, find_lora_pairs, path_tokens
+
+Scale = float | Callable[[str], float]
+
+
+def fold_delta(a: jax.Array, b: jax.Array, n_batch: int, precision=jax.lax.Precision.HIGHEST):
+    """``a @ b`` over the rank axis, batched over ``n_batch`` leading axes, in float32 or wider.
+
+    With ``a: (*batch, *in, r)`` and ``b: (*batch, r, *out)`` the result is
+    ``(*batch, *in, *out)``: the kernel layout of every layer in this library.
+    """
+    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    batch = tuple(range(n_batch))
+    return jax.lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (((a.ndim - 1,), (n_batch,)), (batch, batch)),
+        precision=precision,
+        preferred_element_type=dtype,
+    )
+
+
+def _is_nnx_module(tree: Any) -> bool:
+    # Without flax imported, nothing can be an nnx.Module: no need to import it here.
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(tree, nnx.Module)
+
+
+def _flatten(tree: Any) -> tuple[dict[tuple, Any], dict[str, tuple]]:
+    """Flat ``{key tuple: leaf}`` of a nested mapping, and ``{token path: key tuple}``."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            "merge/unmerge take a nested dict of parameters (linen variables, or "
+            f"nnx.to_pure_dict(state)) or an nnx.Module; got {type(tree).__name__}."
+        )
+    flat: dict[tuple, Any] = {}
+
+    def visit(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, Mapping) and value:
+                visit(value, (*prefix, key))
+            else:
+                flat[(*prefix, key)] = value
+
+    visit(tree, ())
+    index = {
+        "/".join(path_tokens(tuple(jax.tree_util.DictKey(k) for k in key))): key for key in flat
+    }
+    return flat, index
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = value
+    return out
+
+
+def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...]:
+    """The token path of the base kernel that ``pair`` adapts."""
+    a = tuple(pair.a_path.split("/"))
+    if pair.rule == NNX.name:
+        candidates = [(*a[:-1], "kernel")]
+        if len(a) >= 2 and a[-2] == "lora":  # nnx.LoRALinear: <layer>/lora/lora_a
+            candidates.append((*a[:-2], "kernel"))
+    elif pair.rule == QWIX.name:  # qwix: <w>_lora_a next to <w>
+        candidates = [(*a[:-1], a[-1][: -len("_lora_a")])]
+    else:
+        raise ValueError(
+            f"merge: cannot fold the pair '{pair.a_path}' (rule {pair.rule}): merge knows where "
+            "the base kernel is for lora_a/lora_b next to a 'kernel' (this library, "
+            "nnx.LoRA/nnx.LoRALinear) and for qwix's <w>_lora_a/<w>_lora_b next to <w>."
+        )
+    for c in candidates:
+        if "/".join(c) in index:
+            return c
+    raise ValueError(
+        f"merge: no base kernel for the LoRA factor '{pair.a_path}' (looked for "
+        f"{['/'.join(c) for c in candidates]})."
+    )
+
+
+def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> None:
+    for pair in pairs:
+        kkey = index["/".join(_kernel_tokens(pair, index))]
+        kernel_path = "/".join(map(str, kkey))
+        kernel = jnp.asarray(flat[kkey])
+        if not jnp.issubdtype(kernel.dtype, jnp.floating):
+            raise ValueError(
+                f"merge: the kernel '{kernel_path}' is {kernel.dtype}; folding LoRA into it would "
+                "truncate the result. Dequantize it first (merge into a float copy)."
+            )
+        a, b = flat[index[pair.a_path]], flat[index[pair.b_path]]
+        delta = fold_delta(jnp.asarray(a), jnp.asarray(b), len(pair.stacked_shape))
+        if delta.shape != kernel.shape:
+            raise ValueError(
+                f"merge: a @ b of '{pair.a_path}' has shape {delta.shape}, but its kernel "
+                f"'{kernel_path}' has shape {kernel.shape}."
+            )
+        s = sign * float(scale(pair.a_path) if callable(scale) else scale)
+        flat[kkey] = (kernel.astype(delta.dtype) + s * delta).astype(kernel.dtype)
+
+
+def _need_scale(scale: Any, fn: str) -> None:
+    if scale is None:
+        raise TypeError(
+            f"{fn}(params) needs scale=: the LoRA scale s of W0 + s * a @ b "
+            "(LoRAConfig(...).scale, alpha / rank), or a callable a_path -> s. A parameter "
+            "dict does not record it, and a wrong scale silently gives another model."
+        )
+
+
+def merge(
+    tree: Any,
+    *,
+    scale: Scale | None = None,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    keep_factors: bool = False,
+) -> Any:
+    """Folds every LoRA pair into its base kernel: ``kernel <- kernel + s * a @ b``.
+
+    Given an ``nnx.Module``, returns a copy whose LoRA layers (this library's, and Flax's
+    ``nnx.LoRALinear``) are the plain layers they extend, with their stored scale; ``scale`` must
+    not be given. Given a nested dict, returns the dict of the model *without* LoRA (factors
+    removed unless ``keep_factors``), e.g. the original model's variables for
+    :func:`rplora_jax.inject_linen` (its ``LinenLoRA.merge`` passes the scale for you). Either
+    way the input is not changed, and a LoRA factor that cannot be folded is a ``ValueError``
+    naming it, never a silently unmerged result.
+
+    Args:
+      tree: a nested dict of parameters, or an ``nnx.Module``.
+      scale: for a dict: the LoRA scale ``s`` (``LoRAConfig.scale``), or a callable
+        ``a_path -> s``. Required for dicts.
+      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs` (dicts).
+      keep_factors: keep the factors in the result (dicts); zero ``lora_b`` yourself before
+        using it with a LoRA model, or the term is counted twice.
+
+    Returns:
+      The merged dict or module.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)),
+      ...           "lora_b": jnp.ones((1, 2))}
+      >>> merged = merge(params, scale=0.5)
+      >>> sorted(merged), merged["kernel"].tolist()
+      (['kernel'], [[0.5, 0.5], [0.5, 0.5]])
+    """
+    if _is_nnx_module(tree):
+        if scale is not None or rules is not None or keep_factors:
+            raise ValueError(
+                "merge(nnx.Module) takes no scale/rules/keep_factors: each LoRA layer stores its "
+                "own scale."
+            )
+        from rplora_jax.layers.lora_nnx import merge_module
+
+        return merge_module(tree)
+    _need_scale(scale, "merge")
+    flat, index = _flatten(tree)
+    pairs = find_lora_pairs(tree, rules=rules)
+    _fold(flat, index, pairs, scale, 1.0)
+    if not keep_factors:
+        for pair in pairs:
+            del flat[index[pair.a_path]], flat[index[pair.b_path]]
+    return _unflatten(flat)
+
+
+def unmerge(
+    merged: Any,
+    adapter: Mapping[str, Any],
+    *,
+    scale: Scale | None = None,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+) -> dict:
+    """Undoes :func:`merge` on a dict: puts the factors back, subtracts ``s * a @ b``.
+
+    The kernels come back up to float rounding (one add and one subtract); keep the unmerged
+    parameters if you need them bit-exact.
+
+    Args:
+      merged: merged nested dict (factors removed), e.g. ``nnx.to_pure_dict`` of a state.
+      adapter: ``{path: array}`` as returned by :func:`rplora_jax.adapters.extract_adapter`
+        or :func:`rplora_jax.load_adapter`.
+      scale: the LoRA scale, or a callable ``a_path -> s``. Required.
+      rules: pairing rules.
+
+    Returns:
+      The nested dict with the factors and the base kernels.
+    """
+    _need_scale(scale, "unmerge")
+    flat, index = _flatten(merged)
+    pairs = find_lora_pairs(dict(adapter), rules=rules)
+    for pair in pairs:
+        kernel = _kernel_tokens(pair, index)
+        parent = index["/".join(kernel)][:-1]  # the real keys (ints for nnx lists)
+        for path in (pair.a_path, pair.b_path):
+            suffix = path.split("/")[len(kernel) - 1 :]
+            key = (*parent, *suffix)
+            flat[key] = adapter[path]
+            index[path] = key
+    _fold(flat, index, pairs, scale, -1.0)
+    return _unflatten(flat)

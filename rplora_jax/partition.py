@@ -1,0 +1,215 @@
+"""Training only the LoRA factors: labels and masks for optax, ``freeze_base``, parameter counts.
+
+Everything here finds the factors with the same pairing as the preconditioner
+(:func:`rplora_jax.find_lora_pairs`), so whatever ``scaled_adamw`` preconditions is exactly what
+these functions treat as trainable. Leaves are addressed by their ``/``-joined path tokens, e.g.
+``"params/block_0/attn/query/lora_a"``. Needs only JAX and Optax.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+from rplora_jax.pairing import RuleSpec, find_lora_pairs, path_tokens
+
+TRAINABLE = "lora"
+FROZEN = "frozen"
+
+
+Targets = str | Sequence[str]
+
+
+def path_str(keypath: tuple[Any, ...]) -> str:
+    """The ``/``-joined path tokens of a JAX key path, as the pairing and errors name leaves."""
+    return "/".join(path_tokens(keypath))
+
+
+def as_param_tree(tree: Any) -> Any:
+    """``tree``, or for an ``nnx.Module`` its ``nnx.Param`` state (LoRA factors included)."""
+    # Without flax imported, nothing can be an nnx.Module: no need to import it here.
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(tree, nnx.Module):
+        return nnx.state(tree, nnx.Param)
+    return tree
+
+
+def factor_paths(tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = None) -> set[str]:
+    """Paths of every LoRA factor (``a`` and ``b``) the pairing finds in ``tree``."""
+    pairs = find_lora_pairs(tree, rules=rules)
+    return {p.a_path for p in pairs} | {p.b_path for p in pairs}
+
+
+def _compile(also_train: Targets | None):
+    if also_train is None:
+        return lambda path: False
+    patterns = [also_train] if isinstance(also_train, str) else list(also_train)
+    if not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"also_train must be a regex or a list of regexes, got {also_train!r}.")
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as err:
+        raise ValueError(f"also_train: invalid regular expression: {err}") from err
+    return lambda path: any(c.fullmatch(path) for c in compiled)
+
+
+def _trainable_paths(tree, rules, also_train) -> set[str]:
+    factors = factor_paths(tree, rules=rules)
+    if also_train is None:
+        return factors
+    is_extra = _compile(also_train)
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    extra = {p for p in paths if is_extra(p)}
+    patterns = [also_train] if isinstance(also_train, str) else list(also_train)
+    unmatched = [p for p in patterns if not any(re.fullmatch(p, q) for q in paths)]
+    if unmatched:
+        raise ValueError(
+            f"also_train patterns {unmatched} match no leaf; they must match a whole '/'-joined "
+            f"leaf path such as {paths[:3]}."
+        )
+    return factors | extra
+
+
+def lora_labels(
+    tree: Any,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    also_train: Targets | None = None,
+) -> Any:
+    """Labels every leaf ``"lora"`` (trained) or ``"frozen"``, for ``optax.partition``.
+
+    Args:
+      tree: parameters (any pytree: linen variables, ``nnx.State``...).
+      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      also_train: regex (or list) of further leaves to train, matching the whole ``/``-joined
+        leaf path, e.g. ``r"params/classifier/.*"`` for a new head (PEFT's
+        ``modules_to_save``).
+
+    Returns:
+      A tree of the same structure holding the label strings.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 2)),
+      ...           "lora_b": jnp.zeros((2, 4))}
+      >>> lora_labels(params)
+      {'kernel': 'frozen', 'lora_a': 'lora', 'lora_b': 'lora'}
+    """
+    trained = _trainable_paths(tree, rules, also_train)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: TRAINABLE if path_str(p) in trained else FROZEN, tree
+    )
+
+
+def trainable_mask(
+    tree: Any,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    also_train: Targets | None = None,
+) -> Any:
+    """``True`` where :func:`lora_labels` says ``"lora"`` (for ``optax.masked`` and friends)."""
+    trained = _trainable_paths(tree, rules, also_train)
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in trained, tree)
+
+
+def freeze_base(
+    tx: optax.GradientTransformation,
+    *,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    also_train: Targets | None = None,
+) -> optax.GradientTransformation:
+    """Wraps ``tx`` so only the LoRA factors (and ``also_train``) train; the rest gets zero.
+
+    ``optax.partition`` routes the factors to ``tx`` and every other leaf to
+    ``optax.set_to_zero()``, so ``tx`` keeps no state (Adam moments...) for the frozen base, and
+    under ``jax.jit`` the base's gradients are dead code that XLA removes. Both factors of a pair
+    always land in the same branch, as the preconditioner needs. NNX users can equally pass
+    ``wrt=nnx.LoRAParam`` to ``nnx.Optimizer``.
+
+    Args:
+      tx: any optimizer, e.g. :func:`rplora_jax.scaled_adamw`.
+      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      also_train: regex (or list) of further leaves to train with ``tx``, matching the whole
+        ``/``-joined leaf path (e.g. a classification head, ``r"params/classifier/.*"``). A
+        pattern that matches no leaf is an error.
+
+    Returns:
+      An ``optax.GradientTransformation`` (its ``update`` needs ``params``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import rplora_jax
+      >>> params = {"kernel": jnp.ones((4, 4)), "lora_a": jnp.ones((4, 2)),
+      ...           "lora_b": jnp.zeros((2, 4))}
+      >>> tx = freeze_base(rplora_jax.scaled_sgd(0.1, reg=0.0))
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> float(jnp.abs(updates["kernel"]).max()), [round(float(u), 4) for u in updates["lora_a"][0]]
+      (0.0, [-0.1, -0.1])
+    """
+    return optax.partition(
+        {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
+        lambda params: lora_labels(params, rules=rules, also_train=also_train),
+    )
+
+
+class ParamCount(NamedTuple):
+    """Parameter counts: ``trainable`` (LoRA factors), ``total`` (all), ``percent``."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def count_parameters(
+    tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = None
+) -> ParamCount:
+    """Counts the LoRA factors' and all parameters' elements.
+
+    Args:
+      tree: parameters, or an ``nnx.Module`` (its ``nnx.Param`` state is counted).
+      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+
+    Returns:
+      A :class:`ParamCount`.
+    """
+    tree = as_param_tree(tree)
+    factors = factor_paths(tree, rules=rules)
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    total = trainable = 0
+    for p, leaf in flat:
+        n = int(np.prod(np.shape(leaf)))
+        total += n
+        if path_str(p) in factors:
+            trainable += n
+    return ParamCount(trainable, total)
+
+
+def print_trainable_parameters(
+    tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = None
+) -> ParamCount:
+    """Prints counts in PEFT's ``print_trainable_parameters`` format and returns them.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.zeros((6, 6)), "lora_a": jnp.zeros((6, 1)),
+      ...           "lora_b": jnp.zeros((1, 6))}
+      >>> _ = print_trainable_parameters(params)
+      trainable params: 12 || all params: 48 || trainable%: 25.0000
+    """
+    count = count_parameters(tree, rules=rules)
+    print(
+        f"trainable params: {count.trainable:,} || all params: {count.total:,} || "
+        f"trainable%: {count.percent:.4f}"
+    )
+    return count

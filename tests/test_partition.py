@@ -1,0 +1,96 @@
+"""Training only the factors: labels, masks, freeze_base (also_train), counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from params_fixture import params_tree
+
+import rplora_jax
+from rplora_jax import partition
+
+
+def test_labels_and_mask():
+    labels = partition.lora_labels(params_tree())
+    assert labels["q"] == {"kernel": "frozen", "bias": "frozen", "lora_a": "lora", "lora_b": "lora"}
+    assert labels["embed"] == "frozen" and labels["stack"]["lora_b"] == "lora"
+    assert partition.trainable_mask(params_tree())["stack"] == {
+        "kernel": False,
+        "lora_a": True,
+        "lora_b": True,
+    }
+
+
+def test_freeze_base_equals_optimizer_on_factors_alone():
+    params = params_tree()
+    params["stack"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["stack"])
+    grads = jax.tree.map(lambda x: jnp.cos(3.0 * x), params)
+    tx = partition.freeze_base(rplora_jax.scaled_adamw(1e-2))
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for path in [("q", "kernel"), ("q", "bias"), ("stack", "kernel"), ("embed",)]:
+        leaf = updates
+        for key in path:
+            leaf = leaf[key]
+        assert not np.any(np.asarray(leaf)), path
+    only = {n: {f: params[n][f] for f in ("lora_a", "lora_b")} for n in ("q", "stack")}
+    g_only = {n: {f: grads[n][f] for f in ("lora_a", "lora_b")} for n in ("q", "stack")}
+    ref = rplora_jax.scaled_adamw(1e-2)
+    want, _ = jax.jit(ref.update)(g_only, ref.init(only), only)
+    for n in only:
+        for f in ("lora_a", "lora_b"):
+            np.testing.assert_allclose(updates[n][f], want[n][f], rtol=1e-6, atol=1e-8)
+
+
+def test_counts_and_print(capsys):
+    count = partition.print_trainable_parameters(params_tree())
+    lora = 6 * 2 + 2 * 5 + 3 * 4 * 2 * 2
+    total = lora + 6 * 5 + 5 + 3 * 16 + 28
+    assert count == (lora, total)
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {lora:,} || all params: {total:,} || "
+        f"trainable%: {100 * lora / total:.4f}"
+    )
+
+
+def test_freeze_base_with_optax_partition_labels_for_nnx_state():
+    from flax import nnx
+
+    from rplora_jax.layers.lora_nnx import LoRALinear
+
+    layer = LoRALinear(4, 3, lora=rplora_jax.LoRAConfig(rank=2), rngs=nnx.Rngs(0))
+    state = nnx.state(layer, nnx.Param)
+    labels = jax.tree_util.tree_flatten_with_path(partition.lora_labels(state))[0]
+    by_name = {str(path[0].key): label for path, label in labels}
+    assert by_name == {"bias": "frozen", "kernel": "frozen", "lora_a": "lora", "lora_b": "lora"}
+    tx = partition.freeze_base(optax.sgd(1.0))
+    grads = jax.tree.map(jnp.ones_like, state)
+    updates, _ = tx.update(grads, tx.init(state), state)
+    assert float(jnp.abs(updates["kernel"][...]).max()) == 0.0
+    assert float(jnp.abs(updates["lora_a"][...]).min()) == 1.0
+
+
+def test_also_train_and_its_errors():
+    params = params_tree()
+    labels = partition.lora_labels(params, also_train=r"embed|q/bias")
+    assert labels["embed"] == "lora" and labels["q"]["bias"] == "lora"
+    assert labels["q"]["kernel"] == "frozen"
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = partition.freeze_base(optax.sgd(0.5), also_train=[r"embed"])
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["embed"], -0.5 * np.ones((7, 4)))
+    np.testing.assert_array_equal(updates["q"]["bias"], np.zeros(5))
+    with pytest.raises(ValueError, match=r"\['head/.\*'\] match no leaf"):
+        partition.lora_labels(params, also_train=[r"embed", r"head/.*"])
+
+
+def test_import_loads_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rplora_jax; "
+        "print([m for m in ('flax', 'orbax', 'safetensors', 'tqdm') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
