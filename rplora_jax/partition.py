@@ -151,8 +151,10 @@ def freeze_base(
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.ones_like, params)
       >>> updates, state = tx.update(grads, state, params)
-      >>> float(jnp.abs(updates["kernel"]).max()), [round(float(u), 4) for u in updates["lora_a"][0]]
-      (0.0, [-0.1, -0.1])
+      >>> float(jnp.abs(updates["kernel"]).max())
+      0.0
+      >>> [round(float(u), 4) for u in updates["lora_a"][0]]  # b = 0: identity preconditioner
+      [-0.1, -0.1]
     """
     return optax.partition(
         {TRAINABLE: tx, FROZEN: optax.set_to_zero()},

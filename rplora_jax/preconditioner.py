@@ -332,15 +332,23 @@ def riemannian_preconditioner(
       ICML 2024, https://arxiv.org/abs/2402.02347
 
     Example:
+      With ``a.T @ a = diag(1, 4)`` and ``b @ b.T = diag(4, 1)``, unit gradients are scaled
+      row- and column-wise by the inverses:
+
       >>> import jax, jax.numpy as jnp, optax
       >>> import rplora_jax
-      >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.eye(2, 3)}
-      >>> tx = optax.chain(rplora_jax.riemannian_preconditioner(reg=0.0), optax.sgd(0.1))
-      >>> state = tx.init(params)
+      >>> a = jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])  # (in=3, r=2)
+      >>> b = jnp.array([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # (r=2, out=4)
+      >>> params = {"lora_a": a, "lora_b": b}
+      >>> tx = rplora_jax.riemannian_preconditioner(reg=0.0)
       >>> grads = jax.tree.map(jnp.ones_like, params)
-      >>> updates, state = tx.update(grads, state, params)
-      >>> updates["lora_b"].shape
-      (2, 3)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates["lora_a"].tolist()  # g_a @ inv(b b^T): columns scaled by 1/4 and 1
+      [[0.25, 1.0], [0.25, 1.0], [0.25, 1.0]]
+      >>> updates["lora_b"].tolist()  # inv(a^T a) @ g_b: rows scaled by 1 and 1/4
+      [[1.0, 1.0, 1.0, 1.0], [0.25, 0.25, 0.25, 0.25]]
+
+      Followed by ``optax.sgd`` this is scaled GD; :func:`scaled_adamw` is the AdamW version.
     """
     _check_reg(reg)
     axis_names = _axis_names(axis_name)

@@ -1,5 +1,5 @@
-"""The one LoRA configuration, and what the linen and NNX layers share: initialisers, the einsum
-split and the fold ``a @ b`` used when merging.
+"""The one LoRA configuration, and what the linen and NNX layers share: initialisers and the
+einsum split.
 
 Needs only JAX: importing it does not import Flax.
 """
@@ -197,21 +197,4 @@ def split_einsum(einsum_str: str, kernel_shape: Sequence[int], rank: int, where:
         x_a=f"{x_spec},{shared}{contracted}{r}->{h_spec}",
         h_b=f"{h_spec},{shared}{r}{output}->{out}",
         n_shared=n_shared,
-    )
-
-
-def fold_delta(a: jax.Array, b: jax.Array, n_batch: int, precision=jax.lax.Precision.HIGHEST):
-    """``a @ b`` over the rank axis, batched over ``n_batch`` leading axes, in float32 or wider.
-
-    With ``a: (*batch, *in, r)`` and ``b: (*batch, r, *out)`` the result is
-    ``(*batch, *in, *out)``: the kernel layout of every layer in this library.
-    """
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    batch = tuple(range(n_batch))
-    return jax.lax.dot_general(
-        a.astype(dtype),
-        b.astype(dtype),
-        (((a.ndim - 1,), (n_batch,)), (batch, batch)),
-        precision=precision,
-        preferred_element_type=dtype,
     )
