@@ -48,11 +48,14 @@ def make_task(student: MLP, rank: int, seed: int = 0) -> tuple[MLP, jax.Array]:
     return teacher, keys[4]
 
 
-def train(
-    name: str, tx: optax.GradientTransformation, steps: int, rank: int, seed: int = 0
+def fit(
+    student: nnx.Module, teacher: nnx.Module, tx: optax.GradientTransformation, batches
 ) -> list[float]:
-    student = MLP(rank, rngs=nnx.Rngs(seed))  # its kernels play the frozen pretrained weights
-    teacher, data_key = make_task(student, rank, seed)
+    """Trains the LoRA factors (``nnx.LoRAParam``) of ``student`` in place to match ``teacher``.
+
+    One step per batch in ``batches`` (an iterable of inputs), mean squared error between the two
+    models' outputs; the base weights stay frozen. Returns the training loss of every step.
+    """
     optimizer = nnx.Optimizer(student, tx, wrt=nnx.LoRAParam)
 
     @nnx.jit
@@ -64,10 +67,16 @@ def train(
         optimizer.update(student, grads)
         return loss
 
-    losses = []
-    for key in jax.random.split(data_key, steps):
-        losses.append(float(step(student, optimizer, jax.random.normal(key, (128, IN)))))
-    return losses
+    return [float(step(student, optimizer, x)) for x in batches]
+
+
+def train(
+    name: str, tx: optax.GradientTransformation, steps: int, rank: int, seed: int = 0
+) -> list[float]:
+    student = MLP(rank, rngs=nnx.Rngs(seed))  # its kernels play the frozen pretrained weights
+    teacher, data_key = make_task(student, rank, seed)
+    keys = jax.random.split(data_key, steps)
+    return fit(student, teacher, tx, (jax.random.normal(key, (128, IN)) for key in keys))
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ Architecture (file -> job):
   - ``merge.py``: folding LoRA into the base weights and back (:func:`merge`, :func:`unmerge`).
   - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (:func:`lora_specs`).
   - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
+  - ``peft_format.py``: adapters in HuggingFace PEFT's format (``PeftModel.from_pretrained``
+    loads them) and PEFT adapters loaded into this library's parameters.
 
 * ``layers/``, needs ``flax`` (the ``flax`` extra): :class:`LoRAConfig`, linen and NNX LoRA
   layers, and :func:`inject_linen` / :func:`inject_nnx` to add LoRA to an existing model. These
@@ -38,6 +40,7 @@ from rplora_jax.pairing import (
     find_lora_pairs,
 )
 from rplora_jax.partition import count_parameters, freeze_base, lora_labels
+from rplora_jax.peft_format import load_peft_adapter, peft_config, save_peft_adapter
 from rplora_jax.preconditioner import (
     DEFAULT_REG,
     riemannian_preconditioner,
@@ -87,11 +90,14 @@ __all__ = [
     "inject_linen",
     "inject_nnx",
     "load_adapter",
+    "load_peft_adapter",
     "lora_labels",
     "lora_specs",
     "merge",
+    "peft_config",
     "riemannian_preconditioner",
     "save_adapter",
+    "save_peft_adapter",
     "scaled_adamw",
     "scaled_sgd",
     "unmerge",

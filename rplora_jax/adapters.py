@@ -108,7 +108,7 @@ def save_adapter(
     Returns:
       The saved ``{path: array}`` dict.
 
-    Example:
+    Examples:
       >>> import os, tempfile, jax.numpy as jnp
       >>> params = {"kernel": jnp.ones((4, 4)), "lora_a": jnp.ones((4, 2)),
       ...           "lora_b": jnp.zeros((2, 4))}
@@ -131,7 +131,9 @@ def save_adapter(
     return adapter
 
 
-def load_adapter(file: str, into: Any = None, *, rules=None) -> Any:
+def load_adapter(
+    file: str, into: Any = None, *, rules: RuleSpec | Sequence[RuleSpec] | None = None
+) -> Any:
     """Loads an adapter saved by :func:`save_adapter`.
 
     Args:

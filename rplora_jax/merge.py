@@ -159,7 +159,7 @@ def merge(
     Returns:
       The merged dict or module.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> params = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)),
       ...           "lora_b": jnp.ones((1, 2))}

@@ -365,7 +365,7 @@ def find_lora_pairs(
       ValueError: naming the leaf path, for a factor without its partner, mismatched ranks,
         factors with fewer than 2 axes or a non-floating dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> import rplora_jax
       >>> params = {"q": {"kernel": jnp.zeros((8, 8)),

@@ -94,7 +94,7 @@ def lora_labels(
     Returns:
       A tree of the same structure holding the label strings.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> params = {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 2)),
       ...           "lora_b": jnp.zeros((2, 4))}
@@ -142,7 +142,7 @@ def freeze_base(
     Returns:
       An ``optax.GradientTransformation`` (its ``update`` needs ``params``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import rplora_jax
       >>> params = {"kernel": jnp.ones((4, 4)), "lora_a": jnp.ones((4, 2)),
@@ -202,7 +202,7 @@ def print_trainable_parameters(
 ) -> ParamCount:
     """Prints counts in PEFT's ``print_trainable_parameters`` format and returns them.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> params = {"kernel": jnp.zeros((6, 6)), "lora_a": jnp.zeros((6, 1)),
       ...           "lora_b": jnp.zeros((1, 6))}

@@ -72,7 +72,7 @@ def lora_factor_specs(
     Returns:
       ``(a_spec, b_spec)``, full length, with the rank axis replicated.
 
-    Example:
+    Examples:
       >>> from jax.sharding import PartitionSpec as P
       >>> from rplora_jax.sharding import lora_factor_specs
       >>> a_spec, b_spec = lora_factor_specs(P("data", "model"), a_ndim=2, b_ndim=2)
@@ -154,7 +154,7 @@ def lora_specs(
       ValueError: naming the paths, when the trees differ, a kernel is not found, or a kernel's
         shape does not match its factors.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from jax.sharding import PartitionSpec as P
       >>> from rplora_jax.sharding import lora_specs
@@ -224,7 +224,7 @@ def named_shardings(mesh: Mesh, specs: Any) -> Any:
       The same tree with ``NamedSharding`` leaves, ready for ``jax.device_put`` or
       ``jax.jit(..., in_shardings=...)``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from jax.sharding import PartitionSpec as P
       >>> from rplora_jax.sharding import named_shardings

@@ -1,4 +1,4 @@
-"""Loads the repository's scripts (experiments, examples, notebook builder) as modules."""
+"""Loads the repository's scripts (examples, benchmarks) as modules."""
 
 import importlib.util
 import sys

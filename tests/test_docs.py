@@ -47,3 +47,27 @@ def test_python_block_runs(page, index, block):
             exec(compile(block, str(page), "exec"), {})
     except DatasetNotInstalledError as err:  # a data/model package the README says to install
         pytest.skip(str(err))
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import rplora_jax
+
+    documented = set(
+        re.findall(
+            r"^::: rplora_jax\.[\w.]*?\.?(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M
+        )
+    )
+    missing = sorted(set(rplora_jax.__all__) - documented)
+    assert not missing, f"public names missing from docs/api.md: {missing}"
+
+
+@pytest.mark.slow
+def test_site_builds_with_warnings_as_errors(tmp_path):
+    pytest.importorskip("mkdocstrings", reason='pip install -e ".[docs]"')
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "api" / "index.html").exists()

@@ -39,10 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 import rplora_jax
 from experiments.data.datasets import package_file
+from experiments.models import common
 from rplora_jax.layers.inject import LinenLoRA
 
 __all__ = [
@@ -326,25 +326,16 @@ def lora_targets(names: Sequence[str] = ("query", "value")) -> str:
     Raises:
       ValueError: ``names`` is empty or not a subset of :data:`LORA_TARGETS`.
 
-    Example:
+    Examples:
       >>> lora_targets(("query", "value"))
       'encoder/layer_\\\\d+/(query|value)'
     """
-    names = tuple(names)
-    if not names or any(n not in LORA_TARGETS for n in names):
-        raise ValueError(
-            f"LoRA targets {list(names)} must be a non-empty subset of {list(LORA_TARGETS)}."
-        )
-    return rf"encoder/layer_\d+/({'|'.join(names)})"
+    return common.targets_regex(names, LORA_TARGETS, r"encoder/layer_\d+/{}")
 
 
 def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
     ids = jnp.zeros((1, 2), jnp.int32)
     return ids, ids + 1
-
-
-def _key(rng: jax.Array | int) -> jax.Array:
-    return jax.random.key(rng) if isinstance(rng, int) else rng
 
 
 def init_head(model: BertClassifier, rng: jax.Array | int) -> Params:
@@ -355,7 +346,7 @@ def init_head(model: BertClassifier, rng: jax.Array | int) -> Params:
     if model.num_classes is None:
         raise ValueError("init_head needs a model with num_classes set.")
     init = jax.jit(lambda k: model.init(k, *_dummy_inputs())["params"]["classifier"])
-    return init(_key(rng))
+    return init(common.as_key(rng))
 
 
 def add_lora(
@@ -378,9 +369,7 @@ def add_lora(
       ``(lora_model, params)``: ``lora_model.apply({"params": params}, ...)`` runs the adapted
       model; ``params`` are the given ones plus ``lora_a``/``lora_b`` (``lora_b = 0``).
     """
-    lora_model = rplora_jax.inject_linen(model, lora_targets(targets), lora)
-    variables = lora_model.init_from({"params": params}, _key(rng), *_dummy_inputs())
-    return lora_model, variables["params"]
+    return common.add_lora(model, params, lora, lora_targets(targets), rng, _dummy_inputs())
 
 
 def load_pretrained(
@@ -425,28 +414,13 @@ def load_pretrained(
     model_dir = Path(model_dir) if model_dir is not None else minilm_dir()
     config = BertConfig.from_json(model_dir / "config.json")
     model = BertClassifier(config, num_classes, normalize, dtype, param_dtype)
-    key = _key(rng)
-    # Shapes only: the encoder's random init would be overwritten anyway.
-    shapes = jax.eval_shape(lambda k: model.init(k, *_dummy_inputs()), key)["params"]
-    flat_shapes = traverse_util.flatten_dict(shapes)
+    key = common.as_key(rng)
     pretrained = convert_hf_state(
         load_file(str(model_dir / "model.safetensors")), config.num_layers
     )
-    missing = [p for p in flat_shapes if p[0] != "classifier" and p not in pretrained]
-    if missing:
-        raise ValueError(f"No pretrained value for parameters {['/'.join(p) for p in missing]}.")
-    flat: dict[tuple, Any] = {}
-    for path, value in pretrained.items():
-        want = flat_shapes.get(path)
-        if want is None:
-            raise ValueError(f"Pretrained tensor for '{'/'.join(path)}' has no parameter.")
-        if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(
-                f"Pretrained tensor for '{'/'.join(path)}' has shape {value.shape}, the model "
-                f"expects {want.shape}."
-            )
-        flat[path] = jnp.asarray(value, param_dtype)
-    params = traverse_util.unflatten_dict(flat)
+    params = common.fill_params(
+        model, _dummy_inputs(), pretrained, param_dtype, fresh=lambda p: p[0] == "classifier"
+    )
     if num_classes is not None:
         params["classifier"] = init_head(model, key)
     if lora is None:

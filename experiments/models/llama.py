@@ -45,10 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 import rplora_jax
 from experiments.data.datasets import package_file
+from experiments.models import common
 from rplora_jax.layers.inject import LinenLoRA
 
 __all__ = [
@@ -426,12 +426,7 @@ def lora_targets(names: Sequence[str] = ("q_proj", "v_proj")) -> str:
       >>> lora_targets(("q_proj", "v_proj"))
       'layers/(q_proj|v_proj)'
     """
-    names = tuple(names)
-    if not names or any(n not in LORA_TARGETS for n in names):
-        raise ValueError(
-            f"LoRA targets {list(names)} must be a non-empty subset of {list(LORA_TARGETS)}."
-        )
-    return f"layers/({'|'.join(names)})"
+    return common.targets_regex(names, LORA_TARGETS, "layers/{}")
 
 
 def _dummy_ids() -> jax.Array:
@@ -458,10 +453,7 @@ def add_lora(
       ``(lora_model, params)``: ``lora_model.apply({"params": params}, ...)`` runs the adapted
       model; ``params`` are the given ones plus ``lora_a``/``lora_b`` (``lora_b = 0``).
     """
-    lora_model = rplora_jax.inject_linen(model, lora_targets(targets), lora)
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    variables = lora_model.init_from({"params": params}, key, _dummy_ids())
-    return lora_model, variables["params"]
+    return common.add_lora(model, params, lora, lora_targets(targets), rng, (_dummy_ids(),))
 
 
 def load_pretrained(
@@ -501,21 +493,8 @@ def load_pretrained(
     reader = _open_gguf(str(path if path is not None else smollm2_gguf_path()))
     config = LlamaConfig.from_gguf(reader)
     model = LlamaForCausalLM(config, dtype, param_dtype)
-    shapes = jax.eval_shape(lambda k: model.init(k, _dummy_ids()), jax.random.key(0))["params"]
-    flat_shapes = traverse_util.flatten_dict(shapes)
     pretrained = convert_gguf_state(_read_gguf_tensors(reader), config, unpermute=unpermute)
-    flat: dict[tuple, Any] = {}
-    for p, want in flat_shapes.items():
-        if p not in pretrained:
-            raise ValueError(f"No pretrained value for parameter '{'/'.join(p)}'.")
-        value = pretrained[p]
-        if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(
-                f"Pretrained tensor for '{'/'.join(p)}' has shape {value.shape}, the model "
-                f"expects {want.shape}."
-            )
-        flat[p] = jnp.asarray(value, param_dtype)
-    params = traverse_util.unflatten_dict(flat)
+    params = common.fill_params(model, (_dummy_ids(),), pretrained, param_dtype)
     if lora is None:
         return model, params
     return add_lora(model, params, lora, targets, rng)

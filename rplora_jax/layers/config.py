@@ -43,7 +43,7 @@ class LoRAConfig:
       param_dtype: dtype of the factors; ``None`` uses the base layer's ``param_dtype``. The
         forward pass promotes, so bfloat16 factors on a float32 base compute in float32.
 
-    Example:
+    Examples:
       >>> LoRAConfig(rank=8, alpha=16.0).scale, LoRAConfig(16, 16.0, rslora=True).scale
       (2.0, 4.0)
     """

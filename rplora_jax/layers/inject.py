@@ -283,7 +283,7 @@ def inject_linen(module: nn.Module, targets: Targets, config: LoRAConfig) -> Lin
     Returns:
       A :class:`LinenLoRA` with ``init``, ``init_from`` (pretrained weights), ``apply``, ``merge``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
       >>> import rplora_jax
@@ -334,7 +334,7 @@ def inject_nnx(
     Returns:
       The sorted paths of the replaced layers.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import rplora_jax

@@ -143,7 +143,7 @@ class LoRADense(_LoRAMixin, nn.Dense):
       features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init...: as
         ``nn.Dense``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import rplora_jax
       >>> layer = LoRADense(features=3, lora=rplora_jax.LoRAConfig(rank=2, alpha=4.0))
@@ -176,7 +176,7 @@ class LoRADenseGeneral(_LoRAMixin, nn.DenseGeneral):
       features, axis, use_bias, dtype, param_dtype, precision, kernel_init, bias_init...: as
         ``nn.DenseGeneral``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import rplora_jax
       >>> layer = LoRADenseGeneral(features=(2, 3), lora=rplora_jax.LoRAConfig(rank=2))
@@ -211,7 +211,7 @@ class LoRAEinsum(_LoRAMixin, nn.Einsum):
       shape, einsum_str, use_bias, dtype, param_dtype, precision, kernel_init...: as
         ``nn.Einsum``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> import rplora_jax
       >>> layer = LoRAEinsum(shape=(8, 2, 4), einsum_str="btd,dnh->btnh",

@@ -131,7 +131,7 @@ class LoRALinear(_LoRAMixin, nnx.Linear):
       rngs: random streams.
       **linear_kwargs: passed to ``nnx.Linear`` (``use_bias``, ``dtype``, ``param_dtype``...).
 
-    Example:
+    Examples:
       >>> from flax import nnx
       >>> import rplora_jax
       >>> layer = LoRALinear(4, 3, lora=rplora_jax.LoRAConfig(rank=2, alpha=4.0),
@@ -181,7 +181,7 @@ class LoRALinearGeneral(_LoRAMixin, nnx.LinearGeneral):
       rngs: random streams.
       **kwargs: passed to ``nnx.LinearGeneral`` (``axis``, ``use_bias``, ``dtype``...).
 
-    Example:
+    Examples:
       >>> from flax import nnx
       >>> import rplora_jax
       >>> layer = LoRALinearGeneral(8, (2, 4), lora=rplora_jax.LoRAConfig(rank=3),
@@ -246,7 +246,7 @@ class LoRAEinsum(_LoRAMixin, nnx.Einsum):
       rngs: random streams.
       **einsum_kwargs: passed to ``nnx.Einsum``.
 
-    Example:
+    Examples:
       >>> from flax import nnx
       >>> import rplora_jax
       >>> layer = LoRAEinsum("btd,dnh->btnh", (8, 2, 4), (2, 4),

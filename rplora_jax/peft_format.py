@@ -1,0 +1,490 @@
+"""Adapters in HuggingFace PEFT's format: save for ``PeftModel.from_pretrained``, load PEFT's.
+
+A PEFT LoRA adapter is a directory with two files:
+
+* ``adapter_model.safetensors``: for every adapted ``nn.Linear`` named ``name`` in the PyTorch
+  model, ``base_model.model.<name>.lora_A.weight`` with shape ``(r, in)`` and
+  ``base_model.model.<name>.lora_B.weight`` with shape ``(out, r)`` (PyTorch layout,
+  ``W = W0 + s * B @ A``); this library's Flax-layout factors are their transposes,
+  ``a = A.T: (in, r)`` and ``b = B.T: (r, out)``.
+* ``adapter_config.json``: ``peft_type="LORA"``, ``r``, ``lora_alpha``, ``use_rslora``,
+  ``target_modules``, ``lora_dropout`` and the rest of PEFT's ``LoraConfig``. PEFT's scale is
+  ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), the same definition as
+  :attr:`rplora_jax.LoRAConfig.scale`.
+
+The PyTorch module name of each pair comes from ``module_names``: by default its Flax module path
+without a leading ``params``, joined with ``.`` (``params/encoder/layer_0/query`` ->
+``encoder.layer_0.query``; an ``nnx.List`` index stays a number, as in a
+``torch.nn.ModuleList``: ``blocks/0/query`` -> ``blocks.0.query``). For other names pass a
+dict ``{flax_module_path: torch_name}`` or a callable ``flax_module_path -> torch_name``, for
+example built on :func:`default_module_name`.
+
+What has no PEFT equivalent is refused with a ``ValueError`` naming the path: factors with several
+input or output axes (``DenseGeneral`` / ``Einsum`` LoRA, e.g. ``a: (heads, head_dim, r)``), ranks
+other than ``config.rank``, and (unless ``module_names`` is a callable taking the layer index)
+stacked pairs from ``nn.scan`` / ``nnx.vmap``.
+
+Needs ``safetensors`` (the ``adapters`` extra); PEFT and PyTorch are not needed to write or read
+these files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rplora_jax.adapters import apply_adapter
+from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs
+from rplora_jax.partition import as_param_tree, path_str
+
+if TYPE_CHECKING:
+    from rplora_jax.layers.config import LoRAConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+ModuleNames = Mapping[str, str] | Callable[..., str] | None
+
+
+def default_module_name(path: str) -> str:
+    """The default PyTorch module name of a Flax module path: drop ``params``, join with ``.``.
+
+    Args:
+      path: the ``/``-joined module path, e.g. ``"params/encoder/layer_0/query"``.
+
+    Returns:
+      The dotted name, e.g. ``"encoder.layer_0.query"``.
+
+    Examples:
+      >>> default_module_name("params/encoder/layer_0/query")
+      'encoder.layer_0.query'
+      >>> import re  # Flax's "layer_0" is PyTorch's "layers.0":
+      >>> re.sub(r"layer_(\\d+)", r"layers.\\1", default_module_name("params/layer_3/attn/query"))
+      'layers.3.attn.query'
+    """
+    tokens = [t for t in path.split("/") if t]
+    if tokens and tokens[0] == "params":
+        tokens = tokens[1:]
+    return ".".join(tokens)
+
+
+class _Module(NamedTuple):
+    """One PEFT module: a pair, or one layer of a stacked pair."""
+
+    name: str
+    path: str
+    index: tuple[int, ...]
+    pair: LoRAPair
+
+
+def _module_path(pair: LoRAPair) -> str:
+    """The module holding a pair: the common prefix of its factors' paths, minus a ``lora``."""
+    a, b = pair.a_path.split("/"), pair.b_path.split("/")
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    tokens = a[:n]
+    if tokens and tokens[-1] == "lora":  # nnx.LoRALinear's `lora` submodule, gemma's `lora/a`
+        tokens = tokens[:-1]
+    return "/".join(tokens)
+
+
+def _torch_name(
+    module_names: ModuleNames, path: str, index: tuple[int, ...], pair: LoRAPair, where: str
+) -> str:
+    if index:
+        if module_names is None or isinstance(module_names, Mapping):
+            raise ValueError(
+                f"{where}: the pair at '{path}' is stacked: {pair.stacked_shape} layers "
+                "(nn.scan / nnx.vmap); PEFT stores one module per layer. Pass "
+                "module_names=callable(path, index) -> torch name, e.g. "
+                "lambda path, i: f'layers.{i[0]}.attn.query'."
+            )
+        name = module_names(path, index)
+    elif module_names is None:
+        name = default_module_name(path)
+    elif isinstance(module_names, Mapping):
+        short = path[len("params/") :] if path.startswith("params/") else path
+        name = module_names.get(path, module_names.get(short))
+        if name is None:
+            raise ValueError(
+                f"{where}: module_names has no entry for the LoRA module '{path}' (keys are "
+                f"Flax module paths such as {path!r} or {short!r}); it has "
+                f"{sorted(module_names)}."
+            )
+    else:
+        name = module_names(path)
+    if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+        raise ValueError(
+            f"{where}: module_names gave {name!r} for '{path}'{f' {index}' if index else ''}; "
+            "expected a dotted PyTorch module name such as 'encoder.layer.0.attention.query'."
+        )
+    return name
+
+
+def _plan(
+    tree: Any, module_names: ModuleNames, rules, rank: int | None, where: str
+) -> tuple[list[_Module], dict[str, Any]]:
+    """The PEFT modules of ``tree``'s pairs, and ``tree``'s leaves by path."""
+    pairs = find_lora_pairs(tree, rules=rules)
+    if not pairs:
+        raise ValueError(f"{where}: no LoRA factors found in the parameters.")
+    leaves = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    modules: list[_Module] = []
+    for pair in pairs:
+        a_shape, b_shape = np.shape(leaves[pair.a_path]), np.shape(leaves[pair.b_path])
+        n_stack = len(pair.stacked_shape)
+        if len(a_shape) - n_stack != 2 or len(b_shape) - n_stack != 2:
+            raise ValueError(
+                f"{where}: the pair '{pair.a_path}' {tuple(a_shape)} / '{pair.b_path}' "
+                f"{tuple(b_shape)} has several input or output axes (DenseGeneral / Einsum "
+                "LoRA); PEFT's LoRA wraps a torch.nn.Linear, A: (r, in) and B: (out, r), so it "
+                "has no PEFT equivalent. Use LoRA on 2-D kernels (nn.Dense / nnx.Linear) for "
+                "adapters PEFT should load."
+            )
+        if rank is not None and pair.rank != rank:
+            raise ValueError(
+                f"{where}: the pair at '{pair.a_path}' has rank {pair.rank} but config.rank is "
+                f"{rank}; a PEFT adapter has one rank r."
+            )
+        path = _module_path(pair)
+        for index in np.ndindex(*pair.stacked_shape) if n_stack else [()]:
+            index = tuple(int(i) for i in index)
+            name = _torch_name(module_names, path, index, pair, where)
+            modules.append(_Module(name, path, index, pair))
+    seen: dict[str, _Module] = {}
+    for m in modules:
+        if m.name in seen:
+            other = seen[m.name]
+            raise ValueError(
+                f"{where}: '{m.path}'{m.index or ''} and '{other.path}'{other.index or ''} both "
+                f"map to the PyTorch module '{m.name}'; module_names must give distinct names."
+            )
+        seen[m.name] = m
+    return modules, leaves
+
+
+def _swap(x: Any) -> Any:
+    return jnp.swapaxes(jnp.asarray(x), -1, -2)
+
+
+def _auto_targets(modules: list[_Module], leaves: Mapping[str, Any]) -> list[str]:
+    """PEFT's usual suffix names (``["query", "value"]``) when they select exactly the adapted
+    layers among the 2-D kernels in the tree; otherwise the full module names."""
+    names = sorted({m.name for m in modules})
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if any(s.isdigit() for s in suffixes):  # "0" of an nn.Sequential also matches "x.0"
+        return names
+    lora_paths = {m.path for m in modules}
+    flax_leaves = {p.rsplit("/", 1)[-1] for p in lora_paths}
+    for path, leaf in leaves.items():
+        module, _, last = path.rpartition("/")
+        if (
+            last in ("kernel", "weight")
+            and module not in lora_paths
+            and module.rsplit("/", 1)[-1] in flax_leaves
+            and np.ndim(leaf) >= 2
+        ):
+            return names
+    return suffixes
+
+
+def _preview(names: list[str], n: int = 8) -> str:
+    return str(names) if len(names) <= n else f"{names[:n]} and {len(names) - n} more"
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_peft_adapter(
+    directory: str | os.PathLike,
+    params: Any,
+    config: LoRAConfig,
+    *,
+    module_names: ModuleNames = None,
+    target_modules: str | Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+) -> dict[str, jax.Array]:
+    """Saves the LoRA factors of ``params`` as a PEFT adapter directory.
+
+    ``peft.PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the equivalent
+    PyTorch model (Flax ``kernel`` = PyTorch ``weight.T``). The factors keep their dtype
+    (bfloat16 included).
+
+    Args:
+      directory: the adapter directory (created if needed); gets ``adapter_model.safetensors``
+        and ``adapter_config.json``.
+      params: parameters with LoRA factors (linen variables or their ``params``, ``nnx.State``,
+        an ``nnx.Module``); only 2-D factors per layer (``a: (in, r)``, ``b: (r, out)``).
+      config: the :class:`~rplora_jax.LoRAConfig` the factors were trained with: ``rank`` is
+        PEFT's ``r``, ``alpha`` its ``lora_alpha`` (``None``, scale 1, is written as
+        ``lora_alpha = r``), ``rslora`` its ``use_rslora``, ``dropout_rate`` its
+        ``lora_dropout``.
+      module_names: the PyTorch module name of each pair's Flax module path: ``None`` for
+        :func:`default_module_name`, a dict ``{flax_path: torch_name}`` (with or without the
+        leading ``params/``), or a callable ``flax_path -> torch_name``. Stacked pairs
+        (``nn.scan`` / ``nnx.vmap``, ``a: (L, in, r)``) need a callable
+        ``(flax_path, index) -> torch_name`` with ``index`` a tuple of ints, e.g.
+        ``lambda p, i: f"layers.{i[0]}.{p.rsplit('/', 1)[-1]}"``; it is called with one
+        argument for the unstacked pairs.
+      target_modules: PEFT's ``target_modules`` as written; ``None`` writes the modules' last
+        name components (``["query", "value"]``, as PEFT users write them) when no other 2-D
+        kernel in ``params`` has the same last name, else the full module names. PEFT adds
+        LoRA to every module these select, so pass the full names if ``params`` holds only the
+        factors and the model has same-named layers without LoRA.
+      base_model_name_or_path: written to the config (the Hub id or path of the base model).
+      task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); ``None`` for a plain
+        ``PeftModel``.
+      rules: pairing rules (see :func:`rplora_jax.find_lora_pairs`).
+
+    Returns:
+      The saved tensors, ``{"base_model.model.<name>.lora_A.weight": array, ...}``.
+
+    Raises:
+      ValueError: naming the path, for factors with several input or output axes, a rank other
+        than ``config.rank``, a stacked pair without a callable ``module_names``, a module
+        missing from a ``module_names`` dict, or two pairs mapped to the same name.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from rplora_jax.layers.config import LoRAConfig
+      >>> params = {"params": {"fc": {"kernel": jnp.zeros((3, 4)), "lora_a": jnp.ones((3, 2)),
+      ...                             "lora_b": jnp.ones((2, 4))}}}
+      >>> d = tempfile.mkdtemp()
+      >>> saved = save_peft_adapter(d, params, LoRAConfig(rank=2, alpha=4.0))
+      >>> {k: v.shape for k, v in saved.items()}
+      {'base_model.model.fc.lora_A.weight': (2, 3), 'base_model.model.fc.lora_B.weight': (4, 2)}
+      >>> sorted(os.listdir(d))
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> peft_config(d).scale
+      2.0
+      >>> back = load_peft_adapter(d, params)
+      >>> bool((back["params"]["fc"]["lora_a"] == params["params"]["fc"]["lora_a"]).all())
+      True
+    """
+    from safetensors.flax import save_file
+
+    where = "save_peft_adapter"
+    tree = as_param_tree(params)
+    modules, leaves = _plan(tree, module_names, rules, config.rank, where)
+    tensors: dict[str, jax.Array] = {}
+    for m in modules:
+        a, b = leaves[m.pair.a_path], leaves[m.pair.b_path]
+        a, b = jnp.asarray(a)[m.index], jnp.asarray(b)[m.index]
+        if m.pair.layout == "flax":
+            a, b = _swap(a), _swap(b)
+        tensors[f"{KEY_PREFIX}{m.name}.lora_A.weight"] = jnp.asarray(a)
+        tensors[f"{KEY_PREFIX}{m.name}.lora_B.weight"] = jnp.asarray(b)
+
+    if target_modules is None:
+        targets: str | list[str] = _auto_targets(modules, leaves)
+    elif isinstance(target_modules, str):
+        targets = target_modules
+    else:
+        targets = sorted(target_modules)
+    if config.alpha is None:  # scale 1
+        lora_alpha, use_rslora = config.rank, False
+    else:
+        lora_alpha, use_rslora = _json_number(config.alpha), bool(config.rslora)
+    peft_json = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(config.rank),
+        "lora_alpha": lora_alpha,
+        "use_rslora": use_rslora,
+        "target_modules": targets,
+        "lora_dropout": float(config.dropout_rate),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    os.makedirs(directory, exist_ok=True)
+    # "format": "pt" is what PyTorch writers store; transformers checks it on some paths.
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(peft_json, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return tensors
+
+
+# (field, value PEFT's LoRA must have for this library to load it exactly, what it means)
+_UNSUPPORTED = (
+    ("use_dora", (False, None), "DoRA's magnitude vectors"),
+    ("fan_in_fan_out", (False, None), "transposed (GPT-2 Conv1D) weights"),
+    ("bias", ("none", None), "trained biases"),
+    ("lora_bias", (False, None), "a bias on lora_B"),
+    ("rank_pattern", ({}, None), "per-module ranks"),
+    ("alpha_pattern", ({}, None), "per-module alphas"),
+    ("modules_to_save", (None, []), "fully trained extra modules"),
+    ("layer_replication", (None, []), "replicated layers"),
+    ("target_parameters", (None, []), "LoRA on nn.Parameters"),
+)
+
+
+def _read_config(directory: str | os.PathLike, where: str) -> dict[str, Any]:
+    file = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{where}: no {CONFIG_NAME} in '{directory}'.")
+    with open(file) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{where}: '{file}' has peft_type={cfg.get('peft_type')!r}; only LoRA ('LORA') "
+            "adapters can be loaded."
+        )
+    for field, allowed, meaning in _UNSUPPORTED:
+        if field in cfg and cfg[field] not in allowed:
+            raise ValueError(
+                f"{where}: '{file}' has {field}={cfg[field]!r} ({meaning}), which this "
+                f"library's LoRA does not have; supported: {field}={allowed[0]!r}."
+            )
+    for field in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool):
+            raise ValueError(f"{where}: '{file}' needs a number '{field}', got {cfg.get(field)!r}.")
+    return cfg
+
+
+def peft_config(directory: str | os.PathLike) -> LoRAConfig:
+    """The :class:`~rplora_jax.LoRAConfig` of a PEFT LoRA adapter directory.
+
+    ``r`` -> ``rank``, ``lora_alpha`` -> ``alpha``, ``use_rslora`` -> ``rslora``,
+    ``lora_dropout`` -> ``dropout_rate``, so ``.scale`` is PEFT's scaling. Options this library's
+    LoRA lacks (DoRA, ``fan_in_fan_out``, ``rank_pattern``, trained biases...) raise a
+    ``ValueError`` naming the field.
+
+    Args:
+      directory: a directory written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+
+    Returns:
+      The config; use it to inject LoRA into the Flax model before :func:`load_peft_adapter`.
+    """
+    from rplora_jax.layers.config import LoRAConfig
+
+    cfg = _read_config(directory, "peft_config")
+    if not float(cfg["r"]).is_integer():
+        raise ValueError(f"peft_config: r must be an integer, got {cfg['r']!r}.")
+    return LoRAConfig(
+        rank=int(cfg["r"]),
+        alpha=cfg["lora_alpha"],
+        rslora=bool(cfg.get("use_rslora", False)),
+        dropout_rate=float(cfg.get("lora_dropout") or 0.0),
+    )
+
+
+def load_peft_adapter(
+    directory: str | os.PathLike,
+    into: Any,
+    *,
+    module_names: ModuleNames = None,
+    config: LoRAConfig | None = None,
+    rules: RuleSpec | Sequence[RuleSpec] | None = None,
+) -> Any:
+    """Loads a PEFT LoRA adapter directory into parameters with LoRA factors.
+
+    Every pair of ``into`` must have its ``lora_A`` / ``lora_B`` in the file and every factor
+    in the file must belong to a pair of ``into``; shapes must be the transposes. Values are
+    cast to the dtype of ``into``'s factors.
+
+    Args:
+      directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+        (PEFT's default; a pickled ``adapter_model.bin`` is not read).
+      into: parameters with LoRA factors of the right shapes (their values are ignored), e.g.
+        from ``init`` of a model with LoRA injected with :func:`peft_config`'s config, or
+        ``nnx.state(model, nnx.LoRAParam)``.
+      module_names: the same mapping as for :func:`save_peft_adapter`.
+      config: if given, its rank and scale must equal the adapter's (the scale is not part of
+        ``into`` for linen or plain dicts, so a mismatch would silently change the model).
+      rules: pairing rules.
+
+    Returns:
+      ``into`` with its factors replaced; an ``nnx.Module`` is read as, and gives back, its
+      ``nnx.Param`` state (for NNX:
+      ``nnx.update(model, load_peft_adapter(d, nnx.state(model, nnx.LoRAParam)))``).
+
+    Raises:
+      ValueError: for options this library's LoRA lacks, keys missing from the file or without
+        a pair in ``into`` (named), shapes that do not fit, or a ``config`` that differs.
+    """
+    from safetensors.flax import load_file
+
+    where = "load_peft_adapter"
+    cfg = _read_config(directory, where)
+    if config is not None:
+        theirs = peft_config(directory)
+        if config.rank != theirs.rank or not math.isclose(config.scale, theirs.scale):
+            raise ValueError(
+                f"{where}: the adapter has r={theirs.rank}, scale {theirs.scale} "
+                f"(lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}) "
+                f"but config has rank {config.rank}, scale {config.scale}."
+            )
+    file = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        hint = ""
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            hint = (
+                " It has a pickled adapter_model.bin; convert it with torch: "
+                "safetensors.torch.save_file(torch.load('adapter_model.bin'), "
+                "'adapter_model.safetensors')."
+            )
+        raise FileNotFoundError(f"{where}: no {WEIGHTS_NAME} in '{directory}'.{hint}")
+    tensors = load_file(file)
+
+    tree = as_param_tree(into)
+    modules, leaves = _plan(tree, module_names, rules, None, where)
+    missing: list[str] = []
+    parts: dict[str, dict[tuple[int, ...], Any]] = {}
+    for m in modules:
+        for role, path in (("A", m.pair.a_path), ("B", m.pair.b_path)):
+            key = f"{KEY_PREFIX}{m.name}.lora_{role}.weight"
+            if key not in tensors:
+                missing.append(key)
+                continue
+            leaf = leaves[path]
+            value = tensors[key]
+            if m.pair.layout == "flax":
+                value = _swap(value)
+            want = tuple(np.shape(leaf))[len(m.index) :]
+            if tuple(value.shape) != want:
+                raise ValueError(
+                    f"{where}: '{key}' has shape {tuple(tensors[key].shape)}, but '{path}'"
+                    f"{list(m.index) if m.index else ''} has {want} (PyTorch layout "
+                    f"{tuple(reversed(want)) if m.pair.layout == 'flax' else want})."
+                )
+            parts.setdefault(path, {})[m.index] = value.astype(jnp.result_type(leaf))
+    used = {f"{KEY_PREFIX}{m.name}.lora_{r}.weight" for m in modules for r in "AB"}
+    unexpected = sorted(set(tensors) - used)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: '{file}' does not fit the parameters. Keys the parameters need but the "
+            f"file lacks: {sorted(missing)}; keys in the file with no LoRA pair in the "
+            f"parameters: {unexpected}. Check module_names: the parameters' LoRA modules map "
+            f"to {_preview(sorted({m.name for m in modules}))}."
+        )
+    adapter = {}
+    for path, by_index in parts.items():
+        shape = np.shape(leaves[path])
+        if () in by_index:
+            adapter[path] = by_index[()]
+        else:
+            stack_shape = shape[: len(shape) - 2]
+            flat = [by_index[tuple(int(j) for j in i)] for i in np.ndindex(*stack_shape)]
+            adapter[path] = jnp.stack(flat).reshape(shape)
+    return apply_adapter(tree, adapter, rules=rules)
