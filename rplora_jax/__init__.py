@@ -13,6 +13,7 @@ Architecture (file -> job):
   - ``merge.py``: folding LoRA into the base weights and back (:func:`merge`, :func:`unmerge`).
   - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (:func:`lora_specs`).
   - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
+  - ``loraplus.py``: :func:`loraplus_adamw`, the LoRA+ baseline (Hayou et al. 2024).
   - ``peft_format.py``: adapters in HuggingFace PEFT's format (``PeftModel.from_pretrained``
     loads them) and PEFT adapters loaded into this library's parameters.
 
@@ -27,6 +28,7 @@ import importlib
 from typing import Any
 
 from rplora_jax.adapters import load_adapter, save_adapter
+from rplora_jax.loraplus import loraplus_adamw
 from rplora_jax.merge import merge, unmerge
 from rplora_jax.pairing import (
     DEFAULT_RULES,
@@ -93,6 +95,7 @@ __all__ = [
     "load_peft_adapter",
     "lora_labels",
     "lora_specs",
+    "loraplus_adamw",
     "merge",
     "peft_config",
     "riemannian_preconditioner",

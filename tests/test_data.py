@@ -90,3 +90,115 @@ def test_mismatched_labels_raise():
         data.TextDataset(
             "t", ("a", "b"), np.array([0], np.int32), (), np.zeros(0, np.int32), ("x",)
         )
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+TAB_HEADER = "Category\tText\nd\tstring\nclass\t\n\n"
+
+
+def test_tab_row_with_only_a_tab_is_no_phantom_class(tmp_path):
+    p = _write(tmp_path / "x.tab", TAB_HEADER + "earn\tgood\n\t\nacq\tbought\n")
+    # Was: a class '' with one empty document. Now an error naming the line...
+    with pytest.raises(ValueError, match=r"x.tab:6: empty label"):
+        data._read_orange_tab(p)
+    with pytest.raises(ValueError, match=r"x.tab:6: empty label"):
+        data.read_labelled(p, label_column="category")
+    # ...or, on request, a skipped and counted row.
+    rows, skipped = data.read_labelled(p, label_column="category", skip_bad_rows=True)
+    assert [(r.line, r.label, r.text) for r in rows] == [(5, "earn", "good"), (7, "acq", "bought")]
+    assert skipped == 1
+
+
+def test_tab_label_falls_back_to_the_class_column(tmp_path):
+    p = _write(tmp_path / "x.tab", TAB_HEADER + "earn\tgood\nacq\tbought\n")
+    rows, _ = data.read_labelled(p)  # no column "label": the one flagged "class"
+    assert [r.label for r in rows] == ["earn", "acq"]
+
+
+def test_tab_empty_text_is_an_error(tmp_path):
+    p = _write(tmp_path / "x.tab", TAB_HEADER + "earn\t  \n")
+    with pytest.raises(ValueError, match=r"x.tab:5: empty text for label 'earn'"):
+        data.read_labelled(p)
+
+
+def test_csv_with_quoted_commas_and_newlines(tmp_path):
+    p = _write(
+        tmp_path / "train.csv",
+        'id,text,label\n1,"good, really good",pos\n2,"bad,\nsad",neg\n\n3,"fine ""ok""",pos\n',
+    )
+    rows, skipped = data.read_labelled(p)
+    assert [(r.line, r.label, r.text) for r in rows] == [
+        (2, "pos", "good, really good"),
+        (3, "neg", "bad,\nsad"),
+        (6, "pos", 'fine "ok"'),
+    ]
+    assert skipped == 0
+
+
+def test_csv_bad_rows_name_the_line(tmp_path):
+    p = _write(tmp_path / "t.csv", "text,label\na,pos\nb,pos,extra\n")
+    with pytest.raises(ValueError, match=r"t.csv:3: expected 2 comma-separated fields, got 3"):
+        data.read_labelled(p)
+    p = _write(tmp_path / "u.csv", "text,label\na,pos\n,\n")
+    with pytest.raises(ValueError, match=r"u.csv:3: empty label"):
+        data.read_labelled(p)
+    with pytest.raises(ValueError, match=r"no label column 'y'.*\['text', 'label'\]"):
+        data.read_labelled(p, label_column="y")
+
+
+def test_jsonl_rows_and_errors(tmp_path):
+    p = _write(
+        tmp_path / "d.jsonl",
+        '{"sentence": "great", "y": 1}\n\n{"sentence": "awful", "y": 0}\n',
+    )
+    rows, _ = data.read_labelled(p, text_column="sentence", label_column="y")
+    assert [(r.line, r.label, r.text) for r in rows] == [(1, "1", "great"), (3, "0", "awful")]
+    bad = _write(tmp_path / "e.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"e.jsonl:2: expected an object with keys"):
+        data.read_labelled(bad)
+    bad = _write(tmp_path / "f.jsonl", '{"text": "a", "label": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"f.jsonl:2: invalid JSON"):
+        data.read_labelled(bad)
+    bad = _write(tmp_path / "g.jsonl", '{"text": "a", "label": null}\n')
+    with pytest.raises(ValueError, match=r"g.jsonl:1: empty label"):
+        data.read_labelled(bad)
+
+
+def test_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown format '.txt'"):
+        data.read_labelled(_write(tmp_path / "a.txt", "x"))
+
+
+def test_from_files_labels_come_from_the_training_data(tmp_path):
+    train = _write(
+        tmp_path / "train.jsonl",
+        "\n".join(f'{{"text": "doc {i}", "label": {y}}}' for i, y in enumerate([10, 2, 2, 10, 3])),
+    )
+    test = _write(tmp_path / "test.csv", "text,label\nnew doc,3\nother,10\n")
+    ds = data.from_files(train, test)
+    assert ds.name == "train"
+    assert ds.label_names == ("2", "3", "10")  # integer labels sort numerically
+    np.testing.assert_array_equal(ds.train_labels, [2, 0, 0, 2, 1])
+    np.testing.assert_array_equal(ds.test_labels, [1, 2])
+    assert ds.test_texts == ("new doc", "other")
+
+
+def test_from_files_unknown_test_label_names_the_line(tmp_path):
+    train = _write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\n")
+    test = _write(tmp_path / "test.csv", "text,label\nc,pos\nd,neutral\n")
+    with pytest.raises(ValueError, match=r"test.csv:3: label 'neutral' does not occur"):
+        data.from_files(train, test)
+
+
+def test_from_files_skip_bad_rows_prints_the_count(tmp_path, capsys):
+    train = _write(tmp_path / "train.tab", TAB_HEADER + "a\tx\n\t\nb\ty\n")
+    test = _write(tmp_path / "test.tab", TAB_HEADER + "a\tz\n")
+    with pytest.raises(ValueError, match=r"train.tab:6"):
+        data.from_files(train, test, label_column="category")
+    ds = data.from_files(train, test, label_column="category", skip_bad_rows=True)
+    assert ds.label_names == ("a", "b") and len(ds.train_texts) == 2
+    assert "skipped 1 malformed or blank rows" in capsys.readouterr().out

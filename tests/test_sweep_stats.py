@@ -1,0 +1,148 @@
+"""The classification sweep's bookkeeping: resumable runs.csv and the summary's statistics."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+import experiments.finetune_classification as ft
+
+
+def test_sample_sd_uses_ddof_1():
+    assert ft.sample_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.sqrt(5 / 3))
+    assert ft.sample_sd([2.0, 4.0]) == pytest.approx(np.sqrt(2.0))
+    assert math.isnan(ft.sample_sd([1.0]))
+    # Diverged (NaN) runs are left out.
+    assert ft.sample_sd([2.0, float("nan"), 4.0]) == pytest.approx(np.sqrt(2.0))
+
+
+def test_t_interval_known_answers():
+    # x = 1, 2, 3: mean 2, sd 1, t_{0.975}(2) = 4.3027: 2 ± 4.3027 / sqrt(3).
+    mean, lo, hi = ft.t_interval([1.0, 2.0, 3.0])
+    half = 4.302653 / np.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2 - half, 2 + half), rel=1e-5)
+    # Two values 0, 2: mean 1, sd sqrt(2), t(1) = 12.706: 1 ± 12.706.
+    assert ft.t_interval([0.0, 2.0]) == pytest.approx((1.0, 1 - 12.706205, 1 + 12.706205), rel=1e-5)
+    mean, lo, hi = ft.t_interval([5.0])
+    assert mean == 5.0 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 9, 30, 31, 50, 200):
+        assert ft.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4)
+
+
+def test_verdict_words():
+    assert ft.verdict(-0.5, 1.0, "scaled", "plain") == "within noise"
+    assert ft.verdict(0.1, 1.0, "scaled", "plain") == "scaled better"
+    assert ft.verdict(-2.0, -0.1, "scaled", "plain") == "plain better"
+    assert ft.verdict(float("nan"), float("nan"), "a", "b").startswith("no interval")
+
+
+def _row(o, lr, seed, acc):
+    return {"optimizer": o, "lr": lr, "seed": seed, "eval_acc": acc}
+
+
+def test_paired_differences_pair_seeds():
+    rows = [
+        *(_row("adamw", 1e-3, s, a) for s, a in enumerate([0.70, 0.72, 0.74])),
+        *(_row("scaled_adamw", 1e-3, s, a) for s, a in enumerate([0.71, 0.74, 0.77])),
+        *(_row("adamw", 1e-2, s, a) for s, a in enumerate([0.60, 0.50, 0.55])),
+        *(_row("scaled_adamw", 1e-2, s, a) for s, a in enumerate([0.80, 0.81, 0.79])),
+    ]
+    by_lr = {d["lr"]: d for d in ft.paired_differences(rows, "scaled_adamw", "adamw")}
+    # At 1e-3 the differences are 1, 2, 3 points: mean 2, t-interval 2 ± 4.30 / sqrt(3).
+    d = by_lr[1e-3]
+    assert d["n"] == 3 and d["mean"] == pytest.approx(2.0)
+    assert d["lo"] == pytest.approx(2 - 4.302653 / np.sqrt(3), rel=1e-4)
+    assert d["verdict"] == "within noise"
+    # At 1e-2: 20, 31, 24 points, clearly positive.
+    assert by_lr[1e-2]["mean"] == pytest.approx(25.0)
+    assert by_lr[1e-2]["verdict"] == "scaled_adamw better"
+    # Best vs best: scaled at 1e-2 (0.80) against adamw at 1e-3 (0.72): 10, 9, 5 points.
+    assert by_lr["best"]["mean"] == pytest.approx(8.0)
+
+
+def test_paired_differences_leave_out_diverged_pairs():
+    rows = [
+        *(_row("sgd", 1.0, s, a) for s, a in enumerate([0.5, float("nan"), 0.6])),
+        *(_row("scaled_sgd", 1.0, s, a) for s, a in enumerate([0.6, 0.7, 0.8])),
+    ]
+    d, _ = ft.paired_differences(rows, "scaled_sgd", "sgd")
+    assert (d["n"], d["diverged"]) == (2, 1)
+    assert d["mean"] == pytest.approx(15.0)
+
+
+class FakeRuns:
+    """Stands in for train_run: records calls, and can fail at a given call to mimic a crash."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, o, lr, seed):
+        if len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt
+        self.calls.append((o, lr, seed))
+        acc = 0.5 + 0.1 * seed + (0.05 if o.startswith("scaled") else 0.0)
+        return {
+            "eval_acc": acc,
+            "train_loss": 1.0 / (1 + seed),
+            "seconds": 0.1,
+            "diverged": False,
+            "losses": [(1, 0.9), (2, 0.8)],
+        }
+
+
+JOBS = [(o, lr, s) for o in ("adamw", "scaled_adamw") for lr in (1e-4, 1e-3) for s in (0, 1)]
+
+
+def _sweep(out, run, settings="steps=2;rank=4"):
+    return ft.run_sweep(JOBS, run, out, dataset="toy", steps=2, settings=settings)
+
+
+def test_sweep_appends_each_run_and_resumes(tmp_path):
+    crashing = FakeRuns(fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tmp_path, crashing)
+    # The three finished runs are on disk, each with its curve.
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    with open(tmp_path / "curves.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    again = FakeRuns()
+    rows = _sweep(tmp_path, again)
+    assert again.calls == JOBS[3:]
+    assert [(r["optimizer"], r["lr"], r["seed"]) for r in rows] == JOBS
+    assert rows[0]["eval_acc"] == pytest.approx(0.5) and rows[0]["diverged"] is False
+    # A third run has nothing left to do; the file holds each run once.
+    third = FakeRuns()
+    assert _sweep(tmp_path, third) == rows
+    assert third.calls == []
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(JOBS)
+
+
+def test_changed_settings_are_new_runs(tmp_path):
+    _sweep(tmp_path, FakeRuns())
+    other = FakeRuns()
+    rows = _sweep(tmp_path, other, settings="steps=2;rank=8")
+    assert other.calls == JOBS
+    assert {r["settings"] for r in rows} == {"steps=2;rank=8"}
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(JOBS)
+
+
+def test_old_runs_csv_is_an_error(tmp_path):
+    (tmp_path / "runs.csv").write_text("dataset,optimizer,lr,seed\n")
+    with pytest.raises(ValueError, match="another --out"):
+        _sweep(tmp_path, FakeRuns())
+
+
+def test_settings_string_is_canonical():
+    s = ft.settings_string({"steps": 2, "lr_ratio": 16.0, "targets": ["query", "value"]})
+    assert s == "steps=2;lr_ratio=16.0;targets=query,value"
+    assert ft.run_key("adamw", np.float64(1e-3), 0, s) == ft.run_key("adamw", 0.001, 0, s)
