@@ -16,7 +16,7 @@ All runs share one sensing operator and are advanced together: the two products 
 which is what makes the default size affordable on a CPU. A run leaves the batch once it reaches
 ``tol`` or its iteration cap.
 
-    python -m experiments.matrix_sensing               # the setting (2 CPU cores: ~37 min)
+    python -m experiments.matrix_sensing               # the paper's setting (2 CPU cores: ~37 min)
     python -m experiments.matrix_sensing --n 60 --r 5  # a quick look (seconds)
 
 Writes ``summary.csv``, ``traces.csv`` and ``error_vs_iteration.png`` to ``--out``.

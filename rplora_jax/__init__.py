@@ -15,13 +15,16 @@ Architecture (file -> job):
   - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
   - ``loraplus.py``: :func:`loraplus_adamw`, the LoRA+ baseline (Hayou et al. 2024).
   - ``peft_format.py``: adapters in HuggingFace PEFT's format (``PeftModel.from_pretrained``
-    loads them) and PEFT adapters loaded into this library's parameters.
+    loads them) and PEFT adapters loaded into this library's parameters (file I/O needs the
+    ``adapters`` extra).
 
-* ``layers/``, needs ``flax`` (the ``flax`` extra): :class:`LoRAConfig`, linen and NNX LoRA
-  layers, and :func:`inject_linen` / :func:`inject_nnx` to add LoRA to an existing model. These
-  names load on first use, so ``import rplora_jax`` does not import Flax.
+* ``layers/``: :class:`LoRAConfig` (``layers/config.py``, no Flax needed), and, needing ``flax``
+  (the ``flax`` extra), the linen and NNX LoRA layers and :func:`inject_linen` /
+  :func:`inject_nnx` to add LoRA to an existing model. These names load on first use, so
+  ``import rplora_jax`` does not import Flax.
 
-Everything listed in ``__all__`` is the public API; other names may change between versions.
+The public API is ``__all__`` plus the module-level names documented in the API reference
+(``docs/api.md``); anything else may change between versions.
 """
 
 import importlib

@@ -9,6 +9,7 @@ required there. Folding runs in float32 (or wider) and is cast to the kernel's d
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -123,6 +124,12 @@ def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> 
 
 
 def _need_scale(scale: Any, fn: str) -> None:
+    is_number = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if scale is not None and not callable(scale) and not is_number:
+        raise TypeError(
+            f"{fn}: scale must be a number (LoRAConfig.scale) or a callable a_path -> scale, "
+            f"got {scale!r}."
+        )
     if scale is None:
         raise TypeError(
             f"{fn}(params) needs scale=: the LoRA scale s of W0 + s * a @ b "
@@ -207,6 +214,16 @@ def unmerge(
 
     Returns:
       The nested dict with the factors and the base kernels.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)),
+      ...           "lora_b": jnp.ones((1, 2))}
+      >>> merged = merge(params, scale=0.5)
+      >>> back = unmerge(merged, {"lora_a": params["lora_a"], "lora_b": params["lora_b"]},
+      ...                scale=0.5)
+      >>> sorted(back), back["kernel"].tolist()
+      (['kernel', 'lora_a', 'lora_b'], [[0.0, 0.0], [0.0, 0.0]])
     """
     _need_scale(scale, "unmerge")
     flat, index = _flatten(merged)

@@ -146,13 +146,24 @@ def _match_lorax(tokens):
 
 
 NNX: PairingRule = dataclasses.replace(names("lora_a", "lora_b"), name="lora_a/lora_b")
+"""Siblings ``.../lora_a``, ``.../lora_b`` (Flax layout): ``nnx.LoRA``, ``nnx.LoRALinear``
+(``lora/lora_a``) and this library's layers. In :data:`DEFAULT_RULES`."""
 QWIX: PairingRule = PairingRule(_match_qwix, "flax", "<w>_lora_a/<w>_lora_b")
+"""Siblings ``.../<w>_lora_a``, ``.../<w>_lora_b`` next to a weight ``<w>`` (qwix; Flax layout).
+In :data:`DEFAULT_RULES`."""
 GEMMA: PairingRule = PairingRule(_match_gemma, "flax", "lora/a, lora/b")
+"""``.../lora/a``, ``.../lora/b`` (gemma's ``peft`` layers; Flax layout). In
+:data:`DEFAULT_RULES`."""
 PEFT: PairingRule = dataclasses.replace(
     names("lora_A", "lora_B", layout="torch"), name="lora_A/lora_B (torch layout)"
 )
+"""Tokens ``lora_A``, ``lora_B`` anywhere in the path, PyTorch layout ``A: (r, in)``,
+``B: (out, r)``: PEFT checkpoints, Levanter. Not a default: pass ``rules=``."""
 LORAX: PairingRule = PairingRule(_match_lorax, "flax", "lorax LoraWeight b/a")
+"""lorax's ``LoraWeight`` fields ``.../a``, ``.../b``, whose names are swapped with respect to
+this library's (lorax's ``b: (in, r)`` is our ``a``). Not a default: pass ``rules=``."""
 DEFAULT_RULES: tuple[PairingRule, ...] = (NNX, QWIX, GEMMA)
+"""The rules used when ``rules=None``: :data:`NNX`, :data:`QWIX`, :data:`GEMMA`, in that order."""
 
 RuleSpec = PairingRule | tuple[str, str] | MatchFn
 

@@ -46,27 +46,28 @@ def factor_paths(tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = Non
     return {p.a_path for p in pairs} | {p.b_path for p in pairs}
 
 
-def _compile(also_train: Targets | None):
+def _patterns(also_train: Targets | None) -> list[str]:
+    """``also_train`` as a list of regexes, checked (so a bad value fails where it is given)."""
     if also_train is None:
-        return lambda path: False
-    patterns = [also_train] if isinstance(also_train, str) else list(also_train)
-    if not all(isinstance(p, str) for p in patterns):
+        return []
+    patterns = [also_train] if isinstance(also_train, str) else also_train
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"also_train must be a regex or a list of regexes, got {also_train!r}.")
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(f"also_train: invalid regular expression: {err}") from err
-    return lambda path: any(c.fullmatch(path) for c in compiled)
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"also_train: invalid regular expression {p!r}: {err}") from err
+    return list(patterns)
 
 
 def _trainable_paths(tree, rules, also_train) -> set[str]:
     factors = factor_paths(tree, rules=rules)
-    if also_train is None:
+    patterns = _patterns(also_train)
+    if not patterns:
         return factors
-    is_extra = _compile(also_train)
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    extra = {p for p in paths if is_extra(p)}
-    patterns = [also_train] if isinstance(also_train, str) else list(also_train)
+    extra = {q for q in paths if any(re.fullmatch(p, q) for p in patterns)}
     unmatched = [p for p in patterns if not any(re.fullmatch(p, q) for q in paths)]
     if unmatched:
         raise ValueError(
@@ -156,6 +157,7 @@ def freeze_base(
       >>> [round(float(u), 4) for u in updates["lora_a"][0]]  # b = 0: identity preconditioner
       [-0.1, -0.1]
     """
+    _patterns(also_train)
     return optax.partition(
         {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
         lambda params: lora_labels(params, rules=rules, also_train=also_train),
@@ -184,6 +186,14 @@ def count_parameters(
 
     Returns:
       A :class:`ParamCount`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.zeros((6, 6)), "lora_a": jnp.zeros((6, 1)),
+      ...           "lora_b": jnp.zeros((1, 6))}
+      >>> count = count_parameters(params)
+      >>> count.trainable, count.total, count.percent
+      (12, 48, 25.0)
     """
     tree = as_param_tree(tree)
     factors = factor_paths(tree, rules=rules)

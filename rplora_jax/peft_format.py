@@ -21,7 +21,7 @@ example built on :func:`default_module_name`.
 
 What has no PEFT equivalent is refused with a ``ValueError`` naming the path: factors with several
 input or output axes (``DenseGeneral`` / ``Einsum`` LoRA, e.g. ``a: (heads, head_dim, r)``), ranks
-other than ``config.rank``, and (unless ``module_names`` is a callable taking the layer index)
+other than the config's ``rank``, and (unless ``module_names`` is a callable taking the layer index)
 stacked pairs from ``nn.scan`` / ``nnx.vmap``.
 
 Needs ``safetensors`` (the ``adapters`` extra); PEFT and PyTorch are not needed to write or read
@@ -152,8 +152,8 @@ def _plan(
             )
         if rank is not None and pair.rank != rank:
             raise ValueError(
-                f"{where}: the pair at '{pair.a_path}' has rank {pair.rank} but config.rank is "
-                f"{rank}; a PEFT adapter has one rank r."
+                f"{where}: the pair at '{pair.a_path}' has rank {pair.rank} but the LoRAConfig's "
+                f"rank is {rank}; a PEFT adapter has one rank r."
             )
         path = _module_path(pair)
         for index in np.ndindex(*pair.stacked_shape) if n_stack else [()]:
@@ -208,7 +208,7 @@ def _json_number(x: float) -> int | float:
 def save_peft_adapter(
     directory: str | os.PathLike,
     params: Any,
-    config: LoRAConfig,
+    lora: LoRAConfig,
     *,
     module_names: ModuleNames = None,
     target_modules: str | Sequence[str] | None = None,
@@ -227,7 +227,7 @@ def save_peft_adapter(
         and ``adapter_config.json``.
       params: parameters with LoRA factors (linen variables or their ``params``, ``nnx.State``,
         an ``nnx.Module``); only 2-D factors per layer (``a: (in, r)``, ``b: (r, out)``).
-      config: the :class:`~rplora_jax.LoRAConfig` the factors were trained with: ``rank`` is
+      lora: the :class:`~rplora_jax.LoRAConfig` the factors were trained with: ``rank`` is
         PEFT's ``r``, ``alpha`` its ``lora_alpha`` (``None``, scale 1, is written as
         ``lora_alpha = r``), ``rslora`` its ``use_rslora``, ``dropout_rate`` its
         ``lora_dropout``.
@@ -253,7 +253,7 @@ def save_peft_adapter(
 
     Raises:
       ValueError: naming the path, for factors with several input or output axes, a rank other
-        than ``config.rank``, a stacked pair without a callable ``module_names``, a module
+        than ``lora.rank``, a stacked pair without a callable ``module_names``, a module
         missing from a ``module_names`` dict, or two pairs mapped to the same name.
 
     Examples:
@@ -276,8 +276,11 @@ def save_peft_adapter(
     from safetensors.flax import save_file
 
     where = "save_peft_adapter"
+    from rplora_jax.layers.config import check_lora
+
+    check_lora(lora, where)
     tree = as_param_tree(params)
-    modules, leaves = _plan(tree, module_names, rules, config.rank, where)
+    modules, leaves = _plan(tree, module_names, rules, lora.rank, where)
     tensors: dict[str, jax.Array] = {}
     for m in modules:
         a, b = leaves[m.pair.a_path], leaves[m.pair.b_path]
@@ -293,19 +296,19 @@ def save_peft_adapter(
         targets = target_modules
     else:
         targets = sorted(target_modules)
-    if config.alpha is None:  # scale 1
-        lora_alpha, use_rslora = config.rank, False
+    if lora.alpha is None:  # scale 1
+        lora_alpha, use_rslora = lora.rank, False
     else:
-        lora_alpha, use_rslora = _json_number(config.alpha), bool(config.rslora)
+        lora_alpha, use_rslora = _json_number(lora.alpha), bool(lora.rslora)
     peft_json = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": int(config.rank),
+        "r": int(lora.rank),
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
         "target_modules": targets,
-        "lora_dropout": float(config.dropout_rate),
+        "lora_dropout": float(lora.dropout_rate),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -394,7 +397,7 @@ def load_peft_adapter(
     into: Any,
     *,
     module_names: ModuleNames = None,
-    config: LoRAConfig | None = None,
+    lora: LoRAConfig | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
 ) -> Any:
     """Loads a PEFT LoRA adapter directory into parameters with LoRA factors.
@@ -410,7 +413,7 @@ def load_peft_adapter(
         from ``init`` of a model with LoRA injected with :func:`peft_config`'s config, or
         ``nnx.state(model, nnx.LoRAParam)``.
       module_names: the same mapping as for :func:`save_peft_adapter`.
-      config: if given, its rank and scale must equal the adapter's (the scale is not part of
+      lora: if given, its rank and scale must equal the adapter's (the scale is not part of
         ``into`` for linen or plain dicts, so a mismatch would silently change the model).
       rules: pairing rules.
 
@@ -421,19 +424,19 @@ def load_peft_adapter(
 
     Raises:
       ValueError: for options this library's LoRA lacks, keys missing from the file or without
-        a pair in ``into`` (named), shapes that do not fit, or a ``config`` that differs.
+        a pair in ``into`` (named), shapes that do not fit, or a ``lora`` config that differs.
     """
     from safetensors.flax import load_file
 
     where = "load_peft_adapter"
     cfg = _read_config(directory, where)
-    if config is not None:
+    if lora is not None:
         theirs = peft_config(directory)
-        if config.rank != theirs.rank or not math.isclose(config.scale, theirs.scale):
+        if lora.rank != theirs.rank or not math.isclose(lora.scale, theirs.scale):
             raise ValueError(
                 f"{where}: the adapter has r={theirs.rank}, scale {theirs.scale} "
                 f"(lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}) "
-                f"but config has rank {config.rank}, scale {config.scale}."
+                f"but lora= has rank {lora.rank}, scale {lora.scale}."
             )
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCKS = [
     (page, i, block)
     for page in PAGES
@@ -27,8 +27,8 @@ def test_pages_have_examples():
 
 
 def _param(page, index, block):
-    # The experiments page loads real pretrained models: minutes, and the data packages.
-    marks = [pytest.mark.slow, pytest.mark.data] if page.name == "experiments.md" else []
+    # The experiment pages load real pretrained models: minutes, and the data packages.
+    marks = [pytest.mark.slow, pytest.mark.data] if page.parent.name == "experiments" else []
     return pytest.param(page, index, block, id=f"{page.relative_to(ROOT)}:{index}", marks=marks)
 
 

@@ -140,7 +140,7 @@ def test_linen_training_freezes_base_and_merges(linen_run, tmp_path):
     assert float(jnp.abs(y_lora - y_pre).max()) > 1e-2
 
     adapter = adapters.extract_adapter(variables)
-    restored = rplora_jax.unmerge(merged, adapter, scale=lora.config.scale)
+    restored = rplora_jax.unmerge(merged, adapter, scale=lora.lora.scale)
     for k, v in traverse_util.flatten_dict(restored).items():
         np.testing.assert_allclose(v, flat[k], rtol=0, atol=1e-5)
 
@@ -305,3 +305,11 @@ def test_linen_einsum_injection_checks_kernel_order():
     x = jnp.ones((1, 3, 6))
     with pytest.raises(ValueError, match=r"LoRA on 'proj'.*ordered"):
         inject_linen(M(), "proj", R2).init(jax.random.key(0), x)
+
+
+def test_linen_apply_without_factors_says_how_to_make_them():
+    model = nn.Sequential([nn.Dense(3), nn.Dense(2)])
+    x = jnp.ones((1, 4))
+    pretrained = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"no LoRA factors.*init_from"):
+        inject_linen(model, r"layers_0", R2).apply(pretrained, x)

@@ -177,3 +177,9 @@ def test_nn_scan_stacks_pairs_and_preconditioner_runs():
     b1 = params["proj"]["lora_b"][1]
     want = grads["proj"]["lora_a"][1] @ jnp.linalg.inv(b1 @ b1.T)
     np.testing.assert_allclose(updates["proj"]["lora_a"][1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_must_be_a_lora_config():
+    with pytest.raises(TypeError, match=r"LoRADense.*expected a rplora_jax.LoRAConfig"):
+        init(LoRADense(3, lora={"rank": 2}), X)
+    assert LoRAConfig(rank=np.int64(4), alpha=np.float32(8.0)).scale == 2.0

@@ -13,7 +13,7 @@ def ms():
 
 @pytest.fixture(scope="module")
 def results(ms):
-    # n=30, r=3, m=5nr: the ratios at a size that runs in seconds.
+    # n=30, r=3, m=5nr: the paper's ratios at a size that runs in seconds.
     s = ms.make_sensing(30, 3, 450, [1.0, 100.0], seed=0)
     cap = 3000
     runs = [ms.Run(f, 0.5, k, cap) for k in range(2) for f in ("gd", "scaled_gd")]

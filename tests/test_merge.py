@@ -133,3 +133,8 @@ def test_unmerge_nnx_pure_dict_with_list():
     np.testing.assert_allclose(
         merged_net.layers[1].kernel[...], merged["layers"][1]["kernel"], rtol=1e-6, atol=1e-6
     )
+
+
+def test_merge_scale_must_be_a_number():
+    with pytest.raises(TypeError, match="scale must be a number"):
+        rplora_jax.merge(params_tree(), scale="2")

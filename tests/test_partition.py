@@ -90,7 +90,13 @@ def test_import_loads_no_optional_dependency():
 
     code = (
         "import sys, rplora_jax; "
-        "print([m for m in ('flax', 'orbax', 'safetensors', 'tqdm') if m in sys.modules])"
+        "print([m for m in ('flax', 'orbax', 'safetensors', 'tqdm', 'torch', 'peft') "
+        "if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_also_train_is_checked_where_it_is_given():
+    with pytest.raises(ValueError, match="also_train must be a regex"):
+        partition.freeze_base(optax.sgd(0.1), also_train=3)

@@ -104,7 +104,7 @@ def test_keys_shapes_and_config(tmp_path):
     assert peft_config(tmp_path) == LoRAConfig(rank=4, alpha=8, dropout_rate=0.1)
 
     blank = jax.tree.map(jnp.zeros_like, variables)
-    back = load_peft_adapter(tmp_path, blank, module_names=torch_names, config=config)
+    back = load_peft_adapter(tmp_path, blank, module_names=torch_names, lora=config)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True):
         if x.shape == a.shape or x.shape == b.shape:
             np.testing.assert_array_equal(x, y)
@@ -186,15 +186,15 @@ def test_refusals(tmp_path):
     ):
         save_peft_adapter(tmp_path, multi, LoRAConfig(rank=2))
     params = {"fc": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
-    with pytest.raises(ValueError, match=r"rank 2 but config\.rank is 8"):
+    with pytest.raises(ValueError, match=r"rank 2 but the LoRAConfig's rank is 8"):
         save_peft_adapter(tmp_path, params, LoRAConfig(rank=8))
     two = {"a": params["fc"], "b": params["fc"]}
     with pytest.raises(ValueError, match="both map to the PyTorch module 'x'"):
         save_peft_adapter(tmp_path, two, LoRAConfig(rank=2), module_names=lambda p: "x")
 
     save_peft_adapter(tmp_path, params, LoRAConfig(rank=2, alpha=4.0))
-    with pytest.raises(ValueError, match=r"has r=2, scale 2.0 .* but config has rank 2, scale 1"):
-        load_peft_adapter(tmp_path, params, config=LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"has r=2, scale 2.0 .* but lora= has rank 2, scale 1"):
+        load_peft_adapter(tmp_path, params, lora=LoRAConfig(rank=2))
     with pytest.raises(ValueError, match=r"file lacks: \['base_model.model.g.lora_A.weight', "):
         load_peft_adapter(tmp_path, {"g": params["fc"]})
     with pytest.raises(ValueError, match=r"'base_model.model.fc.lora_A.weight' has shape \(2, 4\)"):
@@ -331,7 +331,7 @@ def test_we_load_peft_adapter(tmp_path, torch_peft):
     assert config.rank == 4 and config.scale == pytest.approx(6 / 2)
     lora = rplora_jax.inject_linen(model, r"layers_\d+/(query|value)", config)
     blank = lora.init_from(base, jax.random.key(1), X)
-    variables = load_peft_adapter(tmp_path, blank, module_names=torch_names, config=config)
+    variables = load_peft_adapter(tmp_path, blank, module_names=torch_names, lora=config)
     ours = np.asarray(lora.apply(variables, X))
     assert np.abs(ours - np.asarray(model.apply(base, X))).max() > 1e-2
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -360,7 +360,7 @@ def test_nnx_default_names(tmp_path):
     assert cfg["target_modules"] == ["query"]
     state = nnx.state(model, nnx.LoRAParam)
     blank = jax.tree.map(jnp.zeros_like, state)
-    nnx.update(model, load_peft_adapter(tmp_path, blank, config=config))
+    nnx.update(model, load_peft_adapter(tmp_path, blank, lora=config))
     np.testing.assert_array_equal(
         model.blocks[1].query.lora_b[...], saved["base_model.model.blocks.1.query.lora_B.weight"].T
     )

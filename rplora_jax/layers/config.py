@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -57,16 +58,17 @@ class LoRAConfig:
     param_dtype: Any = None
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRAConfig: rank must be a positive int, got {self.rank!r}.")
-        if self.alpha is not None and not (
-            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise ValueError(f"LoRAConfig: rank must be a positive int, got {rank!r}.")
+        object.__setattr__(self, "rank", int(rank))  # numpy ints become plain ints
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real)
         ):
             raise ValueError(f"LoRAConfig: alpha must be a number or None, got {self.alpha!r}.")
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(
-                f"LoRAConfig: dropout_rate must be in [0, 1), got {self.dropout_rate!r}."
-            )
+        rate = self.dropout_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+            raise ValueError(f"LoRAConfig: dropout_rate must be in [0, 1), got {rate!r}.")
         if not callable(self.b_init):
             raise ValueError(f"LoRAConfig: b_init must be an initializer, got {self.b_init!r}.")
         self.a_initializer()  # validates a_init
@@ -113,6 +115,16 @@ class LoRAConfig:
             "LoRAConfig: a_init must be 'kaiming_uniform', 'gaussian' or an initializer, got "
             f"{self.a_init!r}."
         )
+
+
+def check_lora(lora: Any, where: str) -> LoRAConfig:
+    """``lora`` itself, or a ``TypeError`` saying that ``where`` needs a :class:`LoRAConfig`."""
+    if not isinstance(lora, LoRAConfig):
+        raise TypeError(
+            f"{where}: expected a rplora_jax.LoRAConfig (e.g. LoRAConfig(rank=8, alpha=16.0)), "
+            f"got {lora!r}."
+        )
+    return lora
 
 
 @dataclasses.dataclass(frozen=True)

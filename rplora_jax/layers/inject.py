@@ -25,19 +25,20 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 from flax import linen as nn
 from flax import nnx, traverse_util
 
 from rplora_jax.layers import lora_nnx
-from rplora_jax.layers.config import LoRAConfig
+from rplora_jax.layers.config import LoRAConfig, check_lora
 from rplora_jax.layers.lora_linen import LINEN_LINEAR, LINEN_LORA, lora_delta
 
 Targets = str | Sequence[str]
 
-NNX_LINEAR = tuple(base for base, _ in lora_nnx.LORA_FOR_BASE)
-NNX_LORA = (*lora_nnx.NNX_LORA, nnx.LoRALinear, nnx.LoRA)
+# Modules that already carry LoRA factors: this library's and Flax's own.
+ANY_NNX_LORA = (*lora_nnx.NNX_LORA, nnx.LoRALinear, nnx.LoRA)
 
 
 class _TargetMatcher:
@@ -78,7 +79,7 @@ class _TargetMatcher:
 
 
 def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
-    if isinstance(module, (*LINEN_LORA, *NNX_LORA)):
+    if isinstance(module, (*LINEN_LORA, *ANY_NNX_LORA)):
         return ValueError(
             f"LoRA target rule matches '{path}', a {type(module).__name__}, which already has "
             "LoRA factors."
@@ -90,13 +91,9 @@ def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
     )
 
 
-def _linen_path(module: nn.Module) -> str:
-    return "/".join(module.scope.path) if module.scope is not None else ""
-
-
 def _interceptor(
     is_target: _TargetMatcher,
-    config: LoRAConfig,
+    lora: LoRAConfig,
     deterministic: bool,
     matched: list[str] | None = None,
     linear: list[str] | None = None,
@@ -107,7 +104,7 @@ def _interceptor(
         module = context.module
         if context.method_name != "__call__" or module.scope is None:
             return next_fun(*args, **kwargs)
-        path = _linen_path(module)
+        path = "/".join(module.scope.path)
         is_linear = isinstance(module, LINEN_LINEAR) and not isinstance(module, LINEN_LORA)
         if is_linear and linear is not None:
             linear.append(path)
@@ -118,7 +115,7 @@ def _interceptor(
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-        delta = lora_delta(module, x, config, deterministic=deterministic, einsum_str=eq)
+        delta = lora_delta(module, x, lora, deterministic=deterministic, einsum_str=eq)
         if matched is not None:
             matched.append(path)
         return y + delta.astype(y.dtype)
@@ -136,18 +133,16 @@ class LinenLoRA:
     Attributes:
       module: the original linen module (unchanged).
       targets: the target regex(es).
-      config: the LoRA options.
+      lora: the LoRA options.
     """
 
     module: nn.Module
     targets: Targets
-    config: LoRAConfig
+    lora: LoRAConfig
 
     def _run(self, fn, deterministic, matched=None, linear=None):
         matcher = _TargetMatcher(self.targets)
-        with nn.intercept_methods(
-            _interceptor(matcher, self.config, deterministic, matched, linear)
-        ):
+        with nn.intercept_methods(_interceptor(matcher, self.lora, deterministic, matched, linear)):
             out = fn()
         if matched is not None:
             matcher.check(sorted(set(linear or [])))
@@ -195,7 +190,17 @@ class LinenLoRA:
         Returns:
           What ``module.apply`` returns.
         """
-        return self._run(lambda: self.module.apply(variables, *args, **kwargs), deterministic_lora)
+        try:
+            return self._run(
+                lambda: self.module.apply(variables, *args, **kwargs), deterministic_lora
+            )
+        except flax.errors.ScopeParamNotFoundError as err:
+            if "lora_" not in str(err):
+                raise
+            raise ValueError(
+                f"LinenLoRA.apply: the variables have no LoRA factors where the targets need them "
+                f"({err}). Make them with init(...) or init_from(pretrained, key, ...)."
+            ) from err
 
     def init_from(self, variables: Any, rngs: Any, *args: Any, **kwargs: Any) -> Any:
         """New LoRA factors around existing (e.g. pretrained) ``variables``.
@@ -239,7 +244,7 @@ class LinenLoRA:
         """Variables of the *original* module with ``s * a @ b`` folded into each kernel."""
         from rplora_jax.merge import merge
 
-        return merge(_unfreeze(variables), scale=self.config.scale)
+        return merge(_unfreeze(variables), scale=self.lora.scale)
 
 
 def _unfreeze(tree: Any) -> Any:
@@ -263,22 +268,14 @@ def _check_same_leaves(given: dict, expected: dict) -> None:
             )
 
 
-def _check_config(config: Any, fn: str) -> None:
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(
-            f"{fn}: config must be a rplora_jax.LoRAConfig (e.g. LoRAConfig(rank=8, alpha=16)), "
-            f"got {config!r}."
-        )
-
-
-def inject_linen(module: nn.Module, targets: Targets, config: LoRAConfig) -> LinenLoRA:
+def inject_linen(module: nn.Module, targets: Targets, lora: LoRAConfig) -> LinenLoRA:
     """Adds LoRA to the ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` layers a regex names.
 
     Args:
       module: any linen module; its code is not changed.
       targets: regex (or list of regexes) that must fully match a module path such as
         ``"block_0/attn/query"``. Each pattern must match at least one layer.
-      config: the LoRA options.
+      lora: the LoRA options.
 
     Returns:
       A :class:`LinenLoRA` with ``init``, ``init_from`` (pretrained weights), ``apply``, ``merge``.
@@ -297,11 +294,11 @@ def inject_linen(module: nn.Module, targets: Targets, config: LoRAConfig) -> Lin
       >>> [p.a_path for p in rplora_jax.find_lora_pairs(variables)]
       ['params/layers_0/lora_a']
     """
-    _check_config(config, "inject_linen")
+    check_lora(lora, "inject_linen")
     if not isinstance(module, nn.Module):
         raise TypeError(f"inject_linen needs a linen Module, got {type(module).__name__}.")
     _TargetMatcher(targets)  # validates the patterns now
-    return LinenLoRA(module, targets, config)
+    return LinenLoRA(module, targets, lora)
 
 
 def _nnx_path(path: tuple[Any, ...]) -> str:
@@ -309,13 +306,13 @@ def _nnx_path(path: tuple[Any, ...]) -> str:
 
 
 def _lora_class(module: nnx.Module) -> type | None:
-    if isinstance(module, NNX_LORA):
+    if isinstance(module, ANY_NNX_LORA):
         return None
     return next((lora for base, lora in lora_nnx.LORA_FOR_BASE if type(module) is base), None)
 
 
 def inject_nnx(
-    model: nnx.Module, targets: Targets, config: LoRAConfig, *, rngs: nnx.Rngs
+    model: nnx.Module, targets: Targets, lora: LoRAConfig, *, rngs: nnx.Rngs
 ) -> list[str]:
     """Replaces, in place, the ``nnx.Linear``/``LinearGeneral``/``Einsum`` layers a regex names.
 
@@ -328,7 +325,7 @@ def inject_nnx(
       model: the NNX model, modified in place.
       targets: regex (or list of regexes) that must fully match a path such as
         ``"blocks/0/attn/query"``. Each pattern must match at least one layer.
-      config: the LoRA options (``param_dtype=None``: each base layer's ``param_dtype``).
+      lora: the LoRA options (``param_dtype=None``: each base layer's ``param_dtype``).
       rngs: random streams for the factors.
 
     Returns:
@@ -346,12 +343,12 @@ def inject_nnx(
       >>> bool((model(jnp.ones((1, 4))) == y0).all())
       True
     """
-    _check_config(config, "inject_nnx")
+    check_lora(lora, "inject_nnx")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"inject_nnx needs an nnx.Module, got {type(model).__name__}.")
     is_target = _TargetMatcher(targets)
     found, linear = [], []
-    for path, module in lora_nnx.iter_modules(model):
+    for path, module in nnx.iter_modules(model):
         name = _nnx_path(path)
         lora_cls = _lora_class(module)
         if lora_cls is not None:
@@ -367,5 +364,5 @@ def inject_nnx(
         found.append((path, lora_cls, module))
     is_target.check(sorted(linear))
     for path, lora_cls, module in found:
-        lora_nnx.replace_module(model, path, lora_cls.from_base(module, config, rngs=rngs))
+        lora_nnx.replace_module(model, path, lora_cls.from_base(module, lora, rngs=rngs))
     return sorted(_nnx_path(p) for p, _, _ in found)

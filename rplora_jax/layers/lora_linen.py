@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from rplora_jax.layers.config import LoRAConfig, split_einsum
+from rplora_jax.layers.config import LoRAConfig, check_lora, split_einsum
 
 LINEN_LINEAR = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -37,7 +37,8 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
-def _path(module: nn.Module) -> str:
+def module_path(module: nn.Module) -> str:
+    """A bound module's ``/``-joined path, or its class name at the top level."""
     path = "/".join(module.scope.path) if module.scope is not None else ""
     return path or type(module).__name__
 
@@ -50,8 +51,8 @@ def _factors(module: nn.Module, config: LoRAConfig, a_shape, b_shape, n_stack: i
     except flax.errors.NameInUseError as err:
         # Flax raises this when a second LoRA term is added within the same call.
         raise ValueError(
-            f"'{_path(module)}' already has LoRA factors (lora_a/lora_b): LoRA was added to it "
-            "twice (a LoRA layer matched by inject_linen, or a model injected again). Inject "
+            f"'{module_path(module)}' already has LoRA factors (lora_a/lora_b): LoRA was added "
+            "to it twice (a LoRA layer matched by inject_linen, or a model injected again). Inject "
             "into the original model, or narrow the target regex."
         ) from err
     b = module.param("lora_b", config.b_init, b_shape, dtype)
@@ -87,15 +88,15 @@ def lora_delta(
     elif isinstance(module, nn.DenseGeneral):
         if _as_tuple(module.batch_dims):
             raise ValueError(
-                f"LoRA on '{_path(module)}': nn.DenseGeneral with batch_dims="
+                f"LoRA on '{module_path(module)}': nn.DenseGeneral with batch_dims="
                 f"{module.batch_dims} is not supported."
             )
         axis = tuple(sorted(ax % inputs.ndim for ax in _as_tuple(module.axis)))
         features = _as_tuple(module.features)
     else:
         raise TypeError(
-            f"LoRA on '{_path(module)}': expected nn.Dense, nn.DenseGeneral or nn.Einsum, got "
-            f"{type(module).__name__}."
+            f"LoRA on '{module_path(module)}': expected nn.Dense, nn.DenseGeneral or nn.Einsum, "
+            f"got {type(module).__name__}."
         )
     in_shape = tuple(inputs.shape[ax] for ax in axis)
     a, b = _factors(module, config, (*in_shape, config.rank), (config.rank, *features))
@@ -111,8 +112,8 @@ def lora_delta(
 def _einsum_delta(module, inputs, config, deterministic, einsum_str):
     eq = module.einsum_str if module.einsum_str is not None else einsum_str
     if eq is None:
-        raise ValueError(f"LoRA on '{_path(module)}': the nn.Einsum has no einsum_str.")
-    split = split_einsum(eq, module.shape, config.rank, f"LoRA on '{_path(module)}'")
+        raise ValueError(f"LoRA on '{module_path(module)}': the nn.Einsum has no einsum_str.")
+    split = split_einsum(eq, module.shape, config.rank, f"LoRA on '{module_path(module)}'")
     a, b = _factors(module, config, split.a_shape, split.b_shape, split.n_shared)
     x = _dropout(module, inputs, config, deterministic)
     x, a, b = promote_dtype(x, a, b, dtype=module.dtype)
@@ -126,6 +127,7 @@ class _LoRAMixin:
     deterministic: bool | None
 
     def _lora_deterministic(self, deterministic: bool | None) -> bool:
+        check_lora(self.lora, f"{type(self).__name__} '{module_path(self)}' (lora=)")
         if self.lora.dropout_rate == 0.0:
             return True
         return nn.merge_param("deterministic", self.deterministic, deterministic)

@@ -20,17 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rplora_jax.layers.config import LoRAConfig, split_einsum
+from rplora_jax.layers.config import ZEROS, LoRAConfig, check_lora, split_einsum
 from rplora_jax.merge import fold_delta
 from rplora_jax.pairing import find_lora_pairs
-
-_ZEROS = jax.nn.initializers.zeros
-
-
-def _checked(lora: Any, where: str) -> LoRAConfig:
-    if not isinstance(lora, LoRAConfig):
-        raise TypeError(f"{where}: lora must be a rplora_jax.LoRAConfig, got {lora!r}.")
-    return lora
 
 
 class _LoRAMixin:
@@ -75,7 +67,7 @@ class _LoRAMixin:
         """The plain layer with the LoRA term folded into its kernel (for serving)."""
         base_cls = next(c for c in type(self).__mro__ if c in _BASES)
         args, kwargs = self._base_args()
-        out = base_cls(*args, kernel_init=_ZEROS, bias_init=_ZEROS, rngs=nnx.Rngs(0), **kwargs)
+        out = base_cls(*args, kernel_init=ZEROS, bias_init=ZEROS, rngs=nnx.Rngs(0), **kwargs)
         out.kernel = nnx.clone(self.kernel)
         out.kernel[...] = self.merged_kernel()
         if self.bias is not None:
@@ -98,7 +90,7 @@ class _LoRAMixin:
           A LoRA layer whose output equals ``base``'s while ``b = 0``.
         """
         args, kwargs = cls._base_args(base)
-        new = cls(*args, lora=lora, kernel_init=_ZEROS, bias_init=_ZEROS, rngs=rngs, **kwargs)
+        new = cls(*args, lora=lora, kernel_init=ZEROS, bias_init=ZEROS, rngs=rngs, **kwargs)
         # Axes of base's kernel beyond the layer's own: layers stacked by nnx.vmap.
         stack = base.kernel.shape[: base.kernel.ndim - new.kernel.ndim]
         # Share the Variable objects themselves: their metadata (sharding...) is kept.
@@ -151,7 +143,7 @@ class LoRALinear(_LoRAMixin, nnx.Linear):
         rngs: nnx.Rngs,
         **linear_kwargs: Any,
     ):
-        _checked(lora, type(self).__name__)
+        check_lora(lora, type(self).__name__)
         super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
         self._init_lora(lora, (in_features, lora.rank), (lora.rank, out_features), 0, rngs)
 
@@ -199,7 +191,7 @@ class LoRALinearGeneral(_LoRAMixin, nnx.LinearGeneral):
         rngs: nnx.Rngs,
         **kwargs: Any,
     ):
-        _checked(lora, type(self).__name__)
+        check_lora(lora, type(self).__name__)
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         if self.batch_axis:
             raise ValueError("LoRALinearGeneral does not support batch_axis.")
@@ -207,14 +199,14 @@ class LoRALinearGeneral(_LoRAMixin, nnx.LinearGeneral):
         self._init_lora(lora, (*self.in_features, r), (r, *self.out_features), 0, rngs)
 
     def _base_args(self):
+        if self.batch_axis:  # reached from from_base(nnx.LinearGeneral(..., batch_axis=...))
+            raise ValueError("LoRA does not support nnx.LinearGeneral with batch_axis.")
         kwargs = {
             **_common_kwargs(self),
             "axis": self.axis,
             "dot_general": self.dot_general,
             "dot_general_cls": self.dot_general_cls,
         }
-        if self.batch_axis:
-            raise ValueError("LoRA does not support nnx.LinearGeneral with batch_axis.")
         return (self.in_features, self.out_features), kwargs
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -266,7 +258,10 @@ class LoRAEinsum(_LoRAMixin, nnx.Einsum):
         **einsum_kwargs: Any,
     ):
         split = split_einsum(
-            einsum_str, kernel_shape, _checked(lora, type(self).__name__).rank, type(self).__name__
+            einsum_str,
+            kernel_shape,
+            check_lora(lora, type(self).__name__).rank,
+            type(self).__name__,
         )
         super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **einsum_kwargs)
         self._init_lora(lora, split.a_shape, split.b_shape, split.n_shared, rngs)
@@ -326,11 +321,6 @@ def replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
     set_child(parent, path[-1], new)
 
 
-def iter_modules(model: nnx.Module):
-    """``(path, module)`` for ``model`` and every submodule, as ``nnx.iter_modules`` yields."""
-    return nnx.iter_modules(model)
-
-
 def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
     # Flax's LoRALinear adds x @ a @ b with no scale.
     kernel = layer.kernel[...]
@@ -338,8 +328,8 @@ def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
     out = nnx.Linear(
         layer.in_features,
         layer.out_features,
-        kernel_init=_ZEROS,
-        bias_init=_ZEROS,
+        kernel_init=ZEROS,
+        bias_init=ZEROS,
         rngs=nnx.Rngs(0),
         **_common_kwargs(layer),
     )
@@ -372,7 +362,7 @@ def merge_module(model: nnx.Module) -> nnx.Module:
     root = _folded(out, "")
     if root is not None:
         return root
-    found = [(p, m) for p, m in iter_modules(out) if p]
+    found = [(p, m) for p, m in nnx.iter_modules(out) if p]
     for path, module in found:
         new = _folded(module, "/".join(map(str, path)))
         if new is not None:
