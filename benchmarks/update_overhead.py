@@ -1,11 +1,21 @@
 """Cost of the preconditioner: jitted optimizer update, scaled_adamw vs optax.adamw.
 
-Both optimizers update the same LoRA parameters (update + apply_updates, buffers donated); the
-median of repeated runs after warm-up (the two alternate step by step) is printed for each, with
-their ratio measured in this run.
-Also prints compile time of both updates for a growing number of pairs.
+Both optimizers update the same LoRA parameters (update + apply_updates, buffers donated). For
+each LoRA set this prints the compile time of both updates and the median update time of repeated
+steps after warm-up (the two alternate step by step, so that changes in the machine's load hit
+both alike), with their ratios measured in this run. The ``compile`` set prints compile times
+only, for a growing number of small pairs. Runs on any backend (printed first).
 
-    python benchmarks/update_overhead.py [--repeats 20] [--skip-compile]
+    python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile]
+
+Sets (``--sets``, default all):
+  a              48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)
+  b              128 pairs 4096x16 / 16x4096 (7B q,k,v,o)
+  llama          224 separate pairs of rank 64 (a 7B Llama's q,k,v,o 4096x4096, gate, up
+                 4096x11008, down 11008x4096; 32 layers): 0.64 GB per float32 tree (params,
+                 grads, each optimizer's copy and Adam moments): 10.6 GB peak RSS on CPU
+  llama-stacked  the same factors as 7 stacked pairs of 32 layers
+  compile        compile time only, 32 / 128 / 512 separate pairs of 64x4
 """
 
 from __future__ import annotations
@@ -20,21 +30,57 @@ import optax
 
 import rplora_jax
 
-SETS = {
-    "(a) 48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)": (48, 1024, 4),
-    "(b) 128 pairs 4096x16 / 16x4096 (7B q,k,v,o)": (128, 4096, 16),
+LLAMA = {  # name: (in, out), rank 64
+    "q": (4096, 4096),
+    "k": (4096, 4096),
+    "v": (4096, 4096),
+    "o": (4096, 4096),
+    "gate": (4096, 11008),
+    "up": (4096, 11008),
+    "down": (11008, 4096),
 }
 
 
+def _pair(key, shape_a, shape_b, fan_in):
+    ka, kb = jax.random.split(key)
+    return {
+        "lora_a": jax.random.normal(ka, shape_a) / fan_in**0.5,
+        "lora_b": jax.random.normal(kb, shape_b) * 0.01,
+    }
+
+
 def make_params(n_pairs: int, width: int, rank: int, seed: int = 0) -> dict:
-    keys = jax.random.split(jax.random.key(seed), 2 * n_pairs)
+    keys = jax.random.split(jax.random.key(seed), n_pairs)
+    return {
+        f"layer_{i}": _pair(keys[i], (width, rank), (rank, width), width) for i in range(n_pairs)
+    }
+
+
+def make_llama(stacked: bool, seed: int = 0, layers: int = 32, rank: int = 64) -> dict:
+    keys = iter(jax.random.split(jax.random.key(seed), layers * len(LLAMA)))
+    if stacked:
+        return {
+            name: _pair(next(keys), (layers, d_in, rank), (layers, rank, d_out), d_in)
+            for name, (d_in, d_out) in LLAMA.items()
+        }
     return {
         f"layer_{i}": {
-            "lora_a": jax.random.normal(keys[2 * i], (width, rank)) / width**0.5,
-            "lora_b": jax.random.normal(keys[2 * i + 1], (rank, width)) * 0.01,
+            name: _pair(next(keys), (d_in, rank), (rank, d_out), d_in)
+            for name, (d_in, d_out) in LLAMA.items()
         }
-        for i in range(n_pairs)
+        for i in range(layers)
     }
+
+
+SETS = {
+    "a": ("(a) 48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)", lambda s: make_params(48, 1024, 4, s)),
+    "b": ("(b) 128 pairs 4096x16 / 16x4096 (7B q,k,v,o)", lambda s: make_params(128, 4096, 16, s)),
+    "llama": ("(c) 224 pairs r=64, 7B Llama, 32 separate layers", lambda s: make_llama(False, s)),
+    "llama-stacked": (
+        "(d) 7 pairs r=64, 7B Llama, 32 stacked layers",
+        lambda s: make_llama(True, s),
+    ),
+}
 
 
 def make_step(tx: optax.GradientTransformation):
@@ -45,13 +91,24 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def time_updates(txs: dict, params, grads, repeats: int) -> dict[str, float]:
-    """Median step time of each optimizer; they alternate step by step so that changes in the
-    machine's load hit all of them alike."""
-    runs = {}
+def optimizers() -> dict:
+    return {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
+
+
+def compile_step(tx, params, grads):
+    """The compiled step and its compile time (tracing and lowering included)."""
+    start = time.perf_counter()
+    compiled = make_step(tx).lower(params, tx.init(params), grads).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_updates(txs: dict, params, grads, repeats: int) -> tuple[dict, dict]:
+    """Compile time and median step time of each optimizer; steps alternate between them."""
+    runs, compile_s = {}, {}
     for name, tx in txs.items():
+        step, compile_s[name] = compile_step(tx, params, grads)
         p = jax.tree.map(jnp.copy, params)
-        runs[name] = [make_step(tx), p, tx.init(p)]
+        runs[name] = [step, p, tx.init(p)]
     times: dict[str, list[float]] = {name: [] for name in txs}
     for i in range(repeats + 3):
         for name, run in runs.items():
@@ -59,43 +116,44 @@ def time_updates(txs: dict, params, grads, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             p, state = step(p, state, grads)
             jax.block_until_ready(p)
-            if i >= 3:  # warm-up: compilation and first-touch allocations
+            if i >= 3:  # warm-up: first-touch allocations
                 times[name].append(time.perf_counter() - start)
             run[1:] = [p, state]
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def compile_time(tx: optax.GradientTransformation, n_pairs: int) -> float:
-    params = make_params(n_pairs, 64, 4)
-    state = tx.init(params)
-    start = time.perf_counter()
-    make_step(tx).lower(params, state, params).compile()
-    return time.perf_counter() - start
+    runs.clear()
+    return compile_s, {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--sets", nargs="+", choices=[*SETS, "compile"], default=[*SETS, "compile"])
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    for name, (n, width, rank) in SETS.items():
-        params = make_params(n, width, rank)
-        grads = make_params(n, width, rank, seed=1)
-        txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
-        medians = time_updates(txs, params, grads, args.repeats)
-        base, scaled = medians["adamw"], medians["scaled_adamw"]
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
+        f"device(s): {jax.devices()[0].device_kind}"
+    )
+    for key in (k for k in args.sets if k in SETS):
+        title, make = SETS[key]
+        params, grads = make(0), make(1)
+        compile_s, step_s = time_updates(optimizers(), params, grads, args.repeats)
+        del params, grads
+        base, scaled = step_s["adamw"], step_s["scaled_adamw"]
+        cbase, cscaled = compile_s["adamw"], compile_s["scaled_adamw"]
         print(
-            f"{name}: adamw {base * 1e3:.2f} ms, scaled_adamw {scaled * 1e3:.2f} ms, "
-            f"ratio {scaled / base:.2f}"
+            f"{title}: update adamw {base * 1e3:.2f} ms, scaled_adamw {scaled * 1e3:.2f} ms, "
+            f"ratio {scaled / base:.2f}; compile adamw {cbase:.2f} s, scaled_adamw "
+            f"{cscaled:.2f} s, ratio {cscaled / cbase:.2f}",
+            flush=True,
         )
-    if not args.skip_compile:
+    if "compile" in args.sets:
         for n in (32, 128, 512):
-            base = compile_time(optax.adamw(1e-3), n)
-            scaled = compile_time(rplora_jax.scaled_adamw(1e-3), n)
+            params = make_params(n, 64, 4)
+            times = {name: compile_step(tx, params, params)[1] for name, tx in optimizers().items()}
+            base, scaled = times["adamw"], times["scaled_adamw"]
             print(
                 f"compile, {n} pairs of 64x4: adamw {base:.2f} s, scaled_adamw {scaled:.2f} s, "
-                f"ratio {scaled / base:.1f}"
+                f"ratio {scaled / base:.2f}",
+                flush=True,
             )
 
 

@@ -130,7 +130,7 @@ def init_params(task: Task, seed: int) -> dict:
     """
     key = jax.random.key(seed)
     params = {**task.base, "classifier": bert.init_head(task.model.module, key)}
-    params = bert.add_lora(task.model.module, params, task.model.config, task.targets, key)[1]
+    params = bert.add_lora(task.model.module, params, task.model.lora, task.targets, key)[1]
     return jax.tree.map(jnp.copy, params)
 
 

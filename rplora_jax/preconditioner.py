@@ -21,10 +21,34 @@ from rplora_jax.pairing import RuleSpec, match_pairs, path_tokens
 DEFAULT_REG = 1e-2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Above this rank, _apply uses a matmul: its unrolled form grows the program with r.
+# _apply's three forms: a matmul above _UNROLL_MAX_RANK; below it, r unrolled multiply-adds for
+# gradients of at least _UNROLL_MIN_SIZE elements and one broadcast product summed over the rank
+# for smaller ones. Both elementwise forms are fused into the next optimizer's elementwise kernel
+# (no extra pass over the gradient, no dot call); the unrolled one is fastest on large gradients
+# but adds ~8 HLO ops per rank to every leaf, and XLA's compile time grows with the module size.
+# scaled_adamw on a 2-core CPU, update time per step (ratio to optax.adamw in the same run):
+#                        unrolled       sum over rank   matmul
+#   128 pairs 4096x16    37.1 ms (2.05)  69.0 ms (3.62)  47.6 ms (2.45)
+#   48 pairs 1024x4      1.54 ms (1.61)  1.78 ms (1.79)  1.92 ms (1.78)
+#   512 pairs 64x4       13.6 ms (1.21)  19.5 ms (1.23)  18.0 ms (1.39)
+# and compile time at 512 pairs of 64x4: unrolled 19.5 s, sum 11.6 s, matmul 10.9 s (adamw 5.5 s).
 _UNROLL_MAX_RANK = 32
-# Grams inverted by one batched call; see _all_inverses.
-_INVERSE_CHUNK = 8
+_UNROLL_MIN_SIZE = 4096
+# Pairs of one kind whose Grams are inverted by one batched call (see _precondition_chunk).
+# Compile time of the preconditioner alone at 512 pairs of 64x4 on CPU, by pairs per chunk (matmul
+# apply): 4: 4.9 s, 16: 3.3 s, 32: 3.2 s, 64: 3.7 s, 256: 7.3 s. Small chunks mean many while
+# loops (one inverse per Gram took 62 s), large ones many slices of one buffer, in which XLA's
+# passes grow superlinearly (1024 slices of one (1024, 4, 4) array: 13.5 s, against 1.0 s for as
+# many elementwise ops on separate arrays).
+# XLA:CPU compiles a fused kernel once for all leaves whose kernels are identical, and a leaf's
+# kernel includes the slice of its chunk's inverses at its own offset: a chunk of n pairs makes
+# up to 2n distinct kernels. That matters for the large unrolled kernels, whose pairs are batched
+# by 4 (scaled_adamw's compile time at 48 pairs of 1024x4: 1.37 s in chunks of 4, 1.47 s of 8,
+# 3.21 s of 32; at 128 pairs of 4096x16: 8.8 s in chunks of 4, 10.4 s of 32).
+_CHUNK = 32
+_UNROLLED_CHUNK = 4
+# Factors smaller than this are stacked for one batched Gram on every backend (see _chunk_grams).
+_STACK_MAX_SIZE = 4096
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -143,12 +167,14 @@ def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
     Where shardings are types (Explicit axes) slicing a sharded rank axis is a type error, so that
     axis alone is gathered first (a LoRA gradient is small) and the result resharded like ``g``.
     Under Auto sharding the types carry no sharding and XLA gave the result ``inv``'s (replicated)
-    one; adding ``0 * g`` (exact for finite ``g``, fused into the same kernel) hands it g's.
+    one; adding ``0 * g`` (exact for finite ``g``, fused into the same kernel) hands it g's. With a
+    single device there is no sharding to keep, and the addition is skipped: it cost 0.5 s of
+    compile time at 512 pairs of 64x4 on CPU, and on the matmul path a second read of ``g``.
     """
     sharding = getattr(jax.typeof(g), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or jax.sharding.AxisType.Auto in mesh.axis_types:
-        return fn(g) + g * 0
+        return fn(g) + g * 0 if jax.device_count() > 1 else fn(g)
     spec = tuple(sharding.spec) + (None,) * (g.ndim - len(sharding.spec))
     if spec[rank_axis] is None:
         return fn(g)
@@ -160,17 +186,22 @@ def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
     """Multiplies the rank axis of ``g`` by the symmetric ``inv`` and casts back to g's dtype.
 
-    Written as ``r`` broadcast multiply-adds rather than a matmul: XLA fuses them with the slice
-    of ``inv`` and with the next optimizer's elementwise update, so the preconditioned gradient is
-    never written out (measured 2.8x -> 2.2x of AdamW's update time on 128 pairs of rank 16 on
-    CPU), and every product is exact float32 on any backend. Elementwise work keeps ``g``'s
-    sharding, which ``jnp.linalg.solve`` was seen not to. Large ranks use a matmul, whose HLO
-    does not grow with ``r``.
+    Every form is elementwise work XLA fuses with the next optimizer's update, except the matmul
+    for large ranks, whose HLO does not grow with ``r``; see ``_UNROLL_MAX_RANK`` for which form
+    is used where, and the timings. Elementwise work keeps ``g``'s sharding, which
+    ``jnp.linalg.solve`` was seen not to, and every product is exact float32 on any backend.
     """
     gc = g.astype(dtype)
     r = g.shape[rank_axis]
     if r > _UNROLL_MAX_RANK:
         return _apply_matmul(gc, inv, rank_axis, stacked, dtype).astype(g.dtype)
+    if not _unrolled(g, rank_axis):
+        # One broadcast product summed over k: a few HLO ops whatever r is.
+        gk = jnp.expand_dims(gc, rank_axis + 1)
+        shape = [*g.shape[:stacked]] + [1] * (g.ndim + 1 - stacked)
+        shape[rank_axis], shape[rank_axis + 1] = r, r
+        return jnp.sum(gk * inv.reshape(shape), axis=rank_axis).astype(g.dtype)
+    # r broadcast multiply-adds: the preconditioned gradient is never written out.
     # inv[..., k, :] laid out along g's axes: stacked axes first, r at the rank axis.
     row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
     row_shape[rank_axis] = r
@@ -181,6 +212,11 @@ def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) ->
         )
         out = term if out is None else out + term
     return out.astype(g.dtype)
+
+
+def _unrolled(g, rank_axis: int) -> bool:
+    """Whether :func:`_apply` takes its unrolled multiply-add form for ``g``."""
+    return np.shape(g)[rank_axis] <= _UNROLL_MAX_RANK and np.size(g) >= _UNROLL_MIN_SIZE
 
 
 def _apply_matmul(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype):
@@ -211,9 +247,13 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
     reference code (which falls back to the identity when ``torch.inverse`` fails), a matrix that
     is not numerically positive definite is replaced by the identity.
 
-    On CPU this is Gauss-Jordan elimination in plain XLA ops: with jaxlib 0.10.2's LAPACK
-    Cholesky, some updates (e.g. 16 rank-64 pairs, see the tests) never finished, every thread
-    idle. Elsewhere it is the backend's batched Cholesky.
+    On CPU this is Gauss-Jordan elimination in plain XLA ops: with the LAPACK Cholesky of jaxlib
+    0.10.0 and 0.10.2 (0.10.1 untested), the update of 16 rank-64 pairs in
+    ``test_many_high_rank_pairs_do_not_hang`` never finishes, every thread idle, when its 32 Grams
+    are inverted in batches of 8 or 2 (in one batch of 32 it finishes in 1.4 s); jaxlib 0.8.3 and
+    0.9.2 finish in 0.6 s. Inverses are a small part of the update (all 256 Grams of 128 rank-16
+    pairs in under 3 ms), so the loop stays on CPU for every version rather than depend on batch
+    sizes. Elsewhere it is the backend's batched Cholesky.
     """
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     m = m + jnp.asarray(reg, m.dtype) * eye
@@ -331,7 +371,7 @@ def riemannian_preconditioner(
       Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models",
       ICML 2024, https://arxiv.org/abs/2402.02347
 
-    Example:
+    Examples:
       With ``a.T @ a = diag(1, 4)`` and ``b @ b.T = diag(4, 1)``, unit gradients are scaled
       row- and column-wise by the inverses:
 
@@ -388,30 +428,97 @@ def riemannian_preconditioner(
 def _precondition(pairs, g_leaves, p_leaves, reg, axis_names) -> list[Any]:
     out = list(g_leaves)
     axes = _axes_to_sum(axis_names) if axis_names is not None else ()
-    grams, dtypes = [], []
+    kinds: dict[Any, list[Any]] = {}
     for pair in pairs:
-        a, b, g_a, g_b = (leaves[i] for leaves in (p_leaves, g_leaves) for i in pair[:2])
-        _check_shapes(pair, (a, b), (g_a, g_b))
-        dtype = _compute_dtype(a.dtype, b.dtype, g_a.dtype, g_b.dtype)
-        dtypes.append(dtype)
-        # The a-gradient is preconditioned by b's Gram and vice versa.
-        grams += [
-            _gram(b, pair.b_rank_axis, pair.stacked, dtype),
-            _gram(a, pair.a_rank_axis, pair.stacked, dtype),
-        ]
+        leaves = [src[i] for src in (p_leaves, g_leaves) for i in pair[:2]]
+        _check_shapes(pair, leaves[:2], leaves[2:])
+        kinds.setdefault(_kind(pair, leaves), []).append(pair)
+    for same in kinds.values():
+        first = same[0]
+        unrolled = any(
+            _unrolled(g_leaves[i], axis)
+            for i, axis in ((first.a_index, first.a_rank_axis), (first.b_index, first.b_rank_axis))
+        )
+        size = _UNROLLED_CHUNK if unrolled else _CHUNK
+        for c in range(0, len(same), size):
+            _precondition_chunk(same[c : c + size], g_leaves, p_leaves, reg, axes, out)
+    return out
+
+
+def _kind(pair, leaves) -> tuple:
+    """Pairs of one kind have the same shapes, layout, stacked axes, dtypes and sharding types, so
+    their Grams can be inverted by one batched call."""
+    types = tuple((np.shape(x), jnp.result_type(x), _varying(x), _sharding_type(x)) for x in leaves)
+    return (pair.a_rank_axis, pair.b_rank_axis, pair.stacked, types)
+
+
+def _sharding_type(x) -> Any:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    return (tuple(sharding.spec), tuple(mesh.axis_types), tuple(mesh.axis_names), mesh.shape_tuple)
+
+
+def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
+    """Preconditions up to ``_CHUNK`` pairs of one kind, with one batched inverse of their Grams.
+
+    The apply stays per leaf, so that XLA fuses it into the next optimizer's per-leaf elementwise
+    update. Stacking the gradients of a kind to apply the inverses in one batch, then splitting
+    the result, was measured and rejected on CPU: each leaf's update then slices one shared buffer
+    at its own offset, so XLA compiles a distinct kernel per leaf and its passes grow
+    superlinearly in those slices (8.9 s against 3.8 s to compile scaled_adamw at 128 pairs of
+    64x4), and the copies add two passes over every gradient.
+    """
+    first, n = chunk[0], len(chunk)
+    stacked = first.stacked
+    dtype = _compute_dtype(
+        *(jnp.result_type(src[i]) for src in (p_leaves, g_leaves) for i in first[:2])
+    )
+    # The a-gradient is preconditioned by b's Gram and vice versa.
+    grams = [
+        _chunk_grams([p_leaves[getattr(p, attr)] for p in chunk], axis, stacked, dtype)
+        for axis, attr in ((first.b_rank_axis, "b_index"), (first.a_rank_axis, "a_index"))
+    ]
     if axes:
         grams = [_psum_where_sharded(g, axes) for g in grams]
-    invs = _all_inverses(grams, reg)
-    for i, (pair, dtype) in enumerate(zip(pairs, dtypes, strict=True)):
-        for index, axis, inv in (
-            (pair.a_index, pair.a_rank_axis, invs[2 * i]),
-            (pair.b_index, pair.b_rank_axis, invs[2 * i + 1]),
+    grams = jnp.concatenate(grams)
+    r = grams.shape[-1]
+    inv = _safe_inverse(grams.reshape(-1, r, r), reg).reshape(grams.shape)
+    for i, pair in enumerate(chunk):
+        for index, axis, k in (
+            (pair.a_index, pair.a_rank_axis, i),
+            (pair.b_index, pair.b_rank_axis, n + i),
         ):
             apply = functools.partial(
-                _apply, inv=inv, rank_axis=axis, stacked=pair.stacked, dtype=dtype
+                _apply, inv=inv[k], rank_axis=axis, stacked=stacked, dtype=dtype
             )
             out[index] = _keep_sharding(g_leaves[index], axis, apply)
-    return out
+
+
+def _chunk_grams(factors, rank_axis: int, stacked: int, dtype) -> jax.Array:
+    """``(n, *stack, r, r)`` Grams of ``n`` factors of one kind.
+
+    One batched dot over the stacked factors, except for large factors on CPU: there the copy and
+    XLA:CPU's batched dot cost more than they save (128 factors of 4096x16: 28 ms stacked against
+    5.0 ms for one dot each; the separate dots add little compile time, 0.1 s for 512). Below
+    ``_STACK_MAX_SIZE`` elements stacking wins on CPU as well (512 pairs of 64x4: update 1.26x
+    adamw's against 1.38x, compile 10.1 s against 11.1 s). On GPU the copy (~0.3 ms for the
+    factors of a 7B Llama's 224 rank-64 pairs on an H200) is expected to cost less than launching
+    a kernel per factor (448 of them); not measured here.
+    """
+
+    def batched(*fs):
+        return _gram(jnp.stack(fs), rank_axis + 1, stacked + 1, dtype)
+
+    def separate(*fs):
+        return jnp.stack([_gram(f, rank_axis, stacked, dtype) for f in fs])
+
+    if len(factors) == 1:
+        return separate(*factors)
+    if factors[0].size < _STACK_MAX_SIZE:
+        return batched(*factors)
+    return jax.lax.platform_dependent(*factors, cpu=separate, default=batched)
 
 
 def _check_shapes(pair, params, grads) -> None:
@@ -421,29 +528,6 @@ def _check_shapes(pair, params, grads) -> None:
                 f"Gradient at '{path}' has shape {np.shape(g)} but its parameter has shape "
                 f"{np.shape(p)}."
             )
-
-
-def _all_inverses(grams: list[jax.Array], reg) -> list[jax.Array]:
-    """Inverts the Grams with one batched factorisation per chunk of alike (rank, dtype) Grams.
-
-    Fewer, batched kernels than one set per pair; chunks are bounded because XLA's fusion passes
-    grow quadratically with the number of slices taken from one buffer.
-    """
-    kinds: dict[tuple[int, Any], list[int]] = {}
-    for i, g in enumerate(grams):
-        kinds.setdefault((g.shape[-1], g.dtype), []).append(i)
-    out: list[Any] = [None] * len(grams)
-    for (r, _), same in kinds.items():
-        for c in range(0, len(same), _INVERSE_CHUNK):
-            idx = same[c : c + _INVERSE_CHUNK]
-            flat = [grams[i].reshape(-1, r, r) for i in idx]
-            inv = _safe_inverse(jnp.concatenate(flat), reg)
-            start = 0
-            for i, f in zip(idx, flat, strict=True):
-                part = jax.lax.slice_in_dim(inv, start, start + f.shape[0])
-                out[i] = part.reshape(grams[i].shape)
-                start += f.shape[0]
-    return out
 
 
 def scaled_sgd(
@@ -476,7 +560,7 @@ def scaled_sgd(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, rplora_jax
       >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
       >>> tx = rplora_jax.scaled_sgd(1e-2, momentum=0.9)
@@ -529,7 +613,7 @@ def scaled_adamw(
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, rplora_jax
       >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
       >>> tx = rplora_jax.scaled_adamw(1e-3)

@@ -116,7 +116,7 @@ def test_lora_starts_at_the_pretrained_model_and_pairs(reference, embedder):
 
     # lora_b = 0: the encoder is exactly the pretrained one.
     encoder = rplora_jax.inject_linen(
-        bert.BertEncoder(model.module.config), r"layer_\d+/(query|value|intermediate)", model.config
+        bert.BertEncoder(model.module.config), r"layer_\d+/(query|value|intermediate)", model.lora
     )
     enc = jax.jit(
         lambda p: bert.mean_pool(

@@ -114,6 +114,53 @@ def test_large_rank_uses_the_matmul_path(stacked):
     np.testing.assert_allclose(np.swapaxes(updates["lora_B"], -1, -2), want_b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.usefixtures("strict_promotion")
+@pytest.mark.parametrize("form", ["unrolled", "sum", "matmul"])
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "stacked"),
+    [((70, 3), (3, 90), 0), ((2, 6, 5, 4), (2, 4, 30), 1)],
+)
+def test_every_apply_form_matches_numpy(monkeypatch, form, a_shape, b_shape, stacked):
+    # Which form _apply takes depends on the rank and the gradient's size; all must agree.
+    monkeypatch.setattr(P, "_UNROLL_MIN_SIZE", 0 if form == "unrolled" else 1 << 30)
+    monkeypatch.setattr(P, "_UNROLL_MAX_RANK", 0 if form == "matmul" else 32)
+    params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
+    grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
+    updates = precondition(params, grads, 1e-2)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, stacked
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=5e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("strict_promotion")
+def test_many_pairs_of_mixed_kinds_are_each_preconditioned(monkeypatch):
+    # Pairs are batched by kind (shapes, dtypes, stacking) in chunks: interleaved kinds, several
+    # chunks of one kind and a partial chunk must each get their own Grams. With these sizes the
+    # first kind takes the summed apply and the others the unrolled one.
+    monkeypatch.setattr(P, "_CHUNK", 2)
+    monkeypatch.setattr(P, "_UNROLLED_CHUNK", 3)
+    monkeypatch.setattr(P, "_UNROLL_MIN_SIZE", 20)
+    shapes = [((6, 2), (2, 5), 0), ((4, 3, 2), (4, 2, 5), 1), ((7, 3), (3, 4), 0)]
+    params, grads, kinds = {}, {}, {}
+    for i in range(11):
+        a_shape, b_shape, stacked = shapes[i % 3]
+        name = f"layer_{i}"
+        kinds[name] = stacked
+        params[name] = {"lora_a": rand(4 * i, a_shape), "lora_b": rand(4 * i + 1, b_shape)}
+        grads[name] = {"lora_a": rand(4 * i + 2, a_shape), "lora_b": rand(4 * i + 3, b_shape)}
+    params["layer_1"]["lora_b"] = jnp.zeros((4, 2, 5))  # a zero factor among nonzero ones
+    updates = precondition(params, grads, 1e-2)
+    for name, stacked in kinds.items():
+        p, g = params[name], grads[name]
+        want_a, want_b = precondition_flax(
+            g["lora_a"], g["lora_b"], p["lora_a"], p["lora_b"], 1e-2, stacked
+        )
+        np.testing.assert_allclose(updates[name]["lora_a"], want_a, rtol=5e-5, atol=1e-6)
+        np.testing.assert_allclose(updates[name]["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+
+
 def test_explicit_stacked_axes_overrides_inference():
     # r == number of layers makes both readings valid; the inferred one is the stacked one.
     params = {"lora_a": rand(1, (4, 6, 4)), "lora_b": rand(2, (4, 4, 6))}
