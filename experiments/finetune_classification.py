@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 import rplora_jax
+from experiments import optimizers
 from experiments.data import datasets
 from experiments.models import bert
 from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
@@ -148,20 +149,9 @@ def loss_fn(model: LinenLoRA, params: dict, batch: dict) -> jax.Array:
 
 
 def make_train_step(model: LinenLoRA, tx: optax.GradientTransformation):
-    """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``.
-
-    Gradients are taken w.r.t. all parameters; ``tx`` (wrapped in
-    :func:`rplora_jax.freeze_base`) leaves the frozen ones unchanged, and under ``jax.jit`` their
-    unused gradients are dead code.
-    """
-
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(partial(loss_fn, model))(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    """Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; see
+    :func:`experiments.optimizers.make_train_step`."""
+    return optimizers.make_train_step(partial(loss_fn, model), tx)
 
 
 def evaluate(task: Task, params: dict, batch_size: int = 64) -> float:

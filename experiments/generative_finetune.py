@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 import rplora_jax
+from experiments import optimizers
 from experiments.data import bible
 from experiments.models import llama
 from experiments.optimizers import OPTIMIZERS, make_optimizer
@@ -176,20 +177,9 @@ def loss_fn(model: LinenLoRA, params: dict, batch: dict):
 
 
 def make_train_step(model: LinenLoRA, tx: optax.GradientTransformation):
-    """``step(params, opt_state, batch) -> (params, opt_state, loss)``, jitted and donating.
-
-    Gradients are taken w.r.t. all parameters; ``tx`` (wrapped in
-    :func:`rplora_jax.freeze_base`) leaves the frozen ones unchanged, and under ``jax.jit`` their
-    unused gradients are dead code.
-    """
-
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch):
-        (loss, _), grads = jax.value_and_grad(partial(loss_fn, model), has_aux=True)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)``; see
+    :func:`experiments.optimizers.make_train_step`."""
+    return optimizers.make_train_step(partial(loss_fn, model), tx, has_aux=True)
 
 
 @partial(jax.jit, static_argnums=0)

@@ -11,8 +11,10 @@ classification head) change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
+import jax
 import optax
 
 import rplora_jax
@@ -86,3 +88,25 @@ def make_optimizer(
         return rplora_jax.freeze_base(factory(learning_rate), also_train=also)
 
     return optax.inject_hyperparams(frozen)(learning_rate=lr)
+
+
+def make_train_step(loss: Callable, tx: optax.GradientTransformation, *, has_aux: bool = False):
+    """Jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``, donating both.
+
+    Gradients are taken w.r.t. all parameters; ``tx`` (wrapped in
+    :func:`rplora_jax.freeze_base`) leaves the frozen ones unchanged, and under ``jax.jit`` their
+    unused gradients are dead code.
+
+    Args:
+      loss: ``loss(params, batch)``, a scalar, or ``(scalar, aux)`` with ``has_aux``.
+      tx: the optimizer.
+      has_aux: ``loss`` also returns auxiliary data (dropped by the step).
+    """
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss, has_aux=has_aux)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value[0] if has_aux else value
+
+    return step
