@@ -14,7 +14,10 @@ mean-pooled embedding is trained with it, everything else is frozen by
 seed) and records the test accuracy and the training loss.
 
 Outputs in ``--out``: ``runs.csv`` (one row per run, appended as soon as the run ends),
-``curves.csv`` (training loss every ``--log-every`` steps, appended likewise), ``summary.csv`` +
+``curves.csv`` (training loss after the first step, every ``--log-every`` steps and after the
+last, appended likewise, with how far the preconditioner is from a multiple of the identity:
+``b_norm`` = ||b||_F, ``cond_a`` / ``cond_b`` = condition numbers of ``a^T a + reg I`` /
+``b b^T + reg I``, means over LoRA pairs, see :func:`preconditioner_stats`), ``summary.csv`` +
 ``summary.md`` (best accuracy per optimizer, mean ± sample sd over seeds, and the width, in
 decades, of the learning-rate band whose mean accuracy is within ``--band`` points of that best:
 the paper's robustness claim; then per-seed paired differences, scaled minus plain at the same
@@ -35,6 +38,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
@@ -56,6 +60,7 @@ from experiments.data import datasets
 from experiments.models import bert
 from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
 from rplora_jax.layers.inject import LinenLoRA
+from rplora_jax.pairing import path_tokens
 
 # 5 rates, 0.75 decades apart, over 3 decades for each family (SGD needs larger rates than Adam).
 _ADAM_LRS = (1e-5, 5.6e-5, 3.2e-4, 1.8e-3, 1e-2)
@@ -190,27 +195,38 @@ def train_run(
     opt_kwargs: dict | None = None,
     bar=None,
     keep_params: bool = False,
+    reg: float = rplora_jax.DEFAULT_REG,
 ) -> dict:
     """Trains one run and evaluates it.
 
+    The loss is logged after the first step, every ``log_every`` steps and after the last; at
+    those steps only, :func:`preconditioner_stats` (with ``reg``) is computed on the host from
+    the current parameters, outside the jitted step.
+
     Returns:
       ``{"eval_acc", "train_loss" (mean of the last 10% of steps), "losses" ((step, loss)
-      pairs every ``log_every`` steps), "seconds", "diverged"}``, and the trained ``"params"``
-      with ``keep_params``.
+      pairs at the logged steps, the loss averaged over the steps since the previous one),
+      "curve" (a dict per logged step: ``step``, ``train_loss`` and the
+      :data:`PRECOND_FIELDS`), "seconds", "diverged"}``, and the trained ``"params"`` with
+      ``keep_params``.
     """
     opt_kwargs = opt_kwargs or {}
     params = init_params(task, seed)
+    pairs = rplora_jax.find_lora_pairs(params)
     opt_state = make_optimizer(optimizer, lr, also_train=bert.HEAD, **opt_kwargs).init(params)
     step = task.train_step(optimizer, **opt_kwargs)
-    losses, curve = [], []
+    losses, curve, stats = [], [], []
     start = time.perf_counter()
+    logged = 0
     for i, idx in enumerate(batches(len(task.train["labels"]), batch_size, steps, seed)):
         batch = {k: v[idx] for k, v in task.train.items()}
         params, opt_state, loss = step(params, opt_state, batch)
         loss = float(loss)
         losses.append(loss)
-        if (i + 1) % log_every == 0 or i == steps - 1:
-            curve.append((i + 1, float(np.mean(losses[-log_every:]))))
+        if i == 0 or (i + 1) % log_every == 0 or i == steps - 1 or not math.isfinite(loss):
+            curve.append((i + 1, float(np.mean(losses[logged:]))))
+            stats.append(preconditioner_stats(params, reg, pairs))
+            logged = i + 1
         if bar is not None:
             bar.update(1)
         if not math.isfinite(loss):
@@ -224,9 +240,61 @@ def train_run(
         "eval_acc": acc,
         "train_loss": float(np.mean(tail)),
         "losses": curve,
+        "curve": [
+            {"step": st, "train_loss": f"{loss:.5f}", **st_}
+            for (st, loss), st_ in zip(curve, stats, strict=True)
+        ],
         "seconds": time.perf_counter() - start,
         "diverged": diverged,
     } | ({"params": params} if keep_params else {})
+
+
+# Per-step preconditioner diagnostics in curves.csv: mean over LoRA pairs (and stacked layers).
+PRECOND_FIELDS = ("b_norm", "cond_a", "cond_b")
+
+
+def preconditioner_stats(params, reg: float = rplora_jax.DEFAULT_REG, pairs=None) -> dict:
+    """How far the Riemannian preconditioner is from a multiple of the identity.
+
+    For every LoRA pair (:func:`rplora_jax.find_lora_pairs`; stacked layers counted one by one),
+    in float64 on the host: the Frobenius norm of ``b`` and the condition numbers (largest over
+    smallest eigenvalue) of the ``r x r`` Grams ``a^T a + reg I`` and ``b b^T + reg I`` (Flax
+    layout; ``A A^T`` and ``B^T B`` in PyTorch layout). A condition number of 1 means the
+    preconditioner is a multiple of the identity (as for ``b = 0`` at initialisation).
+
+    Args:
+      params: the parameter pytree.
+      reg: the preconditioner's ``reg``.
+      pairs: the pairs, if already found (:func:`rplora_jax.find_lora_pairs`).
+
+    Returns:
+      ``{"b_norm", "cond_a", "cond_b"}``, each the mean over pairs; NaN without pairs.
+    """
+    pairs = rplora_jax.find_lora_pairs(params) if pairs is None else pairs
+    want = {p.a_path for p in pairs} | {p.b_path for p in pairs}
+    leaves = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(path_tokens(path))
+        if name in want:
+            leaves[name] = leaf
+    leaves = jax.device_get(leaves)
+    b_norm, cond_a, cond_b = [], [], []
+    for p in pairs:
+        a = np.asarray(leaves[p.a_path], np.float64)
+        b = np.asarray(leaves[p.b_path], np.float64)
+        a = a.reshape(-1, *a.shape[len(p.stacked_shape) :])
+        b = b.reshape(-1, *b.shape[len(p.stacked_shape) :])
+        if p.layout == "flax":  # a: (in, r), b: (r, out)
+            gram_a, gram_b = np.swapaxes(a, -1, -2) @ a, b @ np.swapaxes(b, -1, -2)
+        else:  # A: (r, in), B: (out, r)
+            gram_a, gram_b = a @ np.swapaxes(a, -1, -2), np.swapaxes(b, -1, -2) @ b
+        eye = reg * np.eye(p.rank)
+        for gram, into in ((gram_a, cond_a), (gram_b, cond_b)):
+            ev = np.linalg.eigvalsh(gram + eye)
+            into.extend(ev[:, -1] / ev[:, 0])
+        b_norm.extend(np.sqrt((b**2).sum(axis=(-2, -1))))
+    mean = lambda x: float(np.mean(x)) if x else float("nan")
+    return {"b_norm": mean(b_norm), "cond_a": mean(cond_a), "cond_b": mean(cond_b)}
 
 
 def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple:
@@ -356,7 +424,7 @@ RUN_FIELDS = (
     "dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds",
     "diverged", "settings",
 )  # fmt: skip
-CURVE_FIELDS = ("optimizer", "lr", "seed", "step", "train_loss", "settings")
+CURVE_FIELDS = ("optimizer", "lr", "seed", "step", "train_loss", *PRECOND_FIELDS, "settings")
 
 
 def _fmt(x) -> str:
@@ -377,22 +445,39 @@ def run_key(optimizer: str, lr: float, seed: int, settings: str) -> tuple[str, s
     return (optimizer, repr(float(lr)), str(int(seed)), settings)
 
 
-def _read_runs(path: Path) -> list[dict]:
+_INT_FIELDS = ("seed", "steps")
+_STR_FIELDS = ("dataset", "optimizer", "settings")
+
+
+def _check_header(path: Path, fields: Sequence[str]) -> None:
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if tuple(header or ()) != tuple(fields):
+        raise ValueError(
+            f"{path} has columns {header}, not {list(fields)} (an older "
+            "format?): move it away or choose another --out to start a new sweep there."
+        )
+
+
+def _read_runs(path: Path, fields: Sequence[str] = RUN_FIELDS) -> list[dict]:
+    """The rows of a ``runs.csv`` with columns ``fields``, typed back: ints for seed and
+    steps, a bool for ``diverged``, strings for the names, floats (where they parse) else."""
     if not path.exists():
         return []
+    _check_header(path, fields)
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != RUN_FIELDS:
-            raise ValueError(
-                f"{path} has columns {reader.fieldnames}, not {list(RUN_FIELDS)} (an older "
-                "format?): move it away or choose another --out to start a new sweep there."
-            )
-        rows = list(reader)
+        rows = list(csv.DictReader(f))
     for r in rows:
-        r["lr"], r["seed"], r["steps"] = float(r["lr"]), int(r["seed"]), int(r["steps"])
-        for k in ("eval_acc", "train_loss", "seconds"):
-            r[k] = float(r[k])
-        r["diverged"] = r["diverged"] == "True"
+        for k, v in r.items():
+            if k in _INT_FIELDS:
+                r[k] = int(v)
+            elif k == "diverged":
+                r[k] = v == "True"
+            elif k not in _STR_FIELDS:
+                with contextlib.suppress(ValueError):
+                    r[k] = float(v)
     return rows
 
 
@@ -415,31 +500,41 @@ def run_sweep(
     steps: int,
     settings: str,
     on_run=None,
+    run_fields: Sequence[str] = RUN_FIELDS,
+    tables: Sequence[tuple[str, str, Sequence[str]]] = (("curves.csv", "curve", CURVE_FIELDS),),
 ) -> list[dict]:
     """Runs the ``(optimizer, lr, seed)`` jobs not yet in ``out/runs.csv``, appending each.
 
-    Each finished run's row goes to ``runs.csv`` and its loss curve to ``curves.csv`` at once
-    (the files are flushed and closed), so an interrupted sweep loses at most the run in flight.
-    A run whose key (:func:`run_key`: optimizer, rate, seed and ``settings``) is already in
-    ``runs.csv`` is not run again.
+    Each finished run's rows go to the ``tables`` (its loss curve to ``curves.csv``) and then
+    its row to ``runs.csv`` at once (the files are flushed and closed), so an interrupted sweep
+    loses at most the run in flight. A run whose key (:func:`run_key`: optimizer, rate, seed
+    and ``settings``) is already in ``runs.csv`` is not run again.
 
     Args:
       jobs: the runs of the sweep.
-      run_fn: ``(optimizer, lr, seed) -> dict`` with ``eval_acc``, ``train_loss``, ``seconds``,
-        ``diverged`` and ``losses`` (``(step, loss)`` pairs), as :func:`train_run` returns.
+      run_fn: ``(optimizer, lr, seed) -> dict`` with the ``run_fields`` beyond the key columns
+        (``eval_acc``, ``train_loss``, ``seconds``, ``diverged`` by default) and, for each
+        table, a list of dicts (``curve``; or ``losses``, ``(step, loss)`` pairs, as
+        :func:`train_run` returns).
       out: the output folder (created).
       dataset: the dataset's name, for the ``dataset`` column.
       steps: the number of steps, for the ``steps`` column.
       settings: :func:`settings_string` of every other setting that changes a run.
       on_run: called as ``on_run(row, resumed)`` after each job.
+      run_fields: the columns of ``runs.csv``; must hold ``dataset``, ``optimizer``, ``lr``,
+        ``seed``, ``steps`` and ``settings``.
+      tables: ``(file name, key of run_fn's result, columns)`` of the per-run tables; each
+        row gets the run's ``optimizer``, ``lr``, ``seed`` and ``settings``.
 
     Returns:
       The rows of ``jobs``, in order, read back from ``runs.csv`` or just run.
     """
     out.mkdir(parents=True, exist_ok=True)
+    for name, _, fields in tables:
+        _check_header(out / name, fields)
     done = {
         run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]): r
-        for r in _read_runs(out / "runs.csv")
+        for r in _read_runs(out / "runs.csv", run_fields)
     }
     rows = []
     for o, lr, seed in jobs:
@@ -452,14 +547,14 @@ def run_sweep(
         res = run_fn(o, lr, seed)
         row = {"dataset": dataset, "optimizer": o, "lr": float(lr), "seed": int(seed)}
         row |= {"steps": steps, "settings": settings}
-        row |= {k: res[k] for k in ("eval_acc", "train_loss", "seconds", "diverged")}
-        _append(out / "runs.csv", RUN_FIELDS, [row])
-        curve = [
-            {"optimizer": o, "lr": float(lr), "seed": seed, "step": st, "settings": settings}
-            | {"train_loss": f"{loss:.5f}"}
-            for st, loss in res.get("losses", [])
-        ]
-        _append(out / "curves.csv", CURVE_FIELDS, curve)
+        row |= {k: res[k] for k in run_fields if k not in row}
+        ids = {"optimizer": o, "lr": float(lr), "seed": int(seed), "settings": settings}
+        for name, res_key, fields in tables:
+            items = res.get(res_key)
+            if items is None and res_key == "curve":
+                items = [{"step": st, "train_loss": f"{x:.5f}"} for st, x in res.get("losses", [])]
+            _append(out / name, fields, [dict(item) | ids for item in items or ()])
+        _append(out / "runs.csv", run_fields, [row])
         done[key] = row
         rows.append(row)
         if on_run is not None:
@@ -578,6 +673,24 @@ def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
                     f"| {t} - {c} | {lr} | {d['n']}{div} | {_f(d['mean'], 2)} | "
                     f"{_f(d['lo'], 2)} to {_f(d['hi'], 2)} | {d['verdict']} |"
                 )
+    final = final_preconditioner_stats(out / "curves.csv", rows)
+    if final:
+        lines += [
+            "",
+            "Distance of the preconditioner from a multiple of the identity at the last logged "
+            f"step (reg = {args.reg:g}; mean over LoRA pairs, then median over the runs "
+            "of each optimizer): ‖b‖_F and the condition numbers of b b^T + reg I and "
+            "a^T a + reg I (1 = a multiple of I). Every logged step is in curves.csv.",
+            "",
+            "| optimizer | runs | median ‖b‖_F | median cond(b b^T + reg I) | "
+            "median cond(a^T a + reg I) |",
+            "|---|---|---|---|---|",
+        ]
+        for o, st in final.items():
+            lines.append(
+                f"| {o} | {st['runs']} | {st['b_norm']:.3g} | {st['cond_b']:.3g} | "
+                f"{st['cond_a']:.3g} |"
+            )
     if paired:
         with open(out / "paired.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(paired[0]))
@@ -585,6 +698,28 @@ def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
             w.writerows(paired)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def final_preconditioner_stats(curves: Path, rows: Sequence[dict]) -> dict[str, dict]:
+    """Per optimizer, the median over ``rows``' runs of :data:`PRECOND_FIELDS` at each run's
+    last step in ``curves`` (a ``curves.csv``), with ``runs``, the number of runs found."""
+    if not curves.exists():
+        return {}
+    keys = {run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in rows}
+    last: dict[tuple, dict] = {}
+    with open(curves, newline="") as f:
+        for c in csv.DictReader(f):
+            key = run_key(c["optimizer"], float(c["lr"]), int(c["seed"]), c["settings"])
+            if key in keys and (key not in last or int(c["step"]) >= int(last[key]["step"])):
+                last[key] = c
+    out = {}
+    for o in dict.fromkeys(r["optimizer"] for r in rows):
+        mine = [c for k, c in last.items() if k[0] == o]
+        if mine:
+            out[o] = {"runs": len(mine)} | {
+                k: float(np.median([float(c[k]) for c in mine])) for k in PRECOND_FIELDS
+            }
+    return out
 
 
 def _settings(args, ds_id: str) -> dict:
@@ -707,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log_every=args.log_every,
                 opt_kwargs=optimizer_kwargs(o, args),
                 bar=bar,
+                reg=args.reg,
             )
 
         def on_run(row, resumed):

@@ -16,7 +16,14 @@ points are scored too: the untuned model and copying the KJV verse unchanged.
 
 Outputs in ``--out``: ``runs.csv`` (one row per run: losses, BLEU, chrF, tokens/s, peak memory),
 ``curves.csv`` (training loss every ``--log-every`` steps), ``samples.csv`` (decoded test verses
-of each run), ``summary.md`` and ``bleu_vs_lr.png``; ``command.txt`` holds the command line.
+of each run), all three appended as soon as a run ends; ``summary.md`` (mean ± sample sd over
+seeds per optimizer and rate) and ``bleu_vs_lr.png``; ``command.txt`` holds the command line.
+
+Sweeps resume, with :func:`experiments.finetune_classification.run_sweep`: rerunning the same
+command skips the runs already in ``runs.csv`` (keyed by optimizer, rate, seed and every setting
+that changes a run, the ``settings`` column; the baselines by the data settings only), so an
+interrupted sweep continues where it stopped, and the model is not even loaded when nothing is
+left to run.
 
 Run from the repository root::
 
@@ -44,6 +51,7 @@ import numpy as np
 import optax
 
 import rplora_jax
+from experiments import finetune_classification as ft
 from experiments import optimizers
 from experiments.data import bible
 from experiments.models import llama
@@ -303,23 +311,158 @@ def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[s
     return lrs
 
 
-def _write(out: Path, command: str, runs: list[dict], curves: list[dict], samples: list[dict]):
+# The columns of runs.csv, curves.csv and samples.csv (see finetune_classification.run_sweep).
+RUN_FIELDS = (
+    "dataset", "optimizer", "lr", "seed", "steps", "valid_loss", "bleu", "chrf",
+    "final_train_loss", "tokens_per_s", "decode_s", "peak_mem_mb", "rank", "batch_size",
+    "n_test", "settings",
+)  # fmt: skip
+CURVE_FIELDS = ("optimizer", "lr", "seed", "step", "loss", "settings")
+SAMPLE_FIELDS = ("optimizer", "lr", "seed", "ref", "kjv", "web", "output", "settings")
+TABLES = (("curves.csv", "curve", CURVE_FIELDS), ("samples.csv", "samples", SAMPLE_FIELDS))
+BASELINES = ("copy_kjv", "untuned")
+DATASET = "kjv_web"
+
+
+def _data_settings(args) -> dict:
+    """The settings that change a baseline (the split, the verses and how they are decoded)."""
+    return {
+        "split_seed": args.seed,
+        "max_length": args.max_length,
+        "n_train": args.n_train,
+        "n_valid": args.n_valid,
+        "n_test": args.n_test,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def _settings(args) -> dict:
+    """Every setting that changes a trained run, beyond optimizer, rate and seed."""
+    return _data_settings(args) | {
+        "rank": args.rank,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "log_every": args.log_every,
+    }
+
+
+def run_one(task: Task, args, name: str, lr: float, seed: int, bar=None) -> dict:
+    """One job of the sweep, as ``finetune_classification.run_sweep`` wants it.
+
+    ``name`` is an optimizer (trained ``args.steps`` steps at ``lr``) or a baseline: ``untuned``
+    (the initial parameters) or ``copy_kjv`` (the KJV verse unchanged).
+
+    Returns:
+      The :data:`RUN_FIELDS` metrics, ``curve`` (the training loss rows) and ``samples`` (the
+      decoded test verses).
+    """
+    from tqdm.auto import tqdm
+
+    metrics, curve, params = {}, [], task.init_params
+    if name not in BASELINES:
+        params, metrics, curve = train_run(
+            task,
+            name,
+            lr,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=seed,
+            log_every=args.log_every,
+            bar=bar,
+        )
+    t0 = time.perf_counter()
+    if name == "copy_kjv":
+        hyps = [pr.source for pr in task.test_pairs]
+    else:
+        desc = f"decode {name} {lr:g}"
+        with tqdm(total=len(task.test_pairs), desc=desc, leave=False) as dbar:
+            hyps = decode(task, params, max_new_tokens=args.max_new_tokens, bar=dbar)
+    trained = name not in BASELINES
+    return {
+        "valid_loss": heldout_loss(task, params) if name != "copy_kjv" else float("nan"),
+        **score(hyps, task.test_pairs),
+        "final_train_loss": metrics.get("final_train_loss", float("nan")),
+        "tokens_per_s": metrics.get("tokens_per_s", float("nan")),
+        "decode_s": time.perf_counter() - t0 if name != "copy_kjv" else 0.0,
+        "peak_mem_mb": _peak_memory_mb(),
+        "rank": args.rank if trained else 0,
+        "batch_size": args.batch_size if trained else 0,
+        "n_test": len(task.test_pairs),
+        "curve": [{"step": c["step"], "loss": c["loss"]} for c in curve],
+        "samples": [
+            {"ref": pr.label, "kjv": pr.source, "web": pr.target, "output": h}
+            for pr, h in zip(task.test_pairs, hyps, strict=True)
+        ],
+    }
+
+
+SUMMARY_METRICS = ("valid_loss", "bleu", "chrf", "tokens_per_s", "peak_mem_mb")
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+    """Per optimizer and rate, in first-seen order: the number of seeds and, for each of
+    :data:`SUMMARY_METRICS`, the mean and the sample sd (``ddof=1``; NaN for one seed) over
+    seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["optimizer"], float(r["lr"])), []).append(r)
+    out = []
+    for (o, lr), rows in groups.items():
+        entry = {"optimizer": o, "lr": lr, "seeds": len(rows)}
+        for m in SUMMARY_METRICS:
+            x = [float(r[m]) for r in rows]
+            finite = [v for v in x if np.isfinite(v)]
+            entry[m] = float(np.mean(finite)) if finite else float("nan")
+            entry[f"{m}_sd"] = ft.sample_sd(x)
+        out.append(entry)
+    return out
+
+
+def _read_table(path: Path, runs: Sequence[dict]) -> list[dict]:
+    """The rows of a per-run table (``curves.csv``) that belong to ``runs``, floats parsed."""
+    if not path.exists():
+        return []
+    keys = {ft.run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in runs}
+    with open(path, newline="") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if ft.run_key(r["optimizer"], float(r["lr"]), int(r["seed"]), r["settings"]) in keys
+        ]
+    for r in rows:
+        r["lr"], r["seed"], r["step"], r["loss"] = (
+            float(r["lr"]),
+            int(r["seed"]),
+            int(r["step"]),
+            float(r["loss"]),
+        )
+    return rows
+
+
+def _write(out: Path, command: str, runs: list[dict]) -> None:
+    """``command.txt``, ``summary.md`` and ``bleu_vs_lr.png`` of ``runs`` (rows of runs.csv)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(command + "\n")
-    for name, rows in (("runs", runs), ("curves", curves), ("samples", samples)):
-        if rows:
-            with open(out / f"{name}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    cols = ["optimizer", "lr", "valid_loss", "bleu", "chrf", "tokens_per_s", "peak_mem_mb"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in runs:
-        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
+
+    def fmt(v, sd=float("nan")):
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.4g}" + (f" ± {sd:.2g}" if np.isfinite(sd) else "")
+
+    cols = ["optimizer", "lr", "seeds", *SUMMARY_METRICS]
+    lines = [
+        "Mean over seeds, ± the sample sd (ddof=1) where there are two or more.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for s in summarize(runs):
+        cells = [fmt(s["optimizer"]), fmt(s["lr"]), str(s["seeds"])]
+        cells += [fmt(s[m], s[f"{m}_sd"]) for m in SUMMARY_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Regenerate with: `{command}`", ""]
     (out / "summary.md").write_text("\n".join(lines))
-    _plot(out, runs, curves)
+    _plot(out, runs, _read_table(out / "curves.csv", runs))
 
 
 def _plot(out: Path, runs: list[dict], curves: list[dict]) -> None:
@@ -329,23 +472,36 @@ def _plot(out: Path, runs: list[dict], curves: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    trained = [r for r in runs if r["optimizer"] in OPTIMIZERS]
+    summary = summarize(runs)
     for name in OPTIMIZERS:
-        rows = sorted((r for r in trained if r["optimizer"] == name), key=lambda r: r["lr"])
+        rows = sorted((r for r in summary if r["optimizer"] == name), key=lambda r: r["lr"])
         if rows:
-            ax1.plot([r["lr"] for r in rows], [r["bleu"] for r in rows], "o-", label=name)
-    for r in runs:
+            ax1.errorbar(
+                [r["lr"] for r in rows],
+                [r["bleu"] for r in rows],
+                yerr=np.nan_to_num([r["bleu_sd"] for r in rows]),
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+    for r in summary:
         if r["optimizer"] not in OPTIMIZERS:
             ax1.axhline(r["bleu"], ls=":", color="gray")
             ax1.annotate(r["optimizer"], (0.01, r["bleu"]), xycoords=("axes fraction", "data"))
     ax1.set(xscale="log", xlabel="learning rate", ylabel="test BLEU", title="KJV -> WEB rewrite")
     ax1.legend()
-    for r in trained:
-        pts = [c for c in curves if c["optimizer"] == r["optimizer"] and c["lr"] == r["lr"]]
+    for r in runs:
+        if r["optimizer"] not in OPTIMIZERS:
+            continue
+        pts = [
+            c
+            for c in curves
+            if (c["optimizer"], c["lr"], c["seed"]) == (r["optimizer"], r["lr"], r["seed"])
+        ]
         ax2.plot(
             [c["step"] for c in pts],
             [c["loss"] for c in pts],
-            label=f"{r['optimizer']} {r['lr']:g}",
+            label=f"{r['optimizer']} {r['lr']:g} s{r['seed']}",
         )
     ax2.set(xlabel="step", ylabel="train loss (target tokens)", yscale="log")
     ax2.legend(fontsize=6)
@@ -375,95 +531,69 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     command = shlex.join(["python", "-m", "experiments.generative_finetune", *sys.argv[1:]])
     lrs = _parse_lrs(args.lrs, args.optimizers)
-    splits = bible.kjv_web_splits(seed=args.seed)
-    task = prepare(
-        splits,
-        rank=args.rank,
-        max_length=args.max_length,
-        n_train=args.n_train,
-        n_valid=args.n_valid,
-        n_test=args.n_test,
-        seed=args.seed,
-    )
-    tqdm.write(
-        f"{len(task.train)} train / {len(task.valid)} valid examples "
-        f"(<= {args.max_length} tokens), {len(task.test_pairs)} test verses"
-    )
-    runs, curves, samples = [], [], []
-
-    def evaluate(name, lr, params, metrics):
-        with tqdm(total=len(task.test_pairs), desc=f"decode {name} {lr:g}", leave=False) as bar:
-            t0 = time.perf_counter()
-            hyps = decode(task, params, max_new_tokens=args.max_new_tokens, bar=bar)
-            gen_s = time.perf_counter() - t0
-        row = {
-            "optimizer": name,
-            "lr": lr,
-            "valid_loss": heldout_loss(task, params),
-            **score(hyps, task.test_pairs),
-            "final_train_loss": metrics.get("final_train_loss", float("nan")),
-            "tokens_per_s": metrics.get("tokens_per_s", float("nan")),
-            "decode_s": gen_s,
-            "peak_mem_mb": _peak_memory_mb(),
-            "rank": args.rank,
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "n_test": len(task.test_pairs),
-        }
-        runs.append(row)
-        samples.extend(
-            {
-                "optimizer": name,
-                "lr": lr,
-                "ref": pr.label,
-                "kjv": pr.source,
-                "web": pr.target,
-                "output": h,
-            }
-            for pr, h in zip(task.test_pairs, hyps, strict=True)
+    sweeps = []  # (jobs, steps, settings): the baselines depend on the data settings only
+    if not args.skip_baselines:
+        base = [(name, 0.0, args.seed) for name in BASELINES]
+        sweeps.append((base, 0, ft.settings_string(_data_settings(args))))
+    jobs = [(o, lr, args.seed) for o in args.optimizers for lr in lrs[o]]
+    sweeps.append((jobs, args.steps, ft.settings_string(_settings(args))))
+    done = {
+        ft.run_key(r["optimizer"], r["lr"], r["seed"], r["settings"])
+        for r in ft._read_runs(args.out / "runs.csv", RUN_FIELDS)
+    }
+    left = [
+        [(o, lr, s) for o, lr, s in j if ft.run_key(o, lr, s, st) not in done]
+        for j, _, st in sweeps
+    ]
+    total = sum(len(j) for j, _, _ in sweeps)
+    n_left = sum(len(x) for x in left)
+    if n_left < total:
+        print(f"resuming: {total - n_left} of {total} runs already in {args.out / 'runs.csv'}")
+    task = None
+    if n_left:
+        splits = bible.kjv_web_splits(seed=args.seed)
+        task = prepare(
+            splits,
+            rank=args.rank,
+            max_length=args.max_length,
+            n_train=args.n_train,
+            n_valid=args.n_valid,
+            n_test=args.n_test,
+            seed=args.seed,
         )
         tqdm.write(
-            f"{name:>13} lr={lr:<8g} valid_loss={row['valid_loss']:.4f} "
-            f"BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
+            f"{len(task.train)} train / {len(task.valid)} valid examples "
+            f"(<= {args.max_length} tokens), {len(task.test_pairs)} test verses"
         )
+    trained = sum(o not in BASELINES for x in left for o, _, _ in x)
+    runs = []
+    with tqdm(total=trained * args.steps, desc="training", unit="step") as bar:
 
-    if not args.skip_baselines:
-        copy = score([pr.source for pr in task.test_pairs], task.test_pairs)
-        runs.append(
-            {
-                "optimizer": "copy_kjv",
-                "lr": 0.0,
-                "valid_loss": float("nan"),
-                **copy,
-                "final_train_loss": float("nan"),
-                "tokens_per_s": float("nan"),
-                "decode_s": 0.0,
-                "peak_mem_mb": _peak_memory_mb(),
-                "rank": 0,
-                "steps": 0,
-                "batch_size": 0,
-                "n_test": len(task.test_pairs),
-            }
-        )
-        evaluate("untuned", 0.0, task.init_params, {})
-    jobs = [(o, lr) for o in args.optimizers for lr in lrs[o]]
-    with tqdm(total=len(jobs) * args.steps, desc="training", unit="step") as bar:
-        for name, lr in jobs:
+        def run_fn(name, lr, seed):
             bar.set_postfix_str(f"{name} lr={lr:g}")
-            params, metrics, curve = train_run(
-                task,
-                name,
-                lr,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                log_every=args.log_every,
-                bar=bar,
+            return run_one(task, args, name, lr, seed, bar=bar)
+
+        def on_run(row, resumed):
+            if not resumed:
+                tqdm.write(
+                    f"{row['optimizer']:>13} lr={row['lr']:<8g} "
+                    f"valid_loss={row['valid_loss']:.4f} "
+                    f"BLEU={row['bleu']:.2f} chrF={row['chrf']:.2f}"
+                )
+
+        for jobs_, steps, settings in sweeps:
+            runs += ft.run_sweep(
+                jobs_,
+                run_fn,
+                args.out,
+                dataset=DATASET,
+                steps=steps,
+                settings=settings,
+                on_run=on_run,
+                run_fields=RUN_FIELDS,
+                tables=TABLES,
             )
-            curves.extend(curve)
-            evaluate(name, lr, params, metrics)
-            _write(args.out, command, runs, curves, samples)
-    _write(args.out, command, runs, curves, samples)
+    _write(args.out, command, runs)
     print((args.out / "summary.md").read_text())
 
 

@@ -160,3 +160,76 @@ def test_main_on_files_given_by_path_and_resume(tmp_path, capsys):
     assert "resuming: 4 of 4 runs already in" in capsys.readouterr().out
     with open(out / "runs.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def _rotation(n, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+    return q
+
+
+def test_preconditioner_stats_known_answers():
+    reg = 1e-2
+    # Pair q: a (in=5, r=2) with singular values 3 and 1, b (r=2, out=4) with 2 and 0.5,
+    # hidden behind rotations. Pair v: b = 0 and orthonormal a: both Grams a multiple of I.
+    a_q = _rotation(5, 0)[:, :2] @ np.diag([3.0, 1.0]) @ _rotation(2, 1)
+    b_q = _rotation(2, 2) @ np.diag([2.0, 0.5]) @ _rotation(4, 3)[:2]
+    a_v = _rotation(5, 4)[:, :2]
+    params = {
+        "q": {"kernel": np.zeros((5, 4)), "lora_a": a_q, "lora_b": b_q},
+        "v": {"kernel": np.zeros((5, 4)), "lora_a": a_v, "lora_b": np.zeros((2, 4))},
+        "head": {"kernel": np.ones((4, 2))},
+    }
+    params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
+    got = ft.preconditioner_stats(params, reg)
+    cond_a_q = (9 + reg) / (1 + reg)
+    cond_b_q = (4 + reg) / (0.25 + reg)
+    assert got["cond_a"] == pytest.approx((cond_a_q + 1.0) / 2, rel=1e-5)
+    assert got["cond_b"] == pytest.approx((cond_b_q + 1.0) / 2, rel=1e-5)
+    assert got["b_norm"] == pytest.approx(np.sqrt(4.25) / 2, rel=1e-6)
+    # b = 0 alone: the preconditioner is exactly reg I on the b side.
+    only_v = {"v": params["v"]}
+    assert ft.preconditioner_stats(only_v, reg) == pytest.approx(
+        {"b_norm": 0.0, "cond_a": 1.0, "cond_b": 1.0}, rel=1e-5
+    )
+
+
+def test_preconditioner_stats_stacked_layers_match_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 6, 4)), rng.normal(size=(3, 4, 5))  # 3 stacked layers, r = 4
+    params = {"layers": {"q_proj": {"kernel": np.zeros((3, 6, 5)), "lora_a": a, "lora_b": b}}}
+    got = ft.preconditioner_stats(params, 0.5)
+    eye = 0.5 * np.eye(4)
+    want_a = np.mean([np.linalg.cond(x.T @ x + eye) for x in a])
+    want_b = np.mean([np.linalg.cond(x @ x.T + eye) for x in b])
+    assert got["cond_a"] == pytest.approx(want_a, rel=1e-9)
+    assert got["cond_b"] == pytest.approx(want_b, rel=1e-9)
+    assert got["b_norm"] == pytest.approx(np.mean([np.linalg.norm(x) for x in b]), rel=1e-12)
+
+
+def test_final_preconditioner_stats_take_each_runs_last_step(tmp_path):
+    runs = [
+        {"optimizer": o, "lr": 1e-3, "seed": s, "settings": "x"}
+        for o in ("adamw", "scaled_adamw")
+        for s in (0, 1, 2)
+    ]
+
+    def run_fn(o, lr, seed):
+        last = 10.0 * (seed + 1) + (o == "scaled_adamw")
+        curve = [
+            {"step": 1, "train_loss": 1.0, "b_norm": 0.0, "cond_a": 1.0, "cond_b": 1.0},
+            {"step": 2, "train_loss": 0.5, "b_norm": seed, "cond_a": 2.0, "cond_b": last},
+        ]
+        return {"eval_acc": 0.5, "train_loss": 0.5, "seconds": 0.0, "diverged": False} | {
+            "curve": curve
+        }
+
+    jobs = [(r["optimizer"], r["lr"], r["seed"]) for r in runs]
+    rows = ft.run_sweep(jobs, run_fn, tmp_path, dataset="toy", steps=2, settings="x")
+    with open(tmp_path / "curves.csv", newline="") as f:
+        curves = list(csv.DictReader(f))
+    assert tuple(curves[0]) == ft.CURVE_FIELDS and len(curves) == 12
+    final = ft.final_preconditioner_stats(tmp_path / "curves.csv", rows)
+    assert final["adamw"] == {"runs": 3, "b_norm": 1.0, "cond_a": 2.0, "cond_b": 20.0}
+    assert final["scaled_adamw"]["cond_b"] == 21.0
+    # Runs of other settings are not counted.
+    assert ft.final_preconditioner_stats(tmp_path / "curves.csv", rows[:1])["adamw"]["runs"] == 1
