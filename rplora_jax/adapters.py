@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rplora_jax.pairing import RuleSpec
-from rplora_jax.partition import as_param_tree, factor_paths, path_str
+from rplora_jax.pairing import RuleSpec, path_str
+from rplora_jax.partition import as_param_tree, factor_paths
 
 
 def extract_adapter(

@@ -14,21 +14,10 @@ from typing import Any
 import jax
 import optax
 
-from rplora_jax.pairing import RuleSpec, find_lora_pairs, path_tokens
+from rplora_jax.pairing import RuleSpec, find_lora_pairs, no_pairs_error, path_str
 
 B_FACTOR = "lora_b"
 OTHER = "other"
-
-
-def _no_pairs_error(tree: Any) -> ValueError:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    paths = ["/".join(path_tokens(p)) for p, _ in flat[:4]]
-    return ValueError(
-        f"loraplus_adamw found no LoRA pairs among {len(flat)} leaves (first paths: {paths}). "
-        "This almost always means the factor names do not match the pairing rules: pass rules= "
-        "(see rplora_jax.pairing), or allow_no_pairs=True if a tree without LoRA factors is "
-        "intended."
-    )
 
 
 def loraplus_labels(
@@ -60,10 +49,10 @@ def loraplus_labels(
     """
     pairs = find_lora_pairs(tree, rules=rules)
     if not pairs and not allow_no_pairs:
-        raise _no_pairs_error(tree)
+        raise no_pairs_error(tree, "loraplus_adamw")
     b_paths = {p.b_path for p in pairs}
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: B_FACTOR if "/".join(path_tokens(p)) in b_paths else OTHER, tree
+        lambda p, _: B_FACTOR if path_str(p) in b_paths else OTHER, tree
     )
 
 

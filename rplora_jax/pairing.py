@@ -223,6 +223,22 @@ def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def path_str(keypath: tuple[Any, ...]) -> str:
+    """The ``/``-joined path tokens of a JAX key path, as the pairing and errors name leaves."""
+    return "/".join(path_tokens(keypath))
+
+
+def no_pairs_error(tree: Any, where: str) -> ValueError:
+    """The error for a tree in which ``where`` found no LoRA pair, showing its first paths."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths = [path_str(p) for p, _ in flat[:4]]
+    return ValueError(
+        f"{where} found no LoRA pairs among {len(flat)} leaves (first paths: {paths}). This "
+        "almost always means the factor names do not match the pairing rules: pass rules= (see "
+        "rplora_jax.pairing), or allow_no_pairs=True if a tree without LoRA factors is intended."
+    )
+
+
 class _Pair(NamedTuple):
     """A pair as the preconditioner uses it: leaf indices plus static geometry."""
 

@@ -17,18 +17,13 @@ import jax
 import numpy as np
 import optax
 
-from rplora_jax.pairing import RuleSpec, find_lora_pairs, path_tokens
+from rplora_jax.pairing import RuleSpec, find_lora_pairs, path_str
 
 TRAINABLE = "lora"
 FROZEN = "frozen"
 
 
 Targets = str | Sequence[str]
-
-
-def path_str(keypath: tuple[Any, ...]) -> str:
-    """The ``/``-joined path tokens of a JAX key path, as the pairing and errors name leaves."""
-    return "/".join(path_tokens(keypath))
 
 
 def as_param_tree(tree: Any) -> Any:

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rplora_jax.adapters import apply_adapter
-from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs
-from rplora_jax.partition import as_param_tree, path_str
+from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_str
+from rplora_jax.partition import as_param_tree
 
 if TYPE_CHECKING:
     from rplora_jax.layers.config import LoRAConfig

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rplora_jax.pairing import RuleSpec, match_pairs, path_tokens
+from rplora_jax.pairing import RuleSpec, match_pairs, no_pairs_error
 
 # PEFT's value. LoRA starts with b = 0, so b b^T + reg I is tiny at first and inv() scales g_a
 # up by about 1/reg: with the reference code's 1e-6 those first huge preconditioned gradients
@@ -308,17 +308,6 @@ def _check_reg(reg) -> None:
         raise ValueError(f"reg must be a non-negative number, got {reg!r}.")
 
 
-def _no_pairs_error(tree: Any) -> ValueError:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    paths = ["/".join(path_tokens(p)) for p, _ in flat[:4]]
-    return ValueError(
-        f"riemannian_preconditioner found no LoRA pairs among {len(flat)} leaves "
-        f"(first paths: {paths}). This almost always means the factor names do not match the "
-        "pairing rules: pass rules= (see rplora_jax.pairing), or allow_no_pairs=True if a tree "
-        "without LoRA factors is intended."
-    )
-
-
 def riemannian_preconditioner(
     reg: float | jax.Array = DEFAULT_REG,
     *,
@@ -396,7 +385,7 @@ def riemannian_preconditioner(
     def find(tree):
         pairs, leaves, treedef = match_pairs(tree, rules=rules, stacked_axes=stacked_axes)
         if not pairs and not allow_no_pairs:
-            raise _no_pairs_error(tree)
+            raise no_pairs_error(tree, "riemannian_preconditioner")
         return pairs, leaves, treedef
 
     def init_fn(params):

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_tokens
+from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_str
 
 # Names under which base weights are stored next to (or above) their LoRA factors: Flax
 # `kernel`, gemma `w`, PyTorch/PEFT `weight` (PEFT keeps it under `base_layer`), embeddings.
@@ -172,7 +172,7 @@ def lora_specs(
             f"PartitionSpec (or None) per parameter.\n  params: {treedef}\n  "
             f"param_specs: {spec_treedef}"
         )
-    paths = ["/".join(path_tokens(p)) for p, _ in flat]
+    paths = [path_str(p) for p, _ in flat]
     index = {p: i for i, p in enumerate(paths)}
     shapes = [tuple(np.shape(x)) for _, x in flat]
     specs = list(spec_leaves)
