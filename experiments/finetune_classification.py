@@ -566,7 +566,7 @@ def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[s
     lrs = {o: list(DEFAULT_LRS[o]) for o in optimizers}
     for item in items or []:
         name, _, values = item.partition("=")
-        names = OPTIMIZERS if name == "all" else [name]
+        names = list(lrs) if name == "all" else [name]  # all = every swept optimizer
         for n in names:
             if n not in ALL_OPTIMIZERS:
                 raise ValueError(f"--lrs {item!r}: unknown optimizer {n!r}.")
@@ -579,7 +579,13 @@ def _f(x: float, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"
 
 
-def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
+def binomial_se(acc_percent: float, n: int) -> float:
+    """The standard error, in points, of an accuracy measured on ``n`` test documents."""
+    p = acc_percent / 100
+    return 100 * math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -598,8 +604,13 @@ def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
         acc = [100 * np.mean(at[lr]) for lr in lrs]
         sd = [100 * sample_sd(at[lr]) for lr in lrs]
         loss = [np.mean([r["train_loss"] for r in mine if r["lr"] == lr]) for lr in lrs]
-        best_lr, best, lo, hi, width = lr_band(lrs, acc, args.band)
+        b = int(np.argmax(np.where(np.isfinite(acc), acc, -np.inf)))
+        n_best = int(np.isfinite(at[lrs[b]]).sum())
+        se = sd[b] / math.sqrt(n_best) if n_best >= 2 else float("nan")
+        band = args.band if args.band is not None else (se if math.isfinite(se) else 0.0)
+        best_lr, best, lo, hi, width = lr_band(lrs, acc, band)
         _, ci_lo, ci_hi = t_interval([100 * a for a in at[best_lr]])
+        above = acc[b + 1] if b + 1 < len(lrs) else float("nan")
         summary.append(
             {
                 "optimizer": o,
@@ -608,9 +619,13 @@ def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
                 "best_sd": round(sd[lrs.index(best_lr)], 2),
                 "best_ci95_lo": round(ci_lo, 2),
                 "best_ci95_hi": round(ci_hi, 2),
+                "best_se": round(se, 2),
+                "band_points": round(band, 2),
                 "band_lo": lo,
                 "band_hi": hi,
                 "band_decades": round(width, 3),
+                "acc_one_step_above": round(above, 2),
+                "bracketed": 0 < b < len(lrs) - 1,
                 "n_lrs": len(lrs),
                 "seeds": len({r["seed"] for r in mine}),
             }
@@ -637,20 +652,29 @@ def _write(out: Path, title: str, args, rows, untuned) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
+    best_overall = max(s["best_acc"] for s in summary)
+    band_words = (
+        f"{args.band:g} pt" if args.band is not None else "1 SE of the best (sd / sqrt(seeds))"
+    )
     lines = [
         f"`{(out / 'command.txt').read_text().strip()}`",
         "",
         f"Untuned (pretrained encoder + fresh head) accuracy: {100 * untuned:.1f}%",
         "",
-        f"| optimizer | best lr | best acc (%), mean ± sd | 95% CI | lr band within "
-        f"{args.band:g} pt | width (decades) | seeds |",
-        "|---|---|---|---|---|---|---|",
+        f"Accuracy on {n_test} test documents: the binomial standard error of one run is "
+        f"{_f(binomial_se(best_overall, n_test), 2)} points near {_f(best_overall)}%.",
+        "",
+        "| optimizer | best lr | best acc (%), mean ± sd | 95% CI | lr band within "
+        f"{band_words} | width (decades) | acc one step above | bracketed | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
+        edge = "yes" if s["bracketed"] else "**no**"
         lines.append(
             f"| {s['optimizer']} | {s['best_lr']:g} | {_f(s['best_acc'])} ± {_f(s['best_sd'])} | "
             f"{_f(s['best_ci95_lo'])} to {_f(s['best_ci95_hi'])} | "
-            f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} | {s['seeds']} |"
+            f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} | "
+            f"{_f(s['acc_one_step_above'])} | {edge} | {s['seeds']} |"
         )
     lines += [
         "",
@@ -778,7 +802,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr-ratio", type=float, default=16.0, help="LoRA+ lr(b) / lr(a)")
     p.add_argument("--n-train", type=int, default=None, help="subsample the training split")
     p.add_argument("--n-test", type=int, default=None, help="subsample the test split")
-    p.add_argument("--band", type=float, default=1.0, help="accuracy points for the lr band")
+    p.add_argument(
+        "--band",
+        type=float,
+        default=None,
+        help="accuracy points for the lr band (default: one standard error of the best rate)",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -864,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings=settings,
             on_run=on_run,
         )
-    _write(out, ds.name, args, rows, untuned)
+    _write(out, ds.name, args, rows, untuned, n_test=len(ds.test_texts))
     print((out / "summary.md").read_text())
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import types
 from functools import partial
 
 import jax
@@ -233,3 +234,42 @@ def test_final_preconditioner_stats_take_each_runs_last_step(tmp_path):
     assert final["scaled_adamw"]["cond_b"] == 21.0
     # Runs of other settings are not counted.
     assert ft.final_preconditioner_stats(tmp_path / "curves.csv", rows[:1])["adamw"]["runs"] == 1
+
+
+def test_all_rates_apply_to_every_swept_optimizer():
+    lrs = ft._parse_lrs(["all=1e-3,1e-4", "sgd=0.1"], ["adamw", "loraplus_adamw", "sgd"])
+    assert lrs == {"adamw": [1e-4, 1e-3], "loraplus_adamw": [1e-4, 1e-3], "sgd": [0.1]}
+
+
+def test_summary_reports_band_within_one_se_the_step_above_and_bracketing(tmp_path):
+    # adamw: best at 1e-3 (mean 80, sample sd 1.63 over 4 seeds: SE 0.82); 79.5 one step above
+    # is within one SE, so the band spans 1e-3 to 1e-2. scaled_adamw is best at its top rate.
+    accs = {
+        ("adamw", 1e-4): [60, 62, 61, 61],
+        ("adamw", 1e-3): [78, 82, 80, 80],
+        ("adamw", 1e-2): [79, 80, 79, 80],
+        ("scaled_adamw", 1e-4): [60, 60, 60, 60],
+        ("scaled_adamw", 1e-3): [70, 70, 70, 70],
+        ("scaled_adamw", 1e-2): [75, 76, 77, 76],
+    }
+    rows = [
+        {"optimizer": o, "lr": lr, "seed": s, "eval_acc": a / 100, "train_loss": 0.5}
+        | {"settings": "x"}
+        for (o, lr), seeds in accs.items()
+        for s, a in enumerate(seeds)
+    ]
+    args = types.SimpleNamespace(band=None, rank=4, targets=["query"], steps=1, batch_size=2)
+    args.reg = 0.01
+    summary = {s["optimizer"]: s for s in ft._write(tmp_path, "t", args, rows, 0.5, n_test=400)}
+    a, sc = summary["adamw"], summary["scaled_adamw"]
+    sd = np.std([78, 82, 80, 80], ddof=1)
+    assert (a["best_lr"], a["best_acc"]) == (1e-3, 80.0)
+    assert a["best_se"] == pytest.approx(sd / 2, abs=0.01)
+    assert (a["band_lo"], a["band_hi"], a["band_decades"]) == (1e-3, 1e-2, 1.0)
+    assert a["acc_one_step_above"] == pytest.approx(79.5)
+    assert a["bracketed"] and not sc["bracketed"]
+    assert np.isnan(sc["acc_one_step_above"])
+    text = (tmp_path / "summary.md").read_text()
+    # sqrt(0.8 * 0.2 / 400) = 2 points.
+    assert "binomial standard error of one run is 2.00 points near 80.0%" in text
+    assert "| scaled_adamw | 0.01 | 76.0 ± 0.8 |" in text and "| **no** |" in text

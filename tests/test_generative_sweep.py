@@ -1,9 +1,11 @@
-"""The generative sweep's bookkeeping, with a fake run function: resumable files, sample sd."""
+"""The generative sweep's bookkeeping and statistics, with a fake run function: resumable files,
+sample sd, length filtering, paired bootstrap comparisons."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import types
 
 import numpy as np
@@ -24,6 +26,9 @@ class FakeRuns:
         self.calls.append((name, lr, seed))
         trained = name not in gen.BASELINES
         bleu = 10.0 + 1000 * lr + seed
+        # Held-out NLL per verse: scaled_adamw is 0.1 nat per token lower on every verse.
+        better = 0.1 if name == "scaled_adamw" else 0.0
+        nll = [(1.0 - lr + 0.01 * seed + 0.05 * i - better) * 10 for i in range(4)]
         return {
             "valid_loss": 1.0 - lr,
             "bleu": bleu,
@@ -39,6 +44,11 @@ class FakeRuns:
             "samples": [
                 {"ref": f"Gen 1:{i}", "kjv": "thou", "web": "you", "output": f"{name} {i}"}
                 for i in (1, 2)
+            ],
+            "valid": [
+                {"ref": f"Exo 1:{i}", "nll": x, "tokens": 10}
+                for i, x in enumerate(nll)
+                if name != "copy_kjv"
             ],
         }
 
@@ -70,8 +80,12 @@ def _argv(out, *extra):
     ]  # fmt: skip
 
 
+def _seeds(*seeds):
+    return ["--seeds", *map(str, seeds)]
+
+
 BASE = [("copy_kjv", 0.0, 0), ("untuned", 0.0, 0)]
-TRAINED = [(o, lr, 0) for o in ("adamw", "scaled_adamw") for lr in (1e-3, 3e-3)]
+TRAINED = [(o, lr, 0) for lr in (1e-3, 3e-3) for o in ("adamw", "scaled_adamw")]
 
 
 def _rows(path):
@@ -82,14 +96,14 @@ def _rows(path):
 def test_sweep_appends_each_run_and_resumes(tmp_path, fake, capsys):
     crashing = fake(FakeRuns(fail_at=4))
     with pytest.raises(KeyboardInterrupt):
-        gen.main(_argv(tmp_path))
+        gen.main(_argv(tmp_path, *_seeds(0)))
     # The four finished runs (2 baselines, 2 trained) are on disk with their curves and samples.
     assert len(_rows(tmp_path / "runs.csv")) == 4
     assert len(_rows(tmp_path / "curves.csv")) == 2 * 2
     assert len(_rows(tmp_path / "samples.csv")) == 4 * 2
     assert crashing.calls == BASE + TRAINED[:2]
     again = fake(FakeRuns())
-    gen.main(_argv(tmp_path))
+    gen.main(_argv(tmp_path, *_seeds(0)))
     assert again.calls == TRAINED[2:]
     assert "resuming: 4 of 6 runs already in" in capsys.readouterr().out
     runs = _rows(tmp_path / "runs.csv")
@@ -103,7 +117,7 @@ def test_sweep_appends_each_run_and_resumes(tmp_path, fake, capsys):
     # The same command again runs nothing and does not even load the model.
     third = fake(FakeRuns())
     n_prepared = len(fake.prepared)
-    gen.main(_argv(tmp_path))
+    gen.main(_argv(tmp_path, *_seeds(0)))
     assert third.calls == [] and len(fake.prepared) == n_prepared
     assert len(_rows(tmp_path / "runs.csv")) == 6
     assert (tmp_path / "summary.md").read_text() == summary
@@ -111,14 +125,14 @@ def test_sweep_appends_each_run_and_resumes(tmp_path, fake, capsys):
 
 def test_changed_settings_rerun_trained_runs_only(tmp_path, fake):
     fake(FakeRuns())
-    gen.main(_argv(tmp_path))
+    gen.main(_argv(tmp_path, *_seeds(0)))
     other = fake(FakeRuns())
-    gen.main(_argv(tmp_path, "--rank", "8"))
+    gen.main(_argv(tmp_path, "--rank", "8", *_seeds(0)))
     # The baselines do not depend on the rank: only the trained runs are new.
     assert other.calls == TRAINED
     assert len(_rows(tmp_path / "runs.csv")) == 2 + 2 * 4
     newer = fake(FakeRuns())
-    gen.main(_argv(tmp_path, "--n-test", "8"))
+    gen.main(_argv(tmp_path, "--n-test", "8", *_seeds(0)))
     assert newer.calls == BASE + TRAINED
 
 
@@ -126,7 +140,7 @@ def test_old_runs_csv_is_an_error(tmp_path, fake):
     fake(FakeRuns())
     (tmp_path / "runs.csv").write_text("optimizer,lr,valid_loss\n")
     with pytest.raises(ValueError, match="another --out"):
-        gen.main(_argv(tmp_path))
+        gen.main(_argv(tmp_path, *_seeds(0)))
 
 
 def test_summary_uses_sample_sd_over_seeds():
@@ -147,3 +161,86 @@ def test_summary_uses_sample_sd_over_seeds():
     assert adamw["chrf_sd"] == 0.0
     assert untuned["seeds"] == 1 and math.isnan(untuned["bleu_sd"])
     assert math.isnan(untuned["tokens_per_s"])
+
+
+def test_two_seeds_run_seed_by_seed_and_report_paired_differences(tmp_path, fake):
+    runs = fake(FakeRuns())
+    gen.main(_argv(tmp_path, *_seeds(0, 1)))
+    trained = [c for c in runs.calls if c[0] not in gen.BASELINES]
+    assert trained == TRAINED + [(o, lr, 1) for _, lr, o in [(0, *t[1::-1]) for t in TRAINED]]
+    paired = _rows(tmp_path / "paired.csv")
+    loss = [
+        r
+        for r in paired
+        if r["metric"] == "valid_loss" and (r["lr_treatment"], r["lr_control"]) == ("0.001",) * 2
+    ]
+    (row,) = loss
+    # scaled_adamw's NLL is 1 lower per verse of 10 tokens on every verse and seed: the
+    # token-weighted loss is 0.1 lower, with no spread over verses or seeds.
+    assert (row["treatment"], row["control"], row["seeds"]) == ("scaled_adamw", "adamw", "2")
+    for k in ("diff", "boot_lo", "boot_hi", "seed_lo", "seed_hi"):
+        assert float(row[k]) == pytest.approx(0.1, abs=1e-9), k
+    assert row["verdict"] == "scaled_adamw 0.001 better"
+    # Both optimizers are best at their top rate: not bracketed, and said so.
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.search(r"\| adamw \| 0.003 \| [0-9.]+ \| not swept \| no: highest rate \|", summary)
+    assert len(loss) == 1 and len(paired) == len({tuple(r.values()) for r in paired})
+    # The BLEU comparisons against copying the KJV verse are there for each best rate.
+    vs_copy = {(r["treatment"], r["metric"]) for r in paired if r["control"] == "copy_kjv"}
+    assert vs_copy == {(o, m) for o in ("adamw", "scaled_adamw") for m in ("bleu", "chrf")}
+
+
+class _WordTokenizer:
+    """One token per word; the chat prompt adds two."""
+
+    eos_id = 0
+
+    def encode(self, text):
+        return [1] * len(text.split())
+
+    def chat_prompt(self, text, system=None):
+        return f"<s> {text} </s>"
+
+
+def test_fitting_draws_exactly_n_among_the_pairs_that_fit():
+    pair = lambda i, n: types.SimpleNamespace(source=f"v{i}", target=" ".join(["w"] * n))
+    # Prompt: 2 + "KJV: v{i}" = 4 tokens; + target + eos <= 10 keeps targets of <= 5 words.
+    pairs = [pair(i, n) for i, n in enumerate([1, 9, 5, 6, 2, 3, 20, 4])]
+    tok = _WordTokenizer()
+    got = gen.fitting(tok, pairs, 3, 10, np.random.default_rng(0))
+    assert len(got) == 3
+    assert all(len(p.target.split()) <= 5 for p in got)
+    assert [pairs.index(p) for p in got] == sorted(pairs.index(p) for p in got)
+    everyone = gen.fitting(tok, pairs, None, 10, np.random.default_rng(0))
+    assert [p.source for p in everyone] == ["v0", "v2", "v4", "v5", "v7"]
+    with pytest.raises(ValueError, match="Only 5 verse pairs fit in max_length=10; 6 asked"):
+        gen.fitting(tok, pairs, 6, 10, np.random.default_rng(0))
+
+
+def test_corpus_score_from_sentence_statistics_is_sacrebleu_corpus_score():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps = ["the cat sat on the mat", "God said let there be light", "and it was so", "yes"]
+    refs = ["the cat sat on a mat", "God said, let there be light", "it was so", "no"]
+    metrics = gen._sacrebleu_metrics()
+    for name, full in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
+        stats = gen.sentence_statistics(metrics[name], hyps, refs)
+        assert stats.shape[0] == len(hyps)
+        assert gen.corpus_score(metrics[name], stats) == pytest.approx(
+            full(hyps, [refs]).score, abs=1e-9
+        )
+        idx = np.array([0, 0, 2])
+        assert gen.corpus_score(metrics[name], stats[idx]) == pytest.approx(
+            full([hyps[i] for i in idx], [[refs[i] for i in idx]]).score, abs=1e-9
+        )
+
+
+def test_paired_bootstrap_interval():
+    x = np.random.default_rng(1).normal(size=200)
+    est, lo, hi = gen.paired_bootstrap(lambda idx: x[idx].mean(), len(x), resamples=2000)
+    assert est == pytest.approx(x.mean())
+    # The percentile interval of a mean is close to mean ± 1.96 sd / sqrt(n).
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+    same = gen.paired_bootstrap(lambda idx: x[idx].mean() - x[idx].mean(), len(x))
+    assert same == (0.0, 0.0, 0.0)

@@ -429,7 +429,8 @@ def lora_targets(names: Sequence[str] = ("q_proj", "v_proj")) -> str:
     return common.targets_regex(names, LORA_TARGETS, "layers/{}")
 
 
-def _dummy_ids() -> jax.Array:
+def dummy_ids() -> jax.Array:
+    """An example input for ``init``: one row of two token ids."""
     return jnp.zeros((1, 2), jnp.int32)
 
 
@@ -453,7 +454,7 @@ def add_lora(
       ``(lora_model, params)``: ``lora_model.apply({"params": params}, ...)`` runs the adapted
       model; ``params`` are the given ones plus ``lora_a``/``lora_b`` (``lora_b = 0``).
     """
-    return common.add_lora(model, params, lora, lora_targets(targets), rng, (_dummy_ids(),))
+    return common.add_lora(model, params, lora, lora_targets(targets), rng, (dummy_ids(),))
 
 
 def load_pretrained(
@@ -494,7 +495,7 @@ def load_pretrained(
     config = LlamaConfig.from_gguf(reader)
     model = LlamaForCausalLM(config, dtype, param_dtype)
     pretrained = convert_gguf_state(_read_gguf_tensors(reader), config, unpermute=unpermute)
-    params = common.fill_params(model, (_dummy_ids(),), pretrained, param_dtype)
+    params = common.fill_params(model, (dummy_ids(),), pretrained, param_dtype)
     if lora is None:
         return model, params
     return add_lora(model, params, lora, targets, rng)
