@@ -11,15 +11,24 @@ For every condition number κ this reports the iterations each optimizer needs t
 error ``‖L Rᵀ - X*‖_F / ‖X*‖_F <= tol``, and plots the error against the iteration. AdamW and
 scaled AdamW run at every learning rate of a small sweep; the plot shows each at its best rate.
 
-All runs share one sensing operator and are advanced together: the two products with ``A``
-(``m x n²``, 1.6 GB at the default size) per iteration are batched over every unfinished run,
-which is what makes the default size affordable on a CPU. A run leaves the batch once it reaches
-``tol`` or its iteration cap.
+Each ``--seeds`` value is an independent problem instance (its own operator and ground truth),
+run one after the other. The per-seed counts are summarised as a median and range over the seeds,
+and each preconditioned optimizer is compared with its plain counterpart, seed by seed, as the
+geometric mean of the iteration ratio with a 95% t-interval (on the log ratios).
 
-    python -m experiments.matrix_sensing               # the paper's setting (2 CPU cores: ~37 min)
-    python -m experiments.matrix_sensing --n 60 --r 5  # a quick look (seconds)
+Within one instance all runs share the sensing operator and are advanced together: the two
+products with ``A`` (``m x n²``, 1.6 GB at the default size) per iteration are batched over every
+unfinished run, which is what makes the default size affordable on a CPU. A run leaves the batch
+once it reaches ``tol`` or its iteration cap.
 
-Writes ``summary.csv``, ``traces.csv`` and ``error_vs_iteration.png`` to ``--out``.
+    python -m experiments.matrix_sensing               # the paper's setting, 5 instances
+                                                       # (2 CPU cores: ~37 min per instance)
+    python -m experiments.matrix_sensing --n 60 --r 5  # a quick look (seconds per instance)
+
+Writes to ``--out``: ``summary.csv`` (every run at every seed), ``aggregate.csv`` (per κ and
+optimizer over the seeds), ``paired.csv`` (the paired ratios), ``summary.md`` (the command line
+and both tables, in words), and, for the first seed only, ``traces.csv`` and
+``error_vs_iteration.png``. The summaries are rewritten after every seed.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import argparse
 import csv
 import dataclasses
 import math
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +49,7 @@ import numpy as np
 import optax
 
 import rplora_jax
+from experiments.finetune_classification import t_interval
 
 Params = dict[str, jax.Array]
 
@@ -324,39 +336,351 @@ def best_lr_runs(runs: Sequence[Run], traces: Sequence[np.ndarray], tol: float) 
     return best
 
 
-def _write_outputs(out: Path, s, runs, traces, tol, best, args) -> None:
+SUMMARY_COLUMNS = (
+    "seed",
+    "optimizer",
+    "kappa",
+    "lr",
+    "iters_to_tol",
+    "iters_run",
+    "final_rel_error",
+    "best_lr",
+)
+AGGREGATE_COLUMNS = (
+    "kappa",
+    "optimizer",
+    "seeds",
+    "reached",
+    "median_iters",
+    "min_iters",
+    "max_iters",
+    "cap",
+    "modal_lr",
+    "modal_lr_seeds",
+)
+PAIRED_COLUMNS = (
+    "kappa",
+    "treatment",
+    "control",
+    "seeds_both",
+    "geo_mean_ratio",
+    "ratio_lo",
+    "ratio_hi",
+    "only_treatment_reached",
+    "only_control_reached",
+    "verdict",
+)
+# (treatment, control): the paired ratio is control's iterations over treatment's.
+PAIRS = (("scaled_gd", "gd"), ("scaled_adamw", "adamw"))
+
+
+def summary_rows(seed: int, s: Sensing, runs, traces, tol: float, best: dict) -> list[dict]:
+    """One ``summary.csv`` row per run of one problem instance (``iters_to_tol`` None: not hit)."""
+    rows = []
+    for i, (r, t) in enumerate(zip(runs, traces, strict=True)):
+        rows.append(
+            {
+                "seed": seed,
+                "optimizer": r.family,
+                "kappa": s.kappas[r.kappa_idx],
+                "lr": r.lr,
+                "iters_to_tol": iterations_to(t, tol),
+                "iters_run": len(t) - 1,
+                "final_rel_error": float(t[-1]),
+                "best_lr": int(best[(r.family, r.kappa_idx)] == i),
+            }
+        )
+    return rows
+
+
+def _best_rows(rows: Sequence[dict]) -> dict[tuple[float, str, int], dict]:
+    """``(kappa, optimizer, seed) -> the row at the best rate``."""
+    return {(r["kappa"], r["optimizer"], r["seed"]): r for r in rows if int(r["best_lr"])}
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "" if not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+    """Per (κ, optimizer): iterations to ``tol`` at each seed's best rate, over the seeds.
+
+    A seed that did not reach ``tol`` within its cap counts as more iterations than any seed that
+    did, so the median is over all seeds (``inf``, i.e. "above the cap", when half or more of
+    them missed) and ``max_iters`` is ``inf`` when any seed missed; ``cap`` is then the longest
+    of the missed runs (None when every seed reached ``tol``). ``modal_lr`` is the rate
+    chosen most often (the smallest such rate on a tie) and ``modal_lr_seeds`` how often.
+    """
+    best = _best_rows(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    kappas = list(dict.fromkeys(r["kappa"] for r in rows))
+    families = [f for f in FAMILIES if any(r["optimizer"] == f for r in rows)]
+    out = []
+    for kappa in kappas:
+        for f in families:
+            picked = [best[(kappa, f, sd)] for sd in seeds if (kappa, f, sd) in best]
+            iters = np.array(
+                [np.inf if r["iters_to_tol"] is None else r["iters_to_tol"] for r in picked],
+                np.float64,
+            )
+            missed = [r["iters_run"] for r in picked if r["iters_to_tol"] is None]
+            lrs = [r["lr"] for r in picked]
+            counts = {lr: lrs.count(lr) for lr in sorted(set(lrs))}
+            modal = max(counts, key=lambda lr: (counts[lr], -lr))
+            out.append(
+                {
+                    "kappa": kappa,
+                    "optimizer": f,
+                    "seeds": len(picked),
+                    "reached": int(np.isfinite(iters).sum()),
+                    "median_iters": float(np.median(iters)),
+                    "min_iters": float(iters.min()),
+                    "max_iters": float(iters.max()),
+                    "cap": max(missed) if missed else None,
+                    "modal_lr": modal,
+                    "modal_lr_seeds": counts[modal],
+                }
+            )
+    return out
+
+
+def paired_comparison(rows: Sequence[dict], treatment: str, control: str) -> list[dict]:
+    """Per κ: ``control / treatment`` iterations to ``tol`` at each seed's best rates.
+
+    Summarised over the seeds where both reached ``tol`` as the geometric mean ratio and the
+    exponentiated 95% t-interval of the mean log ratio; seeds where only one of the two reached
+    ``tol`` are counted, not used in the ratio. A ratio above 1 means ``treatment`` needed fewer
+    iterations.
+
+    Example:
+      >>> rows = [
+      ...     {"seed": sd, "optimizer": f, "kappa": 1.0, "lr": 0.5, "iters_to_tol": it,
+      ...      "iters_run": it, "best_lr": 1}
+      ...     for sd, (a, b) in enumerate([(100, 200), (100, 220), (110, 200)])
+      ...     for f, it in (("scaled_gd", a), ("gd", b))
+      ... ]
+      >>> [p] = paired_comparison(rows, "scaled_gd", "gd")
+      >>> p["seeds_both"], round(p["geo_mean_ratio"], 3), p["verdict"]
+      (3, 2.0, 'scaled_gd needs fewer iterations')
+    """
+    best = _best_rows(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for kappa in dict.fromkeys(r["kappa"] for r in rows):
+        ratios, both, only_t, only_c = [], [], 0, 0
+        for sd in seeds:
+            t, c = best.get((kappa, treatment, sd)), best.get((kappa, control, sd))
+            if t is None or c is None:
+                continue
+            hit_t, hit_c = t["iters_to_tol"] is not None, c["iters_to_tol"] is not None
+            if hit_t and hit_c:
+                # max(., 1): a run that starts within tol counts as one iteration.
+                ratios.append(max(c["iters_to_tol"], 1) / max(t["iters_to_tol"], 1))
+                both.append(sd)
+            only_t += hit_t and not hit_c
+            only_c += hit_c and not hit_t
+        if ratios:
+            mean, lo, hi = t_interval(np.log(ratios))
+            geo, r_lo, r_hi = math.exp(mean), math.exp(lo), math.exp(hi)
+        else:
+            geo = r_lo = r_hi = float("nan")
+        if not (math.isfinite(r_lo) and math.isfinite(r_hi)):
+            verdict = "no interval (fewer than 2 seeds where both reached tol)"
+        elif r_lo <= 1 <= r_hi:
+            verdict = "within noise"
+        elif r_lo > 1:
+            verdict = f"{treatment} needs fewer iterations"
+        else:
+            verdict = f"{control} needs fewer iterations"
+        out.append(
+            {
+                "kappa": kappa,
+                "treatment": treatment,
+                "control": control,
+                "seeds_both": len(ratios),
+                "geo_mean_ratio": geo,
+                "ratio_lo": r_lo,
+                "ratio_hi": r_hi,
+                "only_treatment_reached": only_t,
+                "only_control_reached": only_c,
+                "verdict": verdict,
+                "ratios": ratios,
+                "ratio_seeds": both,
+            }
+        )
+    return out
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], fmt) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([fmt(c, r[c]) for c in columns])
+
+
+def _csv_value(column: str, v) -> str:
+    if v is None:
+        return ""
+    if column == "final_rel_error":
+        return f"{v:.3e}"
+    if column in ("geo_mean_ratio", "ratio_lo", "ratio_hi"):
+        return _fmt(v)
+    if column in ("median_iters", "min_iters", "max_iters"):
+        return "" if not math.isfinite(v) else f"{v:g}"
+    return str(v)
+
+
+def _iters_cell(a: dict) -> str:
+    """``"103 (101-105), 5/5"``; a count above the cap shows as ``">cap"``."""
+
+    def show(x: float) -> str:
+        return f"{x:g}" if math.isfinite(x) else f">{a['cap']}"
+
+    if a["reached"] == 0:
+        body = f"not reached (cap {a['cap']})"
+    elif a["min_iters"] == a["max_iters"]:
+        body = show(a["median_iters"])
+    elif math.isfinite(a["max_iters"]):
+        body = f"{show(a['median_iters'])} ({show(a['min_iters'])}-{show(a['max_iters'])})"
+    else:
+        body = f"{show(a['median_iters'])} ({show(a['min_iters'])} to {show(a['max_iters'])})"
+    return f"{body}, {a['reached']}/{a['seeds']}"
+
+
+NAMES = {"gd": "GD", "scaled_gd": "scaled GD", "adamw": "AdamW", "scaled_adamw": "scaled AdamW"}
+
+
+def summary_markdown(
+    rows: Sequence[dict], command: str, setup: str, tol: float, first_seed: int
+) -> tuple[str, list[dict], list[dict]]:
+    """``summary.md`` for ``rows``; also returns the aggregate and paired rows it shows."""
+    agg = aggregate(rows)
+    paired = [p for t, c in PAIRS for p in paired_comparison(rows, t, c)]
+    paired.sort(key=lambda p: p["kappa"])  # stable: per κ, GD's pair before AdamW's
+    seeds = sorted({r["seed"] for r in rows})
+    families = list(dict.fromkeys(a["optimizer"] for a in agg))
+    kappas = list(dict.fromkeys(a["kappa"] for a in agg))
+    by = {(a["kappa"], a["optimizer"]): a for a in agg}
+    lines = [
+        "# Matrix sensing over random problem instances",
+        "",
+        "Produced by:",
+        "",
+        f"    {command}",
+        "",
+        f"{setup}. {len(seeds)} independent instances (seeds {' '.join(map(str, seeds))}): each "
+        "seed draws its own operator `A` and ground truth `X*`. `summary.csv` has every run at "
+        "every seed; `traces.csv` and `error_vs_iteration.png` are for the first seed "
+        f"({first_seed}) only.",
+        "",
+        f"## Iterations to relative error {tol:g}",
+        "",
+        "Each cell: median over the seeds (min-max), then how many seeds reached tol within the "
+        "cap. A seed that did not reach tol counts as more than the cap (`>cap`). The AdamW "
+        "families use each seed's own best rate of the sweep (fewest iterations; lowest final "
+        "error where no rate reached tol); `best lr` is the rate chosen most often and on how "
+        "many seeds.",
+        "",
+    ]
+    header = ["κ"]
+    for f in families:
+        header.append(NAMES.get(f, f))
+        if f in ("adamw", "scaled_adamw"):
+            header.append(f"{NAMES[f]} best lr")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kappa in kappas:
+        cells = [f"{kappa:g}"]
+        for f in families:
+            a = by[(kappa, f)]
+            cells.append(_iters_cell(a))
+            if f in ("adamw", "scaled_adamw"):
+                cells.append(f"{a['modal_lr']:g} ({a['modal_lr_seeds']}/{a['seeds']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Paired comparison",
+        "",
+        "Per seed, the ratio of iterations to tol, control / treatment (GD / scaled GD, AdamW / "
+        "scaled AdamW at each one's best rate for that seed); above 1 means the preconditioned "
+        "optimizer needed fewer. Summarised over the seeds where both reached tol as the "
+        "geometric mean ratio with a 95% t-interval computed on the log ratios (sample sd) and "
+        "exponentiated. Seeds where only one of the two reached tol are counted, not in the "
+        "ratio. An interval that contains 1 is within noise.",
+        "",
+        "| κ | control / treatment | seeds (both) | geo. mean ratio | 95% interval | "
+        "only treatment reached | only control reached | per-seed ratios | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in paired:
+        interval = (
+            f"{_fmt(p['ratio_lo'])} to {_fmt(p['ratio_hi'])}"
+            if math.isfinite(p["ratio_lo"])
+            else "none"
+        )
+        per_seed = ", ".join(
+            f"{x:.2f} (s{sd})" for x, sd in zip(p["ratios"], p["ratio_seeds"], strict=True)
+        )
+        lines.append(
+            f"| {p['kappa']:g} | {NAMES.get(p['control'], p['control'])} / "
+            f"{NAMES.get(p['treatment'], p['treatment'])} | {p['seeds_both']}/{len(seeds)} | "
+            f"{_fmt(p['geo_mean_ratio']) or 'none'} | {interval} | "
+            f"{p['only_treatment_reached']} | {p['only_control_reached']} | {per_seed} | "
+            f"{p['verdict']} |"
+        )
+    lines += [
+        "",
+        "In words:",
+        "",
+    ]
+    for p in paired:
+        t, c = NAMES.get(p["treatment"], p["treatment"]), NAMES.get(p["control"], p["control"])
+        if p["seeds_both"] >= 2:
+            s = (
+                f"- κ = {p['kappa']:g}, {t} vs {c}: {c} took {_fmt(p['geo_mean_ratio'])}x the "
+                f"iterations of {t} (geometric mean over {p['seeds_both']} seeds, 95% interval "
+                f"{_fmt(p['ratio_lo'])} to {_fmt(p['ratio_hi'])}): {p['verdict']}."
+            )
+        else:
+            s = (
+                f"- κ = {p['kappa']:g}, {t} vs {c}: both reached tol on {p['seeds_both']} "
+                "seed(s), too few for an interval."
+            )
+        extra = []
+        if p["only_treatment_reached"]:
+            extra.append(f"only {t} reached tol on {p['only_treatment_reached']} seed(s)")
+        if p["only_control_reached"]:
+            extra.append(f"only {c} reached tol on {p['only_control_reached']} seed(s)")
+        if extra:
+            s += " Not in the ratio: " + "; ".join(extra) + "."
+        lines.append(s)
+    return "\n".join(lines) + "\n", agg, paired
+
+
+def _write_summaries(out: Path, rows, command: str, setup: str, tol: float, first_seed) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "summary.csv", SUMMARY_COLUMNS, rows, _csv_value)
+    md, agg, paired = summary_markdown(rows, command, setup, tol, first_seed)
+    _write_csv(out / "aggregate.csv", AGGREGATE_COLUMNS, agg, _csv_value)
+    _write_csv(out / "paired.csv", PAIRED_COLUMNS, paired, _csv_value)
+    (out / "summary.md").write_text(md)
+
+
+def _write_traces_and_plot(out: Path, s, runs, traces, tol, best, seed, n_seeds) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["optimizer", "kappa", "lr", "iters_to_tol", "iters_run", "final_rel_error", "best_lr"]
-        )
-        for i, (r, t) in enumerate(zip(runs, traces, strict=True)):
-            it = iterations_to(t, tol)
-            w.writerow(
-                [
-                    r.family,
-                    s.kappas[r.kappa_idx],
-                    r.lr,
-                    "" if it is None else it,
-                    len(t) - 1,
-                    f"{t[-1]:.3e}",
-                    int(best[(r.family, r.kappa_idx)] == i),
-                ]
-            )
     shown = sorted(set(best.values()))
     with open(out / "traces.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["optimizer", "kappa", "lr", "iteration", "rel_error"])
+        w.writerow(["seed", "optimizer", "kappa", "lr", "iteration", "rel_error"])
         for i in shown:
             r = runs[i]
             for it, e in enumerate(traces[i]):
-                w.writerow([r.family, s.kappas[r.kappa_idx], r.lr, it, f"{e:.4e}"])
+                w.writerow([seed, r.family, s.kappas[r.kappa_idx], r.lr, it, f"{e:.4e}"])
     colors = {"gd": "C0", "scaled_gd": "C3", "adamw": "C2", "scaled_adamw": "C1"}
     k = len(s.kappas)
     fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.4), sharey=True, squeeze=False)
@@ -373,14 +697,19 @@ def _write_outputs(out: Path, s, runs, traces, tol, best, args) -> None:
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("‖LRᵀ - X*‖_F / ‖X*‖_F")
     fig.suptitle(
-        f"matrix sensing n={s.n}, r={s.rank}, m={s.a.shape[0]}: spectral init, float32", fontsize=10
+        f"matrix sensing n={s.n}, r={s.rank}, m={s.a.shape[0]}: spectral init, float32; "
+        f"first seed only (seed {seed} of {n_seeds} instances)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(out / "error_vs_iteration.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # No abbreviations: the removed --seed must not silently mean --seeds.
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--r", type=int, default=10)
     p.add_argument("--m-factor", type=float, default=5.0, help="m = m_factor * n * r")
@@ -391,36 +720,68 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--adam-lrs", type=float, nargs="*", default=[1e-2, 3e-2, 1e-1])
     p.add_argument("--adam-iters", type=int, default=1000, help="cap for the AdamW sweep")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="one independent problem instance (operator and ground truth) per seed",
+    )
     p.add_argument("--out", type=Path, default=Path("results/matrix_sensing"))
     args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
 
+    command = shlex.join(["python", "-m", "experiments.matrix_sensing", *argv])
     m = round(args.m_factor * args.n * args.r)
+    setup = (
+        f"n = {args.n}, r = {args.r}, m = {m}, κ ∈ {{{', '.join(f'{k:g}' for k in args.kappas)}}}"
+        f", float32, spectral initialisation; GD / scaled GD step {args.step:g} (cap "
+        f"{args.max_iters}); AdamW / scaled AdamW (weight decay {args.weight_decay:g}, reg 0) at "
+        f"lr ∈ {{{', '.join(f'{lr:g}' for lr in args.adam_lrs)}}} (cap {args.adam_iters})"
+    )
     t0 = time.perf_counter()
-    s = make_sensing(args.n, args.r, m, args.kappas, seed=args.seed)
-    runs = []
-    for k in range(len(s.kappas)):
-        runs += [Run(f, args.step, k, args.max_iters) for f in ("gd", "scaled_gd")]
-        runs += [
-            Run(f, lr, k, args.adam_iters)
-            for f in ("adamw", "scaled_adamw")
-            for lr in args.adam_lrs
-        ]
-    traces = run_all(s, runs, tol=args.tol, weight_decay=args.weight_decay, progress=True)
-    best = best_lr_runs(runs, traces, args.tol)
-    _write_outputs(args.out, s, runs, traces, args.tol, best, args)
-    print(f"n={args.n} r={args.r} m={m} tol={args.tol:g}  ({time.perf_counter() - t0:.0f} s)")
-    fams = [f for f in FAMILIES if any(r.family == f for r in runs)]
-    print(f"{'kappa':>6} " + " ".join(f"{f:>22}" for f in fams))
-    for k, kappa in enumerate(s.kappas):
-        cells = []
-        for f in fams:
-            i = best[(f, k)]
-            it = iterations_to(traces[i], args.tol)
-            val = f">{len(traces[i]) - 1} ({traces[i][-1]:.1e})" if it is None else str(it)
-            cells.append(f"{val} @{runs[i].lr:g}")
-        print(f"{kappa:>6g} " + " ".join(f"{c:>22}" for c in cells))
-    print(f"wrote {args.out}/summary.csv, traces.csv, error_vs_iteration.png")
+    rows: list[dict] = []
+    for seed in args.seeds:
+        t_seed = time.perf_counter()
+        # One instance at a time: at the default size the operator alone is 1.6 GB.
+        s = make_sensing(args.n, args.r, m, args.kappas, seed=seed)
+        runs = []
+        for k in range(len(s.kappas)):
+            runs += [Run(f, args.step, k, args.max_iters) for f in ("gd", "scaled_gd")]
+            runs += [
+                Run(f, lr, k, args.adam_iters)
+                for f in ("adamw", "scaled_adamw")
+                for lr in args.adam_lrs
+            ]
+        traces = run_all(s, runs, tol=args.tol, weight_decay=args.weight_decay, progress=True)
+        best = best_lr_runs(runs, traces, args.tol)
+        rows += summary_rows(seed, s, runs, traces, args.tol, best)
+        if seed == args.seeds[0]:
+            _write_traces_and_plot(args.out, s, runs, traces, args.tol, best, seed, len(args.seeds))
+        # Rewritten after every seed, so an interrupted long run keeps what it finished.
+        _write_summaries(args.out, rows, command, setup, args.tol, args.seeds[0])
+        print(
+            f"seed {seed}: n={args.n} r={args.r} m={m} tol={args.tol:g}  "
+            f"({time.perf_counter() - t_seed:.0f} s)"
+        )
+        fams = [f for f in FAMILIES if any(r.family == f for r in runs)]
+        print(f"{'kappa':>6} " + " ".join(f"{f:>22}" for f in fams))
+        for k, kappa in enumerate(s.kappas):
+            cells = []
+            for f in fams:
+                i = best[(f, k)]
+                it = iterations_to(traces[i], args.tol)
+                val = f">{len(traces[i]) - 1} ({traces[i][-1]:.1e})" if it is None else str(it)
+                cells.append(f"{val} @{runs[i].lr:g}")
+            print(f"{kappa:>6g} " + " ".join(f"{c:>22}" for c in cells))
+        del s, traces  # free this instance's operator before drawing the next
+    print(f"{len(args.seeds)} seeds in {time.perf_counter() - t0:.0f} s")
+    print((args.out / "summary.md").read_text())
+    print(
+        f"wrote {args.out}/summary.csv, summary.md, aggregate.csv, paired.csv, traces.csv, "
+        "error_vs_iteration.png"
+    )
 
 
 if __name__ == "__main__":
