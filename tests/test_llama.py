@@ -191,3 +191,18 @@ def test_lora_steps_train_only_the_factors_and_lower_heldout_loss(loaded, tok):
         )
         assert not np.asarray(g[("layers", name, "lora_a")]).any()
         np.testing.assert_array_equal(one["layers"][name]["lora_a"], a.astype(np.float32))
+
+
+def test_lora_init_redraws_only_the_factors(loaded, tok):
+    model, params, _ = loaded  # LoRA factors drawn from seed 0
+    task = gen_ft.Task(model, tok, None, None, [], params)
+    same = traverse_util.flatten_dict(gen_ft.lora_init(task, 0))
+    other = traverse_util.flatten_dict(gen_ft.lora_init(task, 1))
+    flat = traverse_util.flatten_dict(params)
+    assert same.keys() == other.keys() == flat.keys()
+    for p, x in flat.items():
+        np.testing.assert_array_equal(_bits(same[p]), _bits(x), err_msg=str(p))
+        if p[-1] == "lora_a":
+            assert not np.array_equal(other[p], x), p
+        else:  # base weights shared, lora_b = 0 for every seed
+            np.testing.assert_array_equal(_bits(other[p]), _bits(x), err_msg=str(p))
