@@ -595,7 +595,7 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
     (out / "command.txt").write_text(
         shlex.join(["python", "-m", "experiments.finetune_classification", *sys.argv[1:]]) + "\n"
     )
-    summary = []
+    summary, by_lr = [], []
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     for o in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == o]
@@ -604,6 +604,11 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
         acc = [100 * np.mean(at[lr]) for lr in lrs]
         sd = [100 * sample_sd(at[lr]) for lr in lrs]
         loss = [np.mean([r["train_loss"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        by_lr += [
+            {"optimizer": o, "lr": lr, "seeds": len(at[lr]), "acc_mean": round(m, 2)}
+            | {"acc_sd": round(d, 2), "train_loss": round(float(x), 4)}
+            for lr, m, d, x in zip(lrs, acc, sd, loss, strict=True)
+        ]
         b = int(np.argmax(np.where(np.isfinite(acc), acc, -np.inf)))
         n_best = int(np.isfinite(at[lrs[b]]).sum())
         se = sd[b] / math.sqrt(n_best) if n_best >= 2 else float("nan")
@@ -648,10 +653,11 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_lr.png", dpi=120)
     plt.close(fig)
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+    for name, table in (("summary.csv", summary), ("by_lr.csv", by_lr)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
     best_overall = max(s["best_acc"] for s in summary)
     band_words = (
         f"{args.band:g} pt" if args.band is not None else "1 SE of the best (sd / sqrt(seeds))"
@@ -676,6 +682,7 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
             f"{s['band_lo']:g} to {s['band_hi']:g} | {s['band_decades']:.2f} | "
             f"{_f(s['acc_one_step_above'])} | {edge} | {s['seeds']} |"
         )
+    lines += ["", *_by_lr_lines(by_lr)]
     lines += [
         "",
         "Paired differences in accuracy points (treatment minus control, same rate and seed: "
@@ -722,6 +729,25 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
             w.writerows(paired)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _by_lr_lines(by_lr: Sequence[dict]) -> list[str]:
+    """Test accuracy (%) at every swept rate, mean ± sample sd over seeds (``by_lr.csv``)."""
+    rates = sorted({r["lr"] for r in by_lr})
+    cell = {(r["optimizer"], r["lr"]): r for r in by_lr}
+    lines = [
+        "Test accuracy (%) at each rate, mean ± sample sd over seeds (by_lr.csv):",
+        "",
+        "| optimizer | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for o in dict.fromkeys(r["optimizer"] for r in by_lr):
+        cells = [
+            f"{_f(c['acc_mean'])} ± {_f(c['acc_sd'])}" if (c := cell.get((o, lr))) else ""
+            for lr in rates
+        ]
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def final_preconditioner_stats(curves: Path, rows: Sequence[dict]) -> dict[str, dict]:

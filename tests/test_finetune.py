@@ -273,3 +273,9 @@ def test_summary_reports_band_within_one_se_the_step_above_and_bracketing(tmp_pa
     # sqrt(0.8 * 0.2 / 400) = 2 points.
     assert "binomial standard error of one run is 2.00 points near 80.0%" in text
     assert "| scaled_adamw | 0.01 | 76.0 ± 0.8 |" in text and "| **no** |" in text
+    assert "| adamw | 61.0 ± 0.8 | 80.0 ± 1.6 | 79.5 ± 0.6 |" in text
+    with open(tmp_path / "by_lr.csv", newline="") as f:
+        by_lr = list(csv.DictReader(f))
+    assert [(r["optimizer"], float(r["acc_mean"])) for r in by_lr][:3] == [
+        ("adamw", 61.0), ("adamw", 80.0), ("adamw", 79.5),
+    ]  # fmt: skip
