@@ -593,7 +593,7 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(
-        shlex.join(["python", "-m", "experiments.finetune_classification", *sys.argv[1:]]) + "\n"
+        shlex.join(["python", "-m", "experiments.finetune_classification", *args.argv]) + "\n"
     )
     summary, by_lr = [], []
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -837,6 +837,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if (args.train is None) != (args.test is None):
         p.error("--train and --test go together")
     if args.train is not None and args.dataset is not None:

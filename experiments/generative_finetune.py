@@ -657,9 +657,13 @@ def _read_table(path: Path, runs: Sequence[dict]) -> list[dict]:
 
 
 def _write(out: Path, command: str, runs: list[dict]) -> None:
-    """``command.txt``, ``summary.md``, ``paired.csv`` and ``bleu_vs_lr.png`` of ``runs``."""
+    """``summary.md``, ``paired.csv`` and ``bleu_vs_lr.png`` of ``runs``; ``command`` is added
+    to ``command.txt``, the list of commands that made the folder."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(command + "\n")
+    previous = (
+        (out / "command.txt").read_text().splitlines() if (out / "command.txt").exists() else []
+    )
+    (out / "command.txt").write_text("\n".join(dict.fromkeys([*previous, command])) + "\n")
 
     def fmt(v, sd=float("nan")):
         if not isinstance(v, float):
@@ -706,7 +710,9 @@ def _write(out: Path, command: str, runs: list[dict]) -> None:
             w.writeheader()
             w.writerows(paired)
         lines.append("")
-    lines += [f"Regenerate with: `{command}`", ""]
+    commands = (out / "command.txt").read_text().splitlines()
+    lines += ["Made by (rerunning resumes and skips the runs already in runs.csv):", ""]
+    lines += [f"    {c}" for c in commands] + [""]
     (out / "summary.md").write_text("\n".join(lines))
     _plot(out, runs, _read_table(out / "curves.csv", runs))
 
@@ -794,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
-    command = shlex.join(["python", "-m", "experiments.generative_finetune", *sys.argv[1:]])
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "-m", "experiments.generative_finetune", *given])
     lrs = _parse_lrs(args.lrs, args.optimizers)
     sweeps = []  # (jobs, steps, settings): the baselines depend on the data settings only
     if not args.skip_baselines:
@@ -861,6 +868,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_fields=RUN_FIELDS,
                 tables=TABLES,
             )
+    # The report covers every run in the folder made with these settings, so a sweep extended
+    # by a second command (say, one more rate) is reported as one; command.txt lists both.
+    settings = {st for _, _, st in sweeps}
+    key = lambda r: ft.run_key(r["optimizer"], r["lr"], r["seed"], r["settings"])
+    seen = {key(r) for r in runs}
+    runs += [
+        r
+        for r in ft._read_runs(args.out / "runs.csv", RUN_FIELDS)
+        if r["settings"] in settings and key(r) not in seen
+    ]
     _write(args.out, command, runs)
     print((args.out / "summary.md").read_text())
 

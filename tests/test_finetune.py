@@ -259,6 +259,7 @@ def test_summary_reports_band_within_one_se_the_step_above_and_bracketing(tmp_pa
         for s, a in enumerate(seeds)
     ]
     args = types.SimpleNamespace(band=None, rank=4, targets=["query"], steps=1, batch_size=2)
+    args.argv = ["--dataset", "toy"]
     args.reg = 0.01
     summary = {s["optimizer"]: s for s in ft._write(tmp_path, "t", args, rows, 0.5, n_test=400)}
     a, sc = summary["adamw"], summary["scaled_adamw"]
@@ -270,6 +271,7 @@ def test_summary_reports_band_within_one_se_the_step_above_and_bracketing(tmp_pa
     assert a["bracketed"] and not sc["bracketed"]
     assert np.isnan(sc["acc_one_step_above"])
     text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("`python -m experiments.finetune_classification --dataset toy`")
     # sqrt(0.8 * 0.2 / 400) = 2 points.
     assert "binomial standard error of one run is 2.00 points near 80.0%" in text
     assert "| scaled_adamw | 0.01 | 76.0 ± 0.8 |" in text and "| **no** |" in text

@@ -244,3 +244,20 @@ def test_paired_bootstrap_interval():
     assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
     same = gen.paired_bootstrap(lambda idx: x[idx].mean() - x[idx].mean(), len(x))
     assert same == (0.0, 0.0, 0.0)
+
+
+def test_a_second_command_extends_the_report(tmp_path, fake):
+    fake(FakeRuns())
+    gen.main(_argv(tmp_path, *_seeds(0)))
+    more = fake(FakeRuns())
+    extra = ["--optimizers", "adamw", "scaled_adamw", "--lrs", "adamw=1e-2", "scaled_adamw=1e-2"]
+    gen.main([*extra, "--steps", "2", "--out", str(tmp_path), *_seeds(0)])
+    assert more.calls == [("adamw", 1e-2, 0), ("scaled_adamw", 1e-2, 0)]
+    commands = (tmp_path / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and "adamw=1e-2" in commands[1]
+    summary = (tmp_path / "summary.md").read_text()
+    for lr in ("0.001", "0.003", "0.01"):
+        assert f"| scaled_adamw | {lr} | 1 |" in summary, lr
+    # Best rate now 1e-2 (the fake's loss falls with the rate): still the top of the grid.
+    assert re.search(r"\| adamw \| 0.01 \| [0-9.]+ \| not swept \| no: highest rate \|", summary)
+    assert summary.count("| copy_kjv | 0 | 1 |") == 1  # the baseline row once, not per command
