@@ -722,6 +722,14 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
                 f"| {o} | {st['runs']} | {st['b_norm']:.3g} | {st['cond_b']:.3g} | "
                 f"{st['cond_a']:.3g} |"
             )
+        best = {s["optimizer"]: s["best_lr"] for s in summary}
+        steps = preconditioner_by_step(out / "curves.csv", rows, best)
+        if steps:
+            with open(out / "precond_by_step.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(steps[0]))
+                w.writeheader()
+                w.writerows(steps)
+            lines += ["", *_by_step_lines(steps)]
     if paired:
         with open(out / "paired.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(paired[0]))
@@ -747,6 +755,47 @@ def _by_lr_lines(by_lr: Sequence[dict]) -> list[str]:
             for lr in rates
         ]
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def preconditioner_by_step(curves: Path, rows: Sequence[dict], lrs: dict[str, float]) -> list[dict]:
+    """Per optimizer at its rate in ``lrs``: the median over seeds of :data:`PRECOND_FIELDS`
+    at every logged step of ``curves`` (runs of ``rows`` only)."""
+    if not curves.exists():
+        return []
+    keys = {run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in rows}
+    at: dict[tuple[str, float, int], list[dict]] = {}
+    with open(curves, newline="") as f:
+        for c in csv.DictReader(f):
+            o, lr = c["optimizer"], float(c["lr"])
+            if lrs.get(o) == lr and run_key(o, lr, int(c["seed"]), c["settings"]) in keys:
+                at.setdefault((o, lr, int(c["step"])), []).append(c)
+    return [
+        {"optimizer": o, "lr": lr, "step": step, "seeds": len(cs)}
+        | {k: round(float(np.median([float(c[k]) for c in cs])), 4) for k in PRECOND_FIELDS}
+        for (o, lr, step), cs in sorted(
+            at.items(), key=lambda kv: (list(lrs).index(kv[0][0]), *kv[0][1:])
+        )
+    ]
+
+
+def _by_step_lines(steps: Sequence[dict]) -> list[str]:
+    shown = sorted({s["step"] for s in steps})
+    shown = [st for st in shown if st in (1, 10, 50) or st == shown[-1]]
+    lines = [
+        "Over training, at each optimizer's best rate (median over seeds; every logged step in "
+        "precond_by_step.csv): cond(b b^T + reg I), then ‖b‖_F in brackets.",
+        "",
+        "| optimizer | lr | " + " | ".join(f"step {st}" for st in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    cell = {(s["optimizer"], s["step"]): s for s in steps}
+    for o, lr in dict.fromkeys((s["optimizer"], s["lr"]) for s in steps):
+        cells = [
+            f"{c['cond_b']:.3g} ({c['b_norm']:.3g})" if (c := cell.get((o, st))) else ""
+            for st in shown
+        ]
+        lines.append(f"| {o} | {lr:g} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -232,6 +232,12 @@ def test_final_preconditioner_stats_take_each_runs_last_step(tmp_path):
     final = ft.final_preconditioner_stats(tmp_path / "curves.csv", rows)
     assert final["adamw"] == {"runs": 3, "b_norm": 1.0, "cond_a": 2.0, "cond_b": 20.0}
     assert final["scaled_adamw"]["cond_b"] == 21.0
+    by_step = ft.preconditioner_by_step(tmp_path / "curves.csv", rows, {"scaled_adamw": 1e-3})
+    assert [(r["optimizer"], r["step"], r["seeds"]) for r in by_step] == [
+        ("scaled_adamw", 1, 3), ("scaled_adamw", 2, 3),
+    ]  # fmt: skip
+    assert (by_step[1]["b_norm"], by_step[1]["cond_b"]) == (1.0, 21.0)  # medians over seeds
+    assert ft.preconditioner_by_step(tmp_path / "curves.csv", rows, {"adamw": 1e-2}) == []
     # Runs of other settings are not counted.
     assert ft.final_preconditioner_stats(tmp_path / "curves.csv", rows[:1])["adamw"]["runs"] == 1
 
