@@ -60,12 +60,13 @@ from experiments.models.common import as_key
 from experiments.optimizers import OPTIMIZERS, make_optimizer
 from rplora_jax.layers.inject import LinenLoRA
 
-# The default sweep fits 2 CPU cores in about 2 hours: AdamW and scaled AdamW at three rates, the
-# top one above AdamW's best (the regime where the preconditioner can matter).
+# The default sweep fits 2 CPU cores in about 2 hours: AdamW and scaled AdamW at four rates, the
+# top two above AdamW's best (the regime where the preconditioner can matter); the grid brackets
+# both optimizers' best rates (results/generative).
 DEFAULT_OPTIMIZERS = ("adamw", "scaled_adamw")
 DEFAULT_LRS = {
-    "adamw": (1e-3, 3e-3, 1e-2),
-    "scaled_adamw": (1e-3, 3e-3, 1e-2),
+    "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
+    "scaled_adamw": (1e-3, 3e-3, 1e-2, 3e-2),
     "sgd": (3e-2, 1e-1, 3e-1),
     "scaled_sgd": (3e-2, 1e-1, 3e-1),
 }
