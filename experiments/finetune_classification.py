@@ -758,18 +758,26 @@ def _by_lr_lines(by_lr: Sequence[dict]) -> list[str]:
     return lines
 
 
+def read_run_rows(path: Path, runs: Sequence[dict]) -> list[dict]:
+    """The rows of a per-run table (``curves.csv``, ...) that belong to ``runs`` (by
+    :func:`run_key`), with ``lr`` and ``seed`` parsed; none when the file does not exist."""
+    if not path.exists():
+        return []
+    keys = {run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in runs}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["lr"], r["seed"] = float(r["lr"]), int(r["seed"])
+    return [r for r in rows if run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) in keys]
+
+
 def preconditioner_by_step(curves: Path, rows: Sequence[dict], lrs: dict[str, float]) -> list[dict]:
     """Per optimizer at its rate in ``lrs``: the median over seeds of :data:`PRECOND_FIELDS`
     at every logged step of ``curves`` (runs of ``rows`` only)."""
-    if not curves.exists():
-        return []
-    keys = {run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in rows}
     at: dict[tuple[str, float, int], list[dict]] = {}
-    with open(curves, newline="") as f:
-        for c in csv.DictReader(f):
-            o, lr = c["optimizer"], float(c["lr"])
-            if lrs.get(o) == lr and run_key(o, lr, int(c["seed"]), c["settings"]) in keys:
-                at.setdefault((o, lr, int(c["step"])), []).append(c)
+    for c in read_run_rows(curves, rows):
+        if lrs.get(c["optimizer"]) == c["lr"]:
+            at.setdefault((c["optimizer"], c["lr"], int(c["step"])), []).append(c)
     return [
         {"optimizer": o, "lr": lr, "step": step, "seeds": len(cs)}
         | {k: round(float(np.median([float(c[k]) for c in cs])), 4) for k in PRECOND_FIELDS}
@@ -802,15 +810,11 @@ def _by_step_lines(steps: Sequence[dict]) -> list[str]:
 def final_preconditioner_stats(curves: Path, rows: Sequence[dict]) -> dict[str, dict]:
     """Per optimizer, the median over ``rows``' runs of :data:`PRECOND_FIELDS` at each run's
     last step in ``curves`` (a ``curves.csv``), with ``runs``, the number of runs found."""
-    if not curves.exists():
-        return {}
-    keys = {run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in rows}
     last: dict[tuple, dict] = {}
-    with open(curves, newline="") as f:
-        for c in csv.DictReader(f):
-            key = run_key(c["optimizer"], float(c["lr"]), int(c["seed"]), c["settings"])
-            if key in keys and (key not in last or int(c["step"]) >= int(last[key]["step"])):
-                last[key] = c
+    for c in read_run_rows(curves, rows):
+        key = run_key(c["optimizer"], c["lr"], c["seed"], c["settings"])
+        if key not in last or int(c["step"]) >= int(last[key]["step"]):
+            last[key] = c
     out = {}
     for o in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [c for k, c in last.items() if k[0] == o]

@@ -543,7 +543,7 @@ def _per_verse(out: Path, runs: Sequence[dict]) -> dict[tuple, dict]:
     metrics = _sacrebleu_metrics()
     found: dict[tuple, dict] = {}
     for name in ("valid.csv", "samples.csv"):
-        for r in _read_rows(out / name, runs):
+        for r in ft.read_run_rows(out / name, runs):
             item = found.setdefault((r["optimizer"], r["lr"], r["seed"]), {})
             item.setdefault(name, []).append(r)
     result = {}
@@ -633,25 +633,9 @@ def paired_comparisons(out: Path, runs: Sequence[dict]) -> list[dict]:
     return [r for r in result if r is not None]
 
 
-def _read_rows(path: Path, runs: Sequence[dict]) -> list[dict]:
-    """The rows of a per-run table that belong to ``runs``; ``lr`` and ``seed`` parsed."""
-    if not path.exists():
-        return []
-    keys = {ft.run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]) for r in runs}
-    with open(path, newline="") as f:
-        rows = [
-            r
-            for r in csv.DictReader(f)
-            if ft.run_key(r["optimizer"], float(r["lr"]), int(r["seed"]), r["settings"]) in keys
-        ]
-    for r in rows:
-        r["lr"], r["seed"] = float(r["lr"]), int(r["seed"])
-    return rows
-
-
 def _read_table(path: Path, runs: Sequence[dict]) -> list[dict]:
     """The rows of ``curves.csv`` that belong to ``runs``, numbers parsed."""
-    rows = _read_rows(path, runs)
+    rows = ft.read_run_rows(path, runs)
     for r in rows:
         r["step"], r["loss"] = int(r["step"]), float(r["loss"])
     return rows
