@@ -6,7 +6,7 @@ steps after warm-up (the two alternate step by step, so that changes in the mach
 both alike), with their ratios measured in this run. The ``compile`` set prints compile times
 only, for a growing number of small pairs. Runs on any backend (printed first).
 
-    python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile]
+    python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile] [--flatten]
 
 Sets (``--sets``, default all):
   a              48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)
@@ -91,8 +91,33 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def optimizers() -> dict:
-    return {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
+def optimizers(flatten: bool = False) -> dict:
+    """adamw first: the others' ratios are to it. ``flatten`` adds Adam on one flat vector of all
+    the parameters (``optax.flatten``), alone and after the preconditioner: one elementwise
+    kernel instead of one per leaf, at the price of copying every leaf in and out of it."""
+    txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
+    if flatten:
+        txs["flat_adamw"] = optax.flatten(optax.adamw(1e-3))
+        txs["scaled_flat_adamw"] = optax.chain(
+            rplora_jax.riemannian_preconditioner(), optax.flatten(optax.adamw(1e-3))
+        )
+    return txs
+
+
+def report(title: str, compile_s: dict, step_s: dict | None = None) -> str:
+    """One line: each optimizer's update and compile time, and its ratio to adamw's."""
+    parts = []
+    for what, unit, scale, times in (("update", "ms", 1e3, step_s), ("compile", "s", 1, compile_s)):
+        if times is None:
+            continue
+        base = times["adamw"]
+        cells = [f"adamw {base * scale:.2f} {unit}"] + [
+            f"{name} {t * scale:.2f} {unit} (ratio {t / base:.2f})"
+            for name, t in times.items()
+            if name != "adamw"
+        ]
+        parts.append(f"{what} " + ", ".join(cells))
+    return f"{title}: " + "; ".join(parts)
 
 
 def compile_step(tx, params, grads):
@@ -127,6 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sets", nargs="+", choices=[*SETS, "compile"], default=[*SETS, "compile"])
+    parser.add_argument(
+        "--flatten", action="store_true", help="also time Adam on one flat vector (optax.flatten)"
+    )
     args = parser.parse_args()
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
@@ -135,26 +163,15 @@ def main() -> None:
     for key in (k for k in args.sets if k in SETS):
         title, make = SETS[key]
         params, grads = make(0), make(1)
-        compile_s, step_s = time_updates(optimizers(), params, grads, args.repeats)
+        compile_s, step_s = time_updates(optimizers(args.flatten), params, grads, args.repeats)
         del params, grads
-        base, scaled = step_s["adamw"], step_s["scaled_adamw"]
-        cbase, cscaled = compile_s["adamw"], compile_s["scaled_adamw"]
-        print(
-            f"{title}: update adamw {base * 1e3:.2f} ms, scaled_adamw {scaled * 1e3:.2f} ms, "
-            f"ratio {scaled / base:.2f}; compile adamw {cbase:.2f} s, scaled_adamw "
-            f"{cscaled:.2f} s, ratio {cscaled / cbase:.2f}",
-            flush=True,
-        )
+        print(report(title, compile_s, step_s), flush=True)
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)
-            times = {name: compile_step(tx, params, params)[1] for name, tx in optimizers().items()}
-            base, scaled = times["adamw"], times["scaled_adamw"]
-            print(
-                f"compile, {n} pairs of 64x4: adamw {base:.2f} s, scaled_adamw {scaled:.2f} s, "
-                f"ratio {scaled / base:.2f}",
-                flush=True,
-            )
+            txs = optimizers(args.flatten)
+            times = {name: compile_step(tx, params, params)[1] for name, tx in txs.items()}
+            print(report(f"compile, {n} pairs of 64x4", times), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ DEFAULT_REG = 1e-2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # _apply's three forms: a matmul above _UNROLL_MAX_RANK; below it, r unrolled multiply-adds for
-# gradients of at least _UNROLL_MIN_SIZE elements and one broadcast product summed over the rank
-# for smaller ones. Both elementwise forms are fused into the next optimizer's elementwise kernel
+# gradients of at least _UNROLL_MIN_SIZE elements whose rank axis is the last one, a matmul for
+# such gradients whose rank axis is not, and one broadcast product summed over the rank for
+# smaller ones. Both elementwise forms are fused into the next optimizer's elementwise kernels
 # (no extra pass over the gradient, no dot call); the unrolled one is fastest on large gradients
 # but adds ~8 HLO ops per rank to every leaf, and XLA's compile time grows with the module size.
 # scaled_adamw on a 2-core CPU, update time per step (ratio to optax.adamw in the same run):
@@ -32,6 +33,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 #   48 pairs 1024x4      1.54 ms (1.61)  1.78 ms (1.79)  1.92 ms (1.78)
 #   512 pairs 64x4       13.6 ms (1.21)  19.5 ms (1.23)  18.0 ms (1.39)
 # and compile time at 512 pairs of 64x4: unrolled 19.5 s, sum 11.6 s, matmul 10.9 s (adamw 5.5 s).
+# optax.adamw updates mu and nu in two kernels per leaf, and XLA recomputes a fused apply in both.
+# With the rank axis last that is free (a profile of 128 pairs 4096x16: the a-gradients' mu and
+# nu kernels took 5.2 and 5.4 thread-ms per step, against 5.1 and 7.0 in optax.adamw), but with
+# the rank axis first each output row reads all r rows of the gradient, in each kernel: 16.5
+# thread-ms each for the b-gradients, against 3.8 and 3.0. Their matmul (2.5 thread-ms per kernel
+# plus the dot) brought the update from 36.8 to 34.9 ms and its compile time from 9.5 to 6.5 s.
 _UNROLL_MAX_RANK = 32
 _UNROLL_MIN_SIZE = 4096
 # Pairs of one kind whose Grams are inverted by one batched call (see _precondition_chunk).
@@ -43,10 +50,11 @@ _UNROLL_MIN_SIZE = 4096
 # XLA:CPU compiles a fused kernel once for all leaves whose kernels are identical, and a leaf's
 # kernel includes the slice of its chunk's inverses at its own offset: a chunk of n pairs makes
 # up to 2n distinct kernels. That matters for the large unrolled kernels, whose pairs are batched
-# by 4 (scaled_adamw's compile time at 48 pairs of 1024x4: 1.37 s in chunks of 4, 1.47 s of 8,
-# 3.21 s of 32; at 128 pairs of 4096x16: 8.8 s in chunks of 4, 10.4 s of 32).
+# by 8 (scaled_adamw's compile time at 48 pairs of 1024x4, in chunks of 4 / 8 / 16 / 32: 1.18 /
+# 1.13 / 1.45 / 2.70 s; at 128 pairs of 4096x16: 5.69 / 5.22 / 5.54 / 6.53 s; update times alike
+# within noise, except 32).
 _CHUNK = 32
-_UNROLLED_CHUNK = 4
+_UNROLLED_CHUNK = 8
 # Factors smaller than this are stacked for one batched Gram on every backend (see _chunk_grams).
 _STACK_MAX_SIZE = 4096
 
@@ -186,37 +194,41 @@ def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
     """Multiplies the rank axis of ``g`` by the symmetric ``inv`` and casts back to g's dtype.
 
-    Every form is elementwise work XLA fuses with the next optimizer's update, except the matmul
-    for large ranks, whose HLO does not grow with ``r``; see ``_UNROLL_MAX_RANK`` for which form
-    is used where, and the timings. Elementwise work keeps ``g``'s sharding, which
-    ``jnp.linalg.solve`` was seen not to, and every product is exact float32 on any backend.
+    The two elementwise forms are fused into the next optimizer's update; the matmul (large
+    ranks, and large gradients whose rank axis is not the last) is a dot whose HLO does not grow
+    with ``r``. See ``_UNROLL_MAX_RANK`` for which form is used where, and the timings.
+    Elementwise work keeps ``g``'s sharding, which ``jnp.linalg.solve`` was seen not to, and every
+    product is exact float32 on any backend.
     """
     gc = g.astype(dtype)
     r = g.shape[rank_axis]
-    if r > _UNROLL_MAX_RANK:
-        return _apply_matmul(gc, inv, rank_axis, stacked, dtype).astype(g.dtype)
-    if not _unrolled(g, rank_axis):
+    if _unrolled(g, rank_axis):
+        # r broadcast multiply-adds: the preconditioned gradient is never written out.
+        # inv[..., k, :] laid out along g's axes: stacked axes first, r at the (last) rank axis.
+        row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
+        row_shape[rank_axis] = r
+        out = None
+        for k in range(r):
+            row = inv[..., k, :].reshape(row_shape)
+            term = jax.lax.slice_in_dim(gc, k, k + 1, axis=rank_axis) * row
+            out = term if out is None else out + term
+        return out.astype(g.dtype)
+    if r <= _UNROLL_MAX_RANK and np.size(g) < _UNROLL_MIN_SIZE:
         # One broadcast product summed over k: a few HLO ops whatever r is.
         gk = jnp.expand_dims(gc, rank_axis + 1)
         shape = [*g.shape[:stacked]] + [1] * (g.ndim + 1 - stacked)
         shape[rank_axis], shape[rank_axis + 1] = r, r
         return jnp.sum(gk * inv.reshape(shape), axis=rank_axis).astype(g.dtype)
-    # r broadcast multiply-adds: the preconditioned gradient is never written out.
-    # inv[..., k, :] laid out along g's axes: stacked axes first, r at the rank axis.
-    row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
-    row_shape[rank_axis] = r
-    out = None
-    for k in range(r):
-        term = jax.lax.slice_in_dim(gc, k, k + 1, axis=rank_axis) * inv[..., k, :].reshape(
-            row_shape
-        )
-        out = term if out is None else out + term
-    return out.astype(g.dtype)
+    return _apply_matmul(gc, inv, rank_axis, stacked, dtype).astype(g.dtype)
 
 
 def _unrolled(g, rank_axis: int) -> bool:
     """Whether :func:`_apply` takes its unrolled multiply-add form for ``g``."""
-    return np.shape(g)[rank_axis] <= _UNROLL_MAX_RANK and np.size(g) >= _UNROLL_MIN_SIZE
+    return (
+        np.shape(g)[rank_axis] <= _UNROLL_MAX_RANK
+        and np.size(g) >= _UNROLL_MIN_SIZE
+        and rank_axis == np.ndim(g) - 1
+    )
 
 
 def _apply_matmul(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype):
@@ -457,7 +469,12 @@ def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
     the result, was measured and rejected on CPU: each leaf's update then slices one shared buffer
     at its own offset, so XLA compiles a distinct kernel per leaf and its passes grow
     superlinearly in those slices (8.9 s against 3.8 s to compile scaled_adamw at 128 pairs of
-    64x4), and the copies add two passes over every gradient.
+    64x4), and the copies add two passes over every gradient. Sharing one inverse call between
+    the partial chunks of several kinds (a stacked Llama's q/k/v/o, gate/up and down) was also
+    measured and rejected: it saved ~0.5 s of a cold compile of benchmark set (d) (2.8 against
+    3.3 s) but made its update slower (820 and 852 ms against 762 and 702 ms, two runs), and the
+    same stacked model at rank 16 and 8 slower too (85.9 against 81.0 ms, 37.9 against 35.8 ms):
+    separate inverses of independent kinds run alongside other work.
     """
     first, n = chunk[0], len(chunk)
     stacked = first.stacked

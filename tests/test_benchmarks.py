@@ -1,0 +1,49 @@
+"""The update benchmark's optimizers and report, on a tiny tree (its timings are not tested)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from script_loader import load_script
+
+bench = load_script("benchmarks/update_overhead.py")
+
+
+def test_every_benchmarked_optimizer_takes_the_same_step_as_its_per_leaf_version():
+    # The flat candidates must be the same maths as adamw / scaled_adamw, or their ratios mean
+    # nothing: optax.flatten only changes the layout of Adam's state.
+    params, grads = bench.make_params(3, 8, 2, seed=0), bench.make_params(3, 8, 2, seed=1)
+    steps = {}
+    for name, tx in bench.optimizers(flatten=True).items():
+        step, seconds = bench.compile_step(tx, params, grads)
+        assert seconds > 0
+        p = jax.tree.map(np.array, params)
+        state = tx.init(p)
+        for _ in range(3):
+            p, state = step(p, state, grads)
+        steps[name] = p
+    for per_leaf, flat in (("adamw", "flat_adamw"), ("scaled_adamw", "scaled_flat_adamw")):
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+            steps[per_leaf],
+            steps[flat],
+        )
+    moved = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), steps["adamw"], params)
+    assert min(jax.tree.leaves(moved)) > 1e-4
+    scaled_vs_plain = jax.tree.map(
+        lambda x, y: float(np.max(np.abs(x - y))), steps["adamw"], steps["scaled_adamw"]
+    )
+    assert max(jax.tree.leaves(scaled_vs_plain)) > 1e-5
+
+
+def test_report_gives_each_ratio_to_adamw():
+    line = bench.report(
+        "(x) set", {"adamw": 2.0, "scaled_adamw": 3.0}, {"adamw": 0.01, "scaled_adamw": 0.015}
+    )
+    assert line == (
+        "(x) set: update adamw 10.00 ms, scaled_adamw 15.00 ms (ratio 1.50); "
+        "compile adamw 2.00 s, scaled_adamw 3.00 s (ratio 1.50)"
+    )
+    assert bench.report("c", {"adamw": 1.0, "flat_adamw": 0.5}) == (
+        "c: compile adamw 1.00 s, flat_adamw 0.50 s (ratio 0.50)"
+    )
