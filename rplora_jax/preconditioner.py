@@ -260,12 +260,12 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
     is not numerically positive definite is replaced by the identity.
 
     On CPU this is Gauss-Jordan elimination in plain XLA ops: with the LAPACK Cholesky of jaxlib
-    0.10.0 and 0.10.2 (0.10.1 untested), the update of 16 rank-64 pairs in
+    0.10.0, 0.10.1 and 0.10.2 (every 0.10 release), the update of 16 rank-64 pairs in
     ``test_many_high_rank_pairs_do_not_hang`` never finishes, every thread idle, when its 32 Grams
-    are inverted in batches of 8 or 2 (in one batch of 32 it finishes in 1.4 s); jaxlib 0.8.3 and
-    0.9.2 finish in 0.6 s. Inverses are a small part of the update (all 256 Grams of 128 rank-16
-    pairs in under 3 ms), so the loop stays on CPU for every version rather than depend on batch
-    sizes. Elsewhere it is the backend's batched Cholesky.
+    are inverted in batches of 8 or 2 (0.10.1: even one at a time; in one batch of 32 it finishes
+    in 1.4 s); jaxlib 0.8.3 and 0.9.2 finish in 0.6 s. Inverses are a small part of the update
+    (all 256 Grams of 128 rank-16 pairs in under 3 ms), so the loop stays on CPU for every
+    version rather than depend on batch sizes. Elsewhere it is the backend's batched Cholesky.
     """
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     m = m + jnp.asarray(reg, m.dtype) * eye
