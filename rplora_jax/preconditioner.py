@@ -84,14 +84,28 @@ def _explicit_out_sharding(x: jax.Array, stacked: int) -> dict[str, Any]:
     """On a mesh of Explicit axes (``jax.make_mesh``'s default) a dot that contracts a sharded
     axis must be told its output sharding: the stacked axes keep theirs, the r x r is replicated.
     """
+    explicit = _explicit_spec(x)
+    if explicit is None:
+        return {}
+    mesh, spec = explicit
+    return {"out_sharding": _named(mesh, (*spec[:stacked], None, None))}
+
+
+def _explicit_spec(x) -> tuple[Any, tuple] | None:
+    """``(mesh, spec padded to x.ndim)`` where x's sharding is part of its type (every mesh axis
+    Explicit), else None."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
-        return {}
+        return None
     if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return {}
-    spec = tuple(sharding.spec) + (None,) * x.ndim
-    return {"out_sharding": jax.sharding.PartitionSpec(*spec[:stacked], None, None)}
+        return None
+    return mesh, (*sharding.spec, *(None,) * (np.ndim(x) - len(sharding.spec)))
+
+
+def _named(mesh, spec) -> jax.sharding.NamedSharding:
+    # A NamedSharding, not a bare PartitionSpec: that one needs `jax.set_mesh` around the call.
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _axis_names(axis_name: Any) -> tuple[str, ...] | None:
@@ -122,51 +136,92 @@ def _varying(x: Any) -> frozenset:
     return frozenset(varying or ())
 
 
-def _axes_to_sum(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The named axes the Grams may need a ``psum`` over: the manual axes of the current mesh.
+def _manual_axes(names, where: str, hint: str = "") -> frozenset:
+    """Those of ``names`` that are manual axes here; a name that is not a mesh axis is an error.
 
     A name that is not a mesh axis would otherwise just never match a varying axis and be skipped
-    silently. A named mesh axis that is not manual here (an Auto/Explicit axis of a partial
-    shard_map, or ``jax.jit`` under ``jax.set_mesh``) holds global values that XLA reduces itself.
+    silently. A mesh axis that is not manual here (an Auto/Explicit axis of a partial shard_map,
+    or ``jax.jit`` under ``jax.set_mesh``) holds global values that XLA reduces itself.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    unknown = [n for n in names if n not in mesh.axis_names]
+    unknown = sorted({n for n in names if n not in mesh.axis_names})
     if unknown:
-        where = (
+        here = (
             f"the current mesh has axes {tuple(mesh.axis_names)}"
             if mesh.axis_names
             else "there is no mesh here (not inside jax.shard_map)"
         )
         raise ValueError(
-            f"riemannian_preconditioner(axis_name={names!r}): {', '.join(map(repr, unknown))} "
-            f"is not a mesh axis: {where}. Name the shard_map mesh axes the factors' feature axes "
-            "are sharded over; under jax.jit leave axis_name=None (XLA sums sharded Grams itself)."
+            f"riemannian_preconditioner({where}): {', '.join(map(repr, unknown))} is not a mesh "
+            f"axis: {here}. Name the shard_map mesh axes the factors are sharded over{hint}."
         )
-    manual = tuple(n for n in names if n in mesh.manual_axes)
-    for n in manual:
-        # axis_index varies along its axis by definition: if its type does not say so, shard_map
-        # is not tracking varying axes, and nothing tells a sharded factor from a replicated one.
-        if n not in _varying(jax.lax.axis_index(n)):
+    return frozenset(n for n in names if n in mesh.manual_axes)
+
+
+def _tracks_varying(axis: str) -> bool:
+    """Whether shard_map tracks varying axes here: ``axis_index`` varies along its axis by
+    definition, unless ``check_vma=False`` (or ``pmap``) turned the tracking off."""
+    return axis in _varying(jax.lax.axis_index(axis))
+
+
+def _sum_axes_by_name(names: tuple[str, ...]):
+    """Per factor, the named manual axes it varies along (a Gram is summed over exactly those)."""
+    manual = _manual_axes(
+        names,
+        f"axis_name={names!r}",
+        "; under jax.jit leave axis_name=None (XLA sums sharded Grams itself)",
+    )
+    for n in sorted(manual):
+        if not _tracks_varying(n):
             raise ValueError(
                 f"riemannian_preconditioner(axis_name={names!r}) needs shard_map's varying-axes "
                 f"types to know which factors are sharded over {n!r}, and they are off here "
                 "(jax.shard_map(..., check_vma=False), or jax.pmap). Use check_vma=True (the "
-                "default), or run the update under jax.jit on sharded global arrays with "
-                "axis_name=None."
+                "default), pass specs= (the factors' PartitionSpecs), or run the update under "
+                "jax.jit on sharded global arrays with axis_name=None."
             )
-    return manual
+
+    def sum_axes(x) -> tuple[str, ...]:
+        # A factor replicated over an axis (b of a row-parallel layer) already holds its whole
+        # Gram: summing it there would multiply it by the axis size.
+        return tuple(sorted(manual & _varying(x)))
+
+    return sum_axes
 
 
-def _psum_where_sharded(gram: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Sums a Gram over those of the manual ``axes`` its factor is sharded (varies) along.
+def _sum_axes_by_spec(x, path: str, spec, rank_axis: int, stacked: int) -> tuple[str, ...]:
+    """The manual mesh axes a factor's feature axes are sharded over, from its PartitionSpec.
 
-    A factor replicated over an axis (``b`` of a row-parallel layer) already holds its whole
-    Gram: summing it there would multiply it by the axis size. ``axes`` come from
-    :func:`_axes_to_sum`, which has checked that the varying-axes types are tracked.
+    Its stacked axes hold whole layers (never summed over), and its rank axis must not be split
+    inside shard_map, where each device would invert a Gram of a block of the rank.
     """
-    varying = _varying(gram)
-    axes = tuple(a for a in axes if a in varying)
-    return jax.lax.psum(gram, axes) if axes else gram
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return ()  # not inside shard_map: global arrays, whose Grams XLA sums itself
+    entries = (*(spec or ()), *(None,) * np.ndim(x))
+
+    def names(i):
+        e = entries[i]
+        return {e} if isinstance(e, str) else set(e or ())
+
+    feature = set().union(*(names(i) for i in range(stacked, np.ndim(x)) if i != rank_axis))
+    rank = names(rank_axis)
+    manual = _manual_axes(feature | rank, f"specs: '{path}' has spec {spec}")
+    if manual & rank:
+        raise ValueError(
+            f"riemannian_preconditioner(specs=...): '{path}' has its rank axis sharded over "
+            f"{sorted(manual & rank)} (spec {spec}) inside shard_map, where each device would "
+            "invert the Gram of a block of the rank. Leave the rank axis unsharded, or run the "
+            "update under jax.jit on the global arrays."
+        )
+    axes = tuple(sorted(manual & feature))
+    missing = [n for n in axes if _tracks_varying(n) and n not in _varying(x)]
+    if missing:
+        raise ValueError(
+            f"riemannian_preconditioner(specs=...): the spec of '{path}', {spec}, shards it over "
+            f"{missing}, but inside this shard_map it does not vary along them: pass the same "
+            "PartitionSpecs as shard_map's in_specs."
+        )
+    return axes
 
 
 def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
@@ -187,8 +242,8 @@ def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
     if spec[rank_axis] is None:
         return fn(g)
     gathered = (*spec[:rank_axis], None, *spec[rank_axis + 1 :])
-    out = fn(jax.sharding.reshard(g, jax.sharding.PartitionSpec(*gathered)))
-    return jax.sharding.reshard(out, sharding.spec)
+    out = fn(jax.sharding.reshard(g, _named(mesh, gathered)))
+    return jax.sharding.reshard(out, _named(mesh, spec))
 
 
 def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) -> jax.Array:
@@ -267,6 +322,14 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
     (all 256 Grams of 128 rank-16 pairs in under 3 ms), so the loop stays on CPU for every
     version rather than depend on batch sizes. Elsewhere it is the backend's batched Cholesky.
     """
+    explicit = _explicit_spec(m)
+    if explicit is not None and any(explicit[1]):
+        # Stacked Grams sharded over Explicit mesh axes: jnp.linalg.cholesky (jax 0.10.2) raises a
+        # ShardingTypeError on a sharded batch axis, so they are gathered (a few r x r matrices per
+        # layer) and the inverses resharded back.
+        mesh, spec = explicit
+        inv = _safe_inverse(jax.sharding.reshard(m, _named(mesh, ())), reg)
+        return jax.sharding.reshard(inv, _named(mesh, spec))
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     m = m + jnp.asarray(reg, m.dtype) * eye
     return jax.lax.platform_dependent(m, eye, cpu=_gauss_jordan_inverse, default=_cholesky_inverse)
@@ -279,25 +342,26 @@ def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     Cholesky factor's ``k``-th diagonal entry, so the singularity test matches
     :func:`_cholesky_inverse`'s.
     """
-    shape, r = m.shape, m.shape[-1]
-    m, eye = m.reshape(-1, r, r), eye.reshape(-1, r, r)
+    r = m.shape[-1]
     idx = jnp.arange(r)
     scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
 
+    # Any leading batch axes, never reshaped: a sharded stacked-layer axis cannot be merged into
+    # another axis under Explicit mesh axes.
     def step(a, k):
-        is_k = (idx == k)[None, :]
-        pivot = a[:, k, k]
-        row = jnp.where(is_k, 1.0, a[:, k, :]) / pivot[:, None]
-        col = jnp.where(is_k, 0.0, a[:, :, k])
-        a = jnp.where(is_k[:, None, :], 0.0, a) - col[:, :, None] * row[:, None, :]
-        a = jnp.where(is_k[:, :, None], row[:, None, :], a)
+        is_k = idx == k
+        pivot = a[..., k, k]
+        row = jnp.where(is_k, 1.0, a[..., k, :]) / pivot[..., None]
+        col = jnp.where(is_k, 0.0, a[..., :, k])
+        a = jnp.where(is_k[None, :], 0.0, a) - col[..., :, None] * row[..., None, :]
+        a = jnp.where(is_k[:, None], row[..., None, :], a)
         return a, pivot
 
     # Pivots are scan outputs, not carried: under shard_map a carry must keep its varying axes.
     inv, pivots = jax.lax.scan(step, m, idx)
     # NaN pivots propagate through min and compare False, so they also select the identity.
     ok = jnp.min(pivots, axis=0) > jnp.finfo(m.dtype).eps * scale
-    return jnp.where(ok[:, None, None], inv, eye).reshape(shape)
+    return jnp.where(ok[..., None, None], inv, eye)
 
 
 def _cholesky_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
@@ -327,6 +391,7 @@ def riemannian_preconditioner(
     stacked_axes: int | None = None,
     allow_no_pairs: bool = False,
     axis_name: Any = None,
+    specs: Any = None,
 ) -> optax.GradientTransformation:
     r"""Preconditions the gradients of every LoRA pair with its partner's ``r x r`` Gram.
 
@@ -361,9 +426,15 @@ def riemannian_preconditioner(
         over-counted). A name that is not a mesh axis is an error, and so is ``check_vma=False``
         (or ``pmap``), which hides what a factor varies along. Name no axis that shards a
         stacked-layer or rank axis: inside shard_map its blocks look like a sharded feature
-        axis's, and the Grams come out wrong; run such layouts under ``jax.jit`` instead. Leave it
-        ``None`` under ``jax.jit``, where XLA inserts that reduction itself, and under ``pmap``
-        or data parallelism, where factors are replicated.
+        axis's, and the Grams come out wrong; pass ``specs`` for such layouts. Leave it ``None``
+        under ``jax.jit``, where XLA inserts that reduction itself, and under ``pmap`` or data
+        parallelism, where factors are replicated.
+      specs: inside ``shard_map``, instead of ``axis_name``: the parameters' ``PartitionSpec``
+        tree (or a prefix of it), as given to ``shard_map``'s ``in_specs``. Each Gram is then
+        summed over exactly the manual axes its factor's feature axes are sharded over: stacked
+        layers sharded over a mesh axis stay separate, ``check_vma=False`` is fine, and a rank
+        axis sharded over a manual axis is an error naming the factor. Under ``jax.jit`` it is
+        not needed, and harmless.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -393,6 +464,11 @@ def riemannian_preconditioner(
     """
     _check_reg(reg)
     axis_names = _axis_names(axis_name)
+    if axis_names is not None and specs is not None:
+        raise ValueError(
+            "riemannian_preconditioner: pass axis_name or specs, not both (specs says which "
+            "axes each factor is sharded over, axis_name only which axes to sum over)."
+        )
 
     def find(tree):
         pairs, leaves, treedef = match_pairs(tree, rules=rules, stacked_axes=stacked_axes)
@@ -421,20 +497,82 @@ def riemannian_preconditioner(
             )
         if not pairs:
             return updates, state
-        return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, axis_names)), state
+        if axis_names is not None:
+            sum_axes = _by_name(_sum_axes_by_name(axis_names))
+        elif specs is not None:
+            sum_axes = _by_spec(_leaf_specs(specs, params, treedef))
+        else:
+            sum_axes = _no_sum
+        return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, sum_axes)), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _precondition(pairs, g_leaves, p_leaves, reg, axis_names) -> list[Any]:
+def _leaf_specs(specs, params, treedef) -> list[Any]:
+    """One PartitionSpec (or None) per leaf of ``params``, from a tree of them or a prefix of one,
+    as ``shard_map``'s ``in_specs`` takes them."""
+
+    def is_spec(x):
+        return x is None or isinstance(x, jax.sharding.PartitionSpec)
+
+    def is_leaf(x):
+        return isinstance(x, optax.MaskedNode)
+
+    try:
+        full = jax.tree.map(
+            lambda spec, sub: jax.tree.map(lambda _: spec, sub, is_leaf=is_leaf),
+            specs,
+            params,
+            is_leaf=is_spec,
+        )
+        leaves = treedef.flatten_up_to(full)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "riemannian_preconditioner(specs=...) must be a tree of PartitionSpecs (or None) with "
+            f"the parameters' structure, or a prefix of it, as shard_map's in_specs: {e}"
+        ) from None
+    bad = [x for x in leaves if not is_spec(x)]
+    if bad:
+        raise ValueError(
+            f"riemannian_preconditioner(specs=...) holds {bad[0]!r}, not a PartitionSpec."
+        )
+    return leaves
+
+
+def _no_sum(pair, p_leaves) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (), ()
+
+
+def _by_name(sum_axes):
+    def pair_axes(pair, p_leaves):
+        return sum_axes(p_leaves[pair.b_index]), sum_axes(p_leaves[pair.a_index])
+
+    return pair_axes
+
+
+def _by_spec(leaf_specs):
+    def pair_axes(pair, p_leaves):
+        return tuple(
+            _sum_axes_by_spec(p_leaves[i], path, leaf_specs[i], axis, pair.stacked)
+            for i, path, axis in (
+                (pair.b_index, pair.info.b_path, pair.b_rank_axis),
+                (pair.a_index, pair.info.a_path, pair.a_rank_axis),
+            )
+        )
+
+    return pair_axes
+
+
+def _precondition(pairs, g_leaves, p_leaves, reg, sum_axes) -> list[Any]:
+    """``sum_axes(pair, p_leaves)``: the manual mesh axes to sum b's and a's Grams over."""
     out = list(g_leaves)
-    axes = _axes_to_sum(axis_names) if axis_names is not None else ()
     kinds: dict[Any, list[Any]] = {}
     for pair in pairs:
         leaves = [src[i] for src in (p_leaves, g_leaves) for i in pair[:2]]
         _check_shapes(pair, leaves[:2], leaves[2:])
-        kinds.setdefault(_kind(pair, leaves), []).append(pair)
-    for same in kinds.values():
+        axes = sum_axes(pair, p_leaves)
+        kinds.setdefault((_kind(pair, leaves), axes), []).append(pair)
+    for (_, axes), same in kinds.items():
         first = same[0]
         unrolled = any(
             _unrolled(g_leaves[i], axis)
@@ -462,7 +600,8 @@ def _sharding_type(x) -> Any:
 
 
 def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
-    """Preconditions up to ``_CHUNK`` pairs of one kind, with one batched inverse of their Grams.
+    """Preconditions up to ``_CHUNK`` pairs of one kind, with one batched inverse of their Grams;
+    ``axes``: the manual mesh axes to sum their b's and their a's Grams over.
 
     The apply stays per leaf, so that XLA fuses it into the next optimizer's per-leaf elementwise
     update. Stacking the gradients of a kind to apply the inverses in one batch, then splitting
@@ -486,11 +625,8 @@ def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
         _chunk_grams([p_leaves[getattr(p, attr)] for p in chunk], axis, stacked, dtype)
         for axis, attr in ((first.b_rank_axis, "b_index"), (first.a_rank_axis, "a_index"))
     ]
-    if axes:
-        grams = [_psum_where_sharded(g, axes) for g in grams]
-    grams = jnp.concatenate(grams)
-    r = grams.shape[-1]
-    inv = _safe_inverse(grams.reshape(-1, r, r), reg).reshape(grams.shape)
+    grams = [jax.lax.psum(g, names) if names else g for g, names in zip(grams, axes, strict=True)]
+    inv = _safe_inverse(jnp.concatenate(grams), reg)
     for i, pair in enumerate(chunk):
         for index, axis, k in (
             (pair.a_index, pair.a_rank_axis, i),
@@ -546,6 +682,7 @@ def scaled_sgd(
     stacked_axes: int | None = None,
     allow_no_pairs: bool = False,
     axis_name: Any = None,
+    specs: Any = None,
 ) -> optax.GradientTransformation:
     """Scaled GD: :func:`riemannian_preconditioner` followed by ``optax.sgd``.
 
@@ -562,6 +699,7 @@ def scaled_sgd(
       stacked_axes: as in :func:`riemannian_preconditioner`.
       allow_no_pairs: as in :func:`riemannian_preconditioner`.
       axis_name: as in :func:`riemannian_preconditioner`.
+      specs: as in :func:`riemannian_preconditioner`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -579,6 +717,7 @@ def scaled_sgd(
             stacked_axes=stacked_axes,
             allow_no_pairs=allow_no_pairs,
             axis_name=axis_name,
+            specs=specs,
         ),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
@@ -597,6 +736,7 @@ def scaled_adamw(
     stacked_axes: int | None = None,
     allow_no_pairs: bool = False,
     axis_name: Any = None,
+    specs: Any = None,
 ) -> optax.GradientTransformation:
     """Scaled AdamW: :func:`riemannian_preconditioner` followed by ``optax.adamw``.
 
@@ -615,6 +755,7 @@ def scaled_adamw(
       stacked_axes: as in :func:`riemannian_preconditioner`.
       allow_no_pairs: as in :func:`riemannian_preconditioner`.
       axis_name: as in :func:`riemannian_preconditioner`.
+      specs: as in :func:`riemannian_preconditioner`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -634,6 +775,7 @@ def scaled_adamw(
             stacked_axes=stacked_axes,
             allow_no_pairs=allow_no_pairs,
             axis_name=axis_name,
+            specs=specs,
         ),
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
     )

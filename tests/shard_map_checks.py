@@ -9,6 +9,7 @@ asserts on the JSON this writes::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -53,11 +54,15 @@ def _error(e: Exception) -> dict:
     return {"error": type(e).__name__, "message": str(e)}
 
 
-def _shard_map(mesh, specs, axis_name, shapes=((16, 4), (4, 8)), seed=0, **kw) -> dict:
+def _shard_map(
+    mesh, specs, axis_name, shapes=((16, 4), (4, 8)), seed=0, tx_specs=None, **kw
+) -> dict:
+    """``tx_specs``: the preconditioner's ``specs=`` (``"same"``: shard_map's in_specs)."""
     rng = np.random.default_rng(seed)
     params, grads = _pair(rng, *shapes), _pair(rng, *shapes)
     try:
-        precond = riemannian_preconditioner(axis_name=axis_name)
+        tx_specs = specs if tx_specs == "same" else tx_specs
+        precond = riemannian_preconditioner(axis_name=axis_name, specs=tx_specs)
         fn = jax.jit(
             jax.shard_map(
                 lambda g, p: precond.update(g, None, p)[0],
@@ -74,15 +79,24 @@ def _shard_map(mesh, specs, axis_name, shapes=((16, 4), (4, 8)), seed=0, **kw) -
     return _rel(out, _truth(params, grads))
 
 
-def _jit(mesh, specs, axis_name=None, seed=0) -> dict:
-    """The preconditioner under jit on global arrays: error, and the gradients' shardings kept."""
+def _jit(
+    mesh,
+    specs,
+    axis_name=None,
+    seed=0,
+    tx_specs=None,
+    shapes=((16, 4), (4, 8)),
+    set_mesh=True,
+) -> dict:
+    """The preconditioner under jit on global arrays: error, and the gradients' shardings kept.
+    ``set_mesh=False``: no ``jax.set_mesh`` around the call (the arrays carry their mesh)."""
     rng = np.random.default_rng(seed)
-    params, grads = _pair(rng, (16, 4), (4, 8)), _pair(rng, (16, 4), (4, 8))
+    params, grads = _pair(rng, *shapes), _pair(rng, *shapes)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     p, g = jax.device_put(params, shardings), jax.device_put(grads, shardings)
     try:
-        precond = riemannian_preconditioner(axis_name=axis_name)
-        with jax.set_mesh(mesh):
+        precond = riemannian_preconditioner(axis_name=axis_name, specs=tx_specs)
+        with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
             out = jax.jit(lambda g, p: precond.update(g, None, p)[0])(g, p)
     except Exception as e:  # reported, asserted on by the test
         return _error(e)
@@ -141,6 +155,55 @@ def main() -> None:
             shapes=((4, 16, 4), (4, 4, 8)),
         ),
     }
+    stacked = {"lora_a": P("model", None, None), "lora_b": P("model", None, None)}
+    stacked_shapes = ((4, 16, 4), (4, 4, 8))
+    res.update(
+        {
+            # specs= instead of axis_name: each factor's sharded axes are known.
+            "fsdp_specs": _shard_map(auto, fsdp, None, tx_specs="same"),
+            "fsdp2_specs": _shard_map(auto, fsdp2, None, tx_specs="same"),
+            "row_parallel_specs": _shard_map(
+                auto, {"lora_a": P("model", None), "lora_b": P()}, None, tx_specs="same"
+            ),
+            "fsdp_specs_check_vma_false": _shard_map(
+                auto, fsdp, None, tx_specs="same", check_vma=False
+            ),
+            "stacked_specs": _shard_map(
+                auto, stacked, None, shapes=stacked_shapes, tx_specs="same"
+            ),
+            "stacked_and_fsdp_specs": _shard_map(
+                auto,
+                {"lora_a": P("data", "model", None), "lora_b": P("data", None, "model")},
+                None,
+                shapes=stacked_shapes,
+                tx_specs="same",
+            ),
+            "replicated_prefix_specs": _shard_map(
+                auto, {"lora_a": P(), "lora_b": P()}, None, tx_specs=P()
+            ),
+            "rank_specs": _shard_map(auto, rank, None, tx_specs="same"),
+            "specs_not_in_specs": _shard_map(
+                auto, {"lora_a": P(), "lora_b": P()}, None, tx_specs=fsdp
+            ),
+            "specs_unknown_axis": _shard_map(
+                auto, fsdp, None, tx_specs={"lora_a": P("modle", None), "lora_b": P()}
+            ),
+            "specs_wrong_tree": _shard_map(auto, fsdp, None, tx_specs={"lora_a": P()}),
+            "specs_jit": _jit(auto, fsdp, tx_specs=fsdp),
+            # Explicit mesh axes (jax.make_mesh's default): stacked layers sharded, and no
+            # jax.set_mesh around the call.
+            "stacked_jit_explicit": _jit(explicit, stacked, shapes=stacked_shapes),
+            "stacked_jit_explicit_no_set_mesh": _jit(
+                explicit, stacked, shapes=stacked_shapes, set_mesh=False
+            ),
+            "fsdp_jit_explicit_no_set_mesh": _jit(explicit, fsdp, set_mesh=False),
+        }
+    )
+    try:
+        riemannian_preconditioner(axis_name="model", specs=fsdp)
+        res["specs_and_axis_name"] = {"constructed": True}
+    except Exception as e:  # reported, asserted on by the test
+        res["specs_and_axis_name"] = _error(e)
     res["pmap_axis_name"] = _pmap("i")
     try:
         riemannian_preconditioner(axis_name=0)

@@ -594,6 +594,24 @@ def test_many_high_rank_pairs_do_not_hang():
     assert float(out.stdout.split()[-1]) < 1e-3  # float32 Grams, condition number ~250
 
 
+def test_specs_outside_shard_map_change_nothing():
+    # specs= matters only for manual (shard_map) axes; on global arrays it is harmless, whatever
+    # the names. The 8-device shard_map cases are in tests/test_shard_map_checks.py.
+    from jax.sharding import PartitionSpec as PS
+
+    params = {"q": {"lora_a": rand(1, (6, 2)), "lora_b": rand(2, (2, 5))}}
+    grads = {"q": {"lora_a": rand(3, (6, 2)), "lora_b": rand(4, (2, 5))}}
+    specs = {"q": {"lora_a": PS("data", None), "lora_b": PS(None, "model")}}
+    want = precondition(params, grads, 1e-2)
+    got = precondition(params, grads, 1e-2, specs=specs)
+    for name in ("lora_a", "lora_b"):
+        np.testing.assert_array_equal(got["q"][name], want["q"][name])
+    with pytest.raises(ValueError, match="not both"):
+        rplora_jax.scaled_adamw(1e-3, axis_name="model", specs=specs)
+    with pytest.raises(ValueError, match="not both"):
+        rplora_jax.scaled_sgd(1e-3, axis_name="model", specs=specs)
+
+
 def test_update_without_params_is_an_error():
     tx = riemannian_preconditioner()
     params = _lora_tree()

@@ -67,7 +67,17 @@ def test_axis_name_type_is_checked_at_construction(report):
     assert "axis_name" in res["message"] and "0" in res["message"]
 
 
-@pytest.mark.parametrize("case", ["rank_jit_auto", "rank_jit_explicit", "fsdp_jit_auto"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rank_jit_auto",
+        "rank_jit_explicit",
+        "fsdp_jit_auto",
+        "stacked_jit_explicit",
+        "stacked_jit_explicit_no_set_mesh",
+        "fsdp_jit_explicit_no_set_mesh",
+    ],
+)
 def test_jit_keeps_the_gradient_sharding(report, case):
     res = report[case]
     assert _exact(res), res
@@ -77,8 +87,46 @@ def test_jit_keeps_the_gradient_sharding(report, case):
 @pytest.mark.xfail(
     strict=True,
     reason="inside shard_map a rank or stacked axis sharded over a named axis has the same local "
-    "types as an FSDP-sharded feature axis, so it cannot be detected; documented in axis_name",
+    "types as an FSDP-sharded feature axis, so axis_name cannot detect it; documented in "
+    "axis_name, and specs= handles both (tests below)",
 )
 @pytest.mark.parametrize("case", ["rank_shard_map", "stacked_shard_map"])
 def test_rank_or_stacked_axis_sharded_over_a_named_axis(report, case):
     assert _exact(report[case]) or "error" in report[case], report[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fsdp_specs",
+        "fsdp2_specs",
+        "row_parallel_specs",
+        "fsdp_specs_check_vma_false",
+        "stacked_specs",
+        "stacked_and_fsdp_specs",
+        "replicated_prefix_specs",
+        "specs_jit",
+    ],
+)
+def test_specs_give_the_full_arrays_preconditioner(report, case):
+    # With each factor's PartitionSpec the Grams are summed over exactly its feature axes: stacked
+    # layers sharded over a mesh axis stay apart, and no varying-axes types are needed.
+    assert _exact(report[case]), report[case]
+    assert all(report[case].get("kept_sharding", {}).values()), report[case]
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("rank_specs", ["'lora_b'", "rank axis", "['model']"]),
+        ("specs_not_in_specs", ["'lora_b'", "does not vary", "in_specs"]),
+        ("specs_unknown_axis", ["'lora_a'", "'modle'", "('data', 'model')"]),
+        ("specs_wrong_tree", ["prefix", "lora_b"]),
+        ("specs_and_axis_name", ["not both"]),
+    ],
+)
+def test_bad_specs_raise_naming_the_factor(report, case, words):
+    res = report[case]
+    assert res.get("error") == "ValueError", res
+    for word in words:
+        assert word in res["message"], res["message"]
