@@ -165,7 +165,8 @@ def _tracks_varying(axis: str) -> bool:
 
 
 def _sum_axes_by_name(names: tuple[str, ...]):
-    """Per factor, the named manual axes it varies along (a Gram is summed over exactly those)."""
+    """``pair_axes(pair, p_leaves)``: per factor (b, then a), the named manual axes it varies
+    along; its Gram is summed over exactly those."""
     manual = _manual_axes(
         names,
         f"axis_name={names!r}",
@@ -181,12 +182,14 @@ def _sum_axes_by_name(names: tuple[str, ...]):
                 "jax.jit on sharded global arrays with axis_name=None."
             )
 
-    def sum_axes(x) -> tuple[str, ...]:
+    def pair_axes(pair, p_leaves):
         # A factor replicated over an axis (b of a row-parallel layer) already holds its whole
         # Gram: summing it there would multiply it by the axis size.
-        return tuple(sorted(manual & _varying(x)))
+        return tuple(
+            tuple(sorted(manual & _varying(p_leaves[i]))) for i in (pair.b_index, pair.a_index)
+        )
 
-    return sum_axes
+    return pair_axes
 
 
 def _sum_axes_by_spec(x, path: str, spec, rank_axis: int, stacked: int) -> tuple[str, ...]:
@@ -346,8 +349,8 @@ def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     idx = jnp.arange(r)
     scale = jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), axis=-1)
 
-    # Any leading batch axes, never reshaped: a sharded stacked-layer axis cannot be merged into
-    # another axis under Explicit mesh axes.
+    # Any leading batch axes, as in the Cholesky path: a chunk's (2n, *stack, r, r) Grams are not
+    # reshaped, which a stacked axis sharded over Explicit mesh axes would not allow.
     def step(a, k):
         is_k = idx == k
         pivot = a[..., k, k]
@@ -498,7 +501,7 @@ def riemannian_preconditioner(
         if not pairs:
             return updates, state
         if axis_names is not None:
-            sum_axes = _by_name(_sum_axes_by_name(axis_names))
+            sum_axes = _sum_axes_by_name(axis_names)
         elif specs is not None:
             sum_axes = _by_spec(_leaf_specs(specs, params, treedef))
         else:
@@ -541,13 +544,6 @@ def _leaf_specs(specs, params, treedef) -> list[Any]:
 
 def _no_sum(pair, p_leaves) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
-
-
-def _by_name(sum_axes):
-    def pair_axes(pair, p_leaves):
-        return sum_axes(p_leaves[pair.b_index]), sum_axes(p_leaves[pair.a_index])
-
-    return pair_axes
 
 
 def _by_spec(leaf_specs):
