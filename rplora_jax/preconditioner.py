@@ -22,11 +22,12 @@ DEFAULT_REG = 1e-2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # _apply's three forms: a matmul above _UNROLL_MAX_RANK; below it, r unrolled multiply-adds for
-# gradients of at least _UNROLL_MIN_SIZE elements whose rank axis is the last one, a matmul for
-# such gradients whose rank axis is not, and one broadcast product summed over the rank for
-# smaller ones. Both elementwise forms are fused into the next optimizer's elementwise kernels
-# (no extra pass over the gradient, no dot call); the unrolled one is fastest on large gradients
-# but adds ~8 HLO ops per rank to every leaf, and XLA's compile time grows with the module size.
+# gradients of at least _UNROLL_MIN_SIZE elements whose rank axis is the last one (on CPU; on
+# other backends whatever their rank axis), a matmul on CPU for such gradients whose rank axis is
+# not, and one broadcast product summed over the rank for smaller ones. Both elementwise forms
+# are fused into the next optimizer's elementwise kernels (no extra pass over the gradient, no dot
+# call); the unrolled one is fastest on large gradients but adds ~8 HLO ops per rank to every
+# leaf, and XLA's compile time grows with the module size.
 # scaled_adamw on a 2-core CPU, update time per step (ratio to optax.adamw in the same run):
 #                        unrolled       sum over rank   matmul
 #   128 pairs 4096x16    37.1 ms (2.05)  69.0 ms (3.62)  47.6 ms (2.45)
@@ -253,40 +254,59 @@ def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) ->
     """Multiplies the rank axis of ``g`` by the symmetric ``inv`` and casts back to g's dtype.
 
     The two elementwise forms are fused into the next optimizer's update; the matmul (large
-    ranks, and large gradients whose rank axis is not the last) is a dot whose HLO does not grow
-    with ``r``. See ``_UNROLL_MAX_RANK`` for which form is used where, and the timings.
+    ranks, and on CPU large gradients whose rank axis is not the last) is a dot whose HLO does
+    not grow with ``r``. See ``_UNROLL_MAX_RANK`` for which form is used where, and the timings.
     Elementwise work keeps ``g``'s sharding, which ``jnp.linalg.solve`` was seen not to, and every
     product is exact float32 on any backend.
     """
     gc = g.astype(dtype)
     r = g.shape[rank_axis]
-    if _unrolled(g, rank_axis):
-        # r broadcast multiply-adds: the preconditioned gradient is never written out.
-        # inv[..., k, :] laid out along g's axes: stacked axes first, r at the (last) rank axis.
-        row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
-        row_shape[rank_axis] = r
-        out = None
-        for k in range(r):
-            row = inv[..., k, :].reshape(row_shape)
-            term = jax.lax.slice_in_dim(gc, k, k + 1, axis=rank_axis) * row
-            out = term if out is None else out + term
-        return out.astype(g.dtype)
-    if r <= _UNROLL_MAX_RANK and np.size(g) < _UNROLL_MIN_SIZE:
-        # One broadcast product summed over k: a few HLO ops whatever r is.
-        gk = jnp.expand_dims(gc, rank_axis + 1)
-        shape = [*g.shape[:stacked]] + [1] * (g.ndim + 1 - stacked)
-        shape[rank_axis], shape[rank_axis + 1] = r, r
-        return jnp.sum(gk * inv.reshape(shape), axis=rank_axis).astype(g.dtype)
-    return _apply_matmul(gc, inv, rank_axis, stacked, dtype).astype(g.dtype)
+    if r > _UNROLL_MAX_RANK:
+        out = _apply_matmul(gc, inv, rank_axis, stacked, dtype)
+    elif np.size(g) < _UNROLL_MIN_SIZE:
+        out = _apply_summed(gc, inv, rank_axis, stacked)
+    elif rank_axis == g.ndim - 1:
+        out = _apply_unrolled(gc, inv, rank_axis, stacked)
+    else:
+        # The CPU measurement is at _UNROLL_MAX_RANK. Elsewhere the unrolled form stays, as it was
+        # when measured on an H200: a matmul per leaf would add a kernel launch per gradient, and
+        # whether it wins there too has not been measured.
+        out = jax.lax.platform_dependent(
+            gc,
+            inv,
+            cpu=functools.partial(_apply_matmul, rank_axis=rank_axis, stacked=stacked, dtype=dtype),
+            default=functools.partial(_apply_unrolled, rank_axis=rank_axis, stacked=stacked),
+        )
+    return out.astype(g.dtype)
+
+
+def _apply_unrolled(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int) -> jax.Array:
+    """r broadcast multiply-adds: the preconditioned gradient is never written out."""
+    r = g.shape[rank_axis]
+    # inv[..., k, :] laid out along g's axes: stacked axes first, r at the rank axis.
+    row_shape = [*g.shape[:stacked]] + [1] * (g.ndim - stacked)
+    row_shape[rank_axis] = r
+    out = None
+    for k in range(r):
+        row = inv[..., k, :].reshape(row_shape)
+        term = jax.lax.slice_in_dim(g, k, k + 1, axis=rank_axis) * row
+        out = term if out is None else out + term
+    return out
+
+
+def _apply_summed(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int) -> jax.Array:
+    """One broadcast product summed over k: a few HLO ops whatever r is."""
+    r = g.shape[rank_axis]
+    gk = jnp.expand_dims(g, rank_axis + 1)
+    shape = [*g.shape[:stacked]] + [1] * (g.ndim + 1 - stacked)
+    shape[rank_axis], shape[rank_axis + 1] = r, r
+    return jnp.sum(gk * inv.reshape(shape), axis=rank_axis)
 
 
 def _unrolled(g, rank_axis: int) -> bool:
-    """Whether :func:`_apply` takes its unrolled multiply-add form for ``g``."""
-    return (
-        np.shape(g)[rank_axis] <= _UNROLL_MAX_RANK
-        and np.size(g) >= _UNROLL_MIN_SIZE
-        and rank_axis == np.ndim(g) - 1
-    )
+    """Whether :func:`_apply` makes a large per-leaf kernel for ``g``: the unrolled form (on CPU a
+    matmul when the rank axis is not the last). Such pairs are chunked by ``_UNROLLED_CHUNK``."""
+    return np.shape(g)[rank_axis] <= _UNROLL_MAX_RANK and np.size(g) >= _UNROLL_MIN_SIZE
 
 
 def _apply_matmul(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype):

@@ -129,6 +129,19 @@ def test_every_apply_form_matches_numpy(monkeypatch, form, a_shape, b_shape, sta
     check_flax_pair(a_shape, b_shape, stacked, 1e-2, rtol=5e-5)
 
 
+@pytest.mark.parametrize("stacked", [0, 1])
+def test_unrolled_form_with_the_rank_axis_first(stacked):
+    # On CPU such gradients take the matmul, so the pair tests never reach this form; other
+    # backends use it. Checked here directly against NumPy (inv is symmetric, like every inverse).
+    lead = (2,) * stacked
+    g = rand(0, (*lead, 3, 7))
+    m = rand(1, (*lead, 3, 3))
+    inv = m + jnp.swapaxes(m, -1, -2)
+    got = P._apply_unrolled(g, inv, rank_axis=stacked, stacked=stacked)
+    want = np.einsum("...jk,...kc->...jc", np.asarray(inv, np.float64), np.asarray(g, np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.usefixtures("strict_promotion")
 def test_many_pairs_of_mixed_kinds_are_each_preconditioned(monkeypatch):
     # Pairs are batched by kind (shapes, dtypes, stacking) in chunks: interleaved kinds, several
