@@ -363,7 +363,9 @@ def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
 
     Step ``k``'s pivot is the ``k``-th Schur complement's leading entry, i.e. the square of the
     Cholesky factor's ``k``-th diagonal entry, so the singularity test matches
-    :func:`_cholesky_inverse`'s.
+    :func:`_cholesky_inverse`'s. The steps run in a ``scan``: unrolled in Python they took longer
+    to compile and to run (scaled_adamw at 128 pairs of 4096x16: update 37.3 against 34.0 ms,
+    compile 11.5 against 5.6 s; at 512 pairs of 64x4: compile 15.3 against 9.5 s).
     """
     r = m.shape[-1]
     idx = jnp.arange(r)
