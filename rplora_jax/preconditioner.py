@@ -193,39 +193,55 @@ def _sum_axes_by_name(names: tuple[str, ...]):
     return pair_axes
 
 
-def _sum_axes_by_spec(x, path: str, spec, rank_axis: int, stacked: int) -> tuple[str, ...]:
-    """The manual mesh axes a factor's feature axes are sharded over, from its PartitionSpec.
+def _sum_axes_by_spec(leaf_specs: list[Any]):
+    """``pair_axes(pair, p_leaves)``: per factor (b, then a), the manual mesh axes its feature
+    axes are sharded over according to its PartitionSpec; its Gram is summed over exactly those.
 
     Its stacked axes hold whole layers (never summed over), and its rank axis must not be split
     inside shard_map, where each device would invert a Gram of a block of the rank.
     """
-    if not jax.sharding.get_abstract_mesh().manual_axes:
-        return ()  # not inside shard_map: global arrays, whose Grams XLA sums itself
-    entries = (*(spec or ()), *(None,) * np.ndim(x))
+    manual_here = jax.sharding.get_abstract_mesh().manual_axes
+    tracked = frozenset(n for n in manual_here if _tracks_varying(n))
 
-    def names(i):
-        e = entries[i]
-        return {e} if isinstance(e, str) else set(e or ())
+    def factor_axes(x, path: str, spec, rank_axis: int, stacked: int) -> tuple[str, ...]:
+        entries = (*(spec or ()), *(None,) * np.ndim(x))
 
-    feature = set().union(*(names(i) for i in range(stacked, np.ndim(x)) if i != rank_axis))
-    rank = names(rank_axis)
-    manual = _manual_axes(feature | rank, f"specs: '{path}' has spec {spec}")
-    if manual & rank:
-        raise ValueError(
-            f"riemannian_preconditioner(specs=...): '{path}' has its rank axis sharded over "
-            f"{sorted(manual & rank)} (spec {spec}) inside shard_map, where each device would "
-            "invert the Gram of a block of the rank. Leave the rank axis unsharded, or run the "
-            "update under jax.jit on the global arrays."
+        def names(i):
+            e = entries[i]
+            return {e} if isinstance(e, str) else set(e or ())
+
+        feature = set().union(*(names(i) for i in range(stacked, np.ndim(x)) if i != rank_axis))
+        rank = names(rank_axis)
+        manual = _manual_axes(feature | rank, f"specs: '{path}' has spec {spec}")
+        if manual & rank:
+            raise ValueError(
+                f"riemannian_preconditioner(specs=...): '{path}' has its rank axis sharded over "
+                f"{sorted(manual & rank)} (spec {spec}) inside shard_map, where each device would "
+                "invert the Gram of a block of the rank. Leave the rank axis unsharded, or run the "
+                "update under jax.jit on the global arrays."
+            )
+        axes = tuple(sorted(manual & feature))
+        missing = [n for n in axes if n in tracked and n not in _varying(x)]
+        if missing:
+            raise ValueError(
+                f"riemannian_preconditioner(specs=...): the spec of '{path}', {spec}, shards it "
+                f"over {missing}, but inside this shard_map it does not vary along them: pass the "
+                "same PartitionSpecs as shard_map's in_specs."
+            )
+        return axes
+
+    def pair_axes(pair, p_leaves):
+        if not manual_here:
+            return (), ()  # not inside shard_map: global arrays, whose Grams XLA sums itself
+        return tuple(
+            factor_axes(p_leaves[i], path, leaf_specs[i], axis, pair.stacked)
+            for i, path, axis in (
+                (pair.b_index, pair.info.b_path, pair.b_rank_axis),
+                (pair.a_index, pair.info.a_path, pair.a_rank_axis),
+            )
         )
-    axes = tuple(sorted(manual & feature))
-    missing = [n for n in axes if _tracks_varying(n) and n not in _varying(x)]
-    if missing:
-        raise ValueError(
-            f"riemannian_preconditioner(specs=...): the spec of '{path}', {spec}, shards it over "
-            f"{missing}, but inside this shard_map it does not vary along them: pass the same "
-            "PartitionSpecs as shard_map's in_specs."
-        )
-    return axes
+
+    return pair_axes
 
 
 def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
@@ -525,7 +541,7 @@ def riemannian_preconditioner(
         if axis_names is not None:
             sum_axes = _sum_axes_by_name(axis_names)
         elif specs is not None:
-            sum_axes = _by_spec(_leaf_specs(specs, params, treedef))
+            sum_axes = _sum_axes_by_spec(_leaf_specs(specs, params, treedef))
         else:
             sum_axes = _no_sum
         return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, sum_axes)), state
@@ -566,19 +582,6 @@ def _leaf_specs(specs, params, treedef) -> list[Any]:
 
 def _no_sum(pair, p_leaves) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
-
-
-def _by_spec(leaf_specs):
-    def pair_axes(pair, p_leaves):
-        return tuple(
-            _sum_axes_by_spec(p_leaves[i], path, leaf_specs[i], axis, pair.stacked)
-            for i, path, axis in (
-                (pair.b_index, pair.info.b_path, pair.b_rank_axis),
-                (pair.a_index, pair.info.a_path, pair.a_rank_axis),
-            )
-        )
-
-    return pair_axes
 
 
 def _precondition(pairs, g_leaves, p_leaves, reg, sum_axes) -> list[Any]:
