@@ -104,8 +104,11 @@ def optimizers(flatten: bool = False) -> dict:
     return txs
 
 
-def report(title: str, compile_s: dict, step_s: dict | None = None) -> str:
-    """One line: each optimizer's update and compile time, and its ratio to adamw's."""
+def report(
+    title: str, compile_s: dict, step_s: dict | None = None, temp: dict | None = None
+) -> str:
+    """One line: each optimizer's update and compile time, and its ratio to adamw's; with
+    ``temp``, the size of each compiled update's temporary buffers."""
     parts = []
     for what, unit, scale, times in (("update", "ms", 1e3, step_s), ("compile", "s", 1, compile_s)):
         if times is None:
@@ -117,7 +120,17 @@ def report(title: str, compile_s: dict, step_s: dict | None = None) -> str:
             if name != "adamw"
         ]
         parts.append(f"{what} " + ", ".join(cells))
+    if temp:
+        parts.append("temp buffers " + ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in temp.items()))
     return f"{title}: " + "; ".join(parts)
+
+
+def temp_bytes(compiled) -> int | None:
+    """Bytes of temporary buffers XLA allocates for each run of ``compiled`` (None if the
+    backend does not say). On CPU, glibc's malloc maps blocks above 32 MiB (33.55 MB) afresh on
+    every call, so a step whose temporaries exceed that pays their page faults on every step."""
+    analysis = compiled.memory_analysis()
+    return None if analysis is None else analysis.temp_size_in_bytes
 
 
 def compile_step(tx, params, grads):
@@ -127,11 +140,13 @@ def compile_step(tx, params, grads):
     return compiled, time.perf_counter() - start
 
 
-def time_updates(txs: dict, params, grads, repeats: int) -> tuple[dict, dict]:
-    """Compile time and median step time of each optimizer; steps alternate between them."""
-    runs, compile_s = {}, {}
+def time_updates(txs: dict, params, grads, repeats: int) -> tuple[dict, dict, dict]:
+    """Compile time, median step time and temporary bytes of each optimizer; steps alternate
+    between them."""
+    runs, compile_s, temp = {}, {}, {}
     for name, tx in txs.items():
         step, compile_s[name] = compile_step(tx, params, grads)
+        temp[name] = temp_bytes(step)
         p = jax.tree.map(jnp.copy, params)
         runs[name] = [step, p, tx.init(p)]
     times: dict[str, list[float]] = {name: [] for name in txs}
@@ -145,7 +160,8 @@ def time_updates(txs: dict, params, grads, repeats: int) -> tuple[dict, dict]:
                 times[name].append(time.perf_counter() - start)
             run[1:] = [p, state]
     runs.clear()
-    return compile_s, {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return compile_s, medians, {n: b for n, b in temp.items() if b is not None}
 
 
 def main() -> None:
@@ -163,9 +179,11 @@ def main() -> None:
     for key in (k for k in args.sets if k in SETS):
         title, make = SETS[key]
         params, grads = make(0), make(1)
-        compile_s, step_s = time_updates(optimizers(args.flatten), params, grads, args.repeats)
+        compile_s, step_s, temp = time_updates(
+            optimizers(args.flatten), params, grads, args.repeats
+        )
         del params, grads
-        print(report(title, compile_s, step_s), flush=True)
+        print(report(title, compile_s, step_s, temp), flush=True)
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)

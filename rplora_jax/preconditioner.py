@@ -326,13 +326,17 @@ def _unrolled(g, rank_axis: int) -> bool:
 
 
 def _apply_matmul(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype):
-    # Operand order chosen so the result comes out in g's axis order with no transpose.
+    # Operand order chosen so the result comes out in g's axis order with no transpose. With the
+    # rank axis first this is inv @ g, contracting inv's last axis: XLA:CPU hands a dot to
+    # YNNPACK only if its lhs is contracted on its last axis, and sent inv.T @ g (the same product,
+    # inv being symmetric) to Eigen instead: scaled_adamw at 128 pairs of 4096x16, 28.3 and 28.6
+    # against 29.1 and 30.2 ms per update (two runs, steps alternating, no page faults).
     batch = tuple(range(stacked))
     if rank_axis == stacked:
         return jax.lax.dot_general(
             inv,
             g,
-            (((stacked,), (rank_axis,)), (batch, batch)),
+            (((stacked + 1,), (rank_axis,)), (batch, batch)),
             precision=_HIGHEST,
             preferred_element_type=dtype,
         )
