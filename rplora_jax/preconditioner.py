@@ -92,16 +92,22 @@ def _explicit_out_sharding(x: jax.Array, stacked: int) -> dict[str, Any]:
     return {"out_sharding": _named(mesh, (*spec[:stacked], None, None))}
 
 
-def _explicit_spec(x) -> tuple[Any, tuple] | None:
-    """``(mesh, spec padded to x.ndim)`` where x's sharding is part of its type (every mesh axis
-    Explicit), else None."""
+def _typed_sharding(x) -> tuple[Any, tuple] | None:
+    """``(mesh, spec padded to x.ndim)`` of the sharding in x's type, or None without a mesh."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
         return None
-    if not all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return None
     return mesh, (*sharding.spec, *(None,) * (np.ndim(x) - len(sharding.spec)))
+
+
+def _explicit_spec(x) -> tuple[Any, tuple] | None:
+    """``(mesh, spec padded to x.ndim)`` where x's sharding is part of its type (every mesh axis
+    Explicit), else None."""
+    typed = _typed_sharding(x)
+    if typed is None or not all(t == jax.sharding.AxisType.Explicit for t in typed[0].axis_types):
+        return None
+    return typed
 
 
 def _named(mesh, spec) -> jax.sharding.NamedSharding:
@@ -254,11 +260,10 @@ def _keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
     single device there is no sharding to keep, and the addition is skipped: it cost 0.5 s of
     compile time at 512 pairs of 64x4 on CPU, and on the matmul path a second read of ``g``.
     """
-    sharding = getattr(jax.typeof(g), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or jax.sharding.AxisType.Auto in mesh.axis_types:
+    typed = _typed_sharding(g)
+    if typed is None or jax.sharding.AxisType.Auto in typed[0].axis_types:
         return fn(g) + g * 0 if jax.device_count() > 1 else fn(g)
-    spec = tuple(sharding.spec) + (None,) * (g.ndim - len(sharding.spec))
+    mesh, spec = typed
     if spec[rank_axis] is None:
         return fn(g)
     gathered = (*spec[:rank_axis], None, *spec[rank_axis + 1 :])
@@ -617,11 +622,11 @@ def _kind(pair, leaves) -> tuple:
 
 
 def _sharding_type(x) -> Any:
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
+    typed = _typed_sharding(x)
+    if typed is None:
         return None
-    return (tuple(sharding.spec), tuple(mesh.axis_types), tuple(mesh.axis_names), mesh.shape_tuple)
+    mesh, spec = typed
+    return (spec, tuple(mesh.axis_types), tuple(mesh.axis_names), mesh.shape_tuple)
 
 
 def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
