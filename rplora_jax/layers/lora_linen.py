@@ -126,11 +126,13 @@ class _LoRAMixin:
     lora: LoRAConfig
     deterministic: bool | None
 
-    def _lora_deterministic(self, deterministic: bool | None) -> bool:
+    def _add_lora(self, y: jax.Array, inputs: jax.Array, deterministic: bool | None, **kw):
+        """``y`` (the base layer's output) plus the LoRA term, in y's dtype."""
         check_lora(self.lora, f"{type(self).__name__} '{module_path(self)}' (lora=)")
-        if self.lora.dropout_rate == 0.0:
-            return True
-        return nn.merge_param("deterministic", self.deterministic, deterministic)
+        det = self.lora.dropout_rate == 0.0 or nn.merge_param(
+            "deterministic", self.deterministic, deterministic
+        )
+        return y + lora_delta(self, inputs, self.lora, deterministic=det, **kw).astype(y.dtype)
 
 
 class LoRADense(_LoRAMixin, nn.Dense):
@@ -162,9 +164,7 @@ class LoRADense(_LoRAMixin, nn.Dense):
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """Applies the layer; ``deterministic=False`` applies LoRA dropout (``"dropout"`` rng)."""
-        y = super().__call__(inputs)
-        det = self._lora_deterministic(deterministic)
-        return y + lora_delta(self, inputs, self.lora, deterministic=det).astype(y.dtype)
+        return self._add_lora(super().__call__(inputs), inputs, deterministic)
 
 
 class LoRADenseGeneral(_LoRAMixin, nn.DenseGeneral):
@@ -193,9 +193,7 @@ class LoRADenseGeneral(_LoRAMixin, nn.DenseGeneral):
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """Applies the layer; ``deterministic=False`` applies LoRA dropout (``"dropout"`` rng)."""
-        y = super().__call__(inputs)
-        det = self._lora_deterministic(deterministic)
-        return y + lora_delta(self, inputs, self.lora, deterministic=det).astype(y.dtype)
+        return self._add_lora(super().__call__(inputs), inputs, deterministic)
 
 
 class LoRAEinsum(_LoRAMixin, nn.Einsum):
@@ -235,9 +233,7 @@ class LoRAEinsum(_LoRAMixin, nn.Einsum):
     ) -> jax.Array:
         """Applies the layer; ``deterministic=False`` applies LoRA dropout (``"dropout"`` rng)."""
         y = super().__call__(inputs, einsum_str)
-        det = self._lora_deterministic(deterministic)
-        delta = lora_delta(self, inputs, self.lora, deterministic=det, einsum_str=einsum_str)
-        return y + delta.astype(y.dtype)
+        return self._add_lora(y, inputs, deterministic, einsum_str=einsum_str)
 
 
 LINEN_LORA = (LoRADense, LoRADenseGeneral, LoRAEinsum)
