@@ -6,7 +6,11 @@ steps after warm-up (the two alternate step by step, so that changes in the mach
 both alike), with their ratios measured in this run. The ``compile`` set prints compile times
 only, for a growing number of small pairs. Runs on any backend (printed first).
 
-    python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile] [--flatten]
+    python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile] [--flatten] [--ab]
+
+``--ab`` adds ``scaled_adamw`` with each backend-dependent choice of the preconditioner flipped
+for the backend it runs on (see ``FLIPS``), so that one run says whether that backend takes the
+faster form.
 
 Sets (``--sets``, default all):
   a              48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import rplora_jax
+from rplora_jax import preconditioner
 
 LLAMA = {  # name: (in, out), rank 64
     "q": (4096, 4096),
@@ -104,6 +109,42 @@ def optimizers(flatten: bool = False) -> dict:
     return txs
 
 
+# The preconditioner's backend-dependent choices: for the backends in each tuple, the form
+# measured best on CPU; for the others, the alternative.
+FLIPS = {
+    "apply": "_MATMUL_APPLY_BACKENDS",  # rank-first gradients: matmul, else r multiply-adds
+    "grams": "_SEPARATE_GRAMS_BACKENDS",  # large factors: a Gram dot each, else stacked
+    "inverse": "_GAUSS_JORDAN_BACKENDS",  # Gauss-Jordan in XLA ops, else batched Cholesky
+}
+# On CPU the batched LAPACK Cholesky of jaxlib 0.10 can hang (see _safe_inverse): not flipped.
+NO_FLIP = {"cpu": ("inverse",)}
+
+
+def flipped(tx: optax.GradientTransformation, choice: str) -> optax.GradientTransformation:
+    """``tx`` traced with the preconditioner's ``choice`` flipped for the default backend."""
+    attr, backend = FLIPS[choice], jax.default_backend()
+
+    def update_fn(updates, state, params=None):
+        current = getattr(preconditioner, attr)
+        setattr(preconditioner, attr, tuple(set(current) ^ {backend}))
+        try:
+            return tx.update(updates, state, params)
+        finally:
+            setattr(preconditioner, attr, current)
+
+    return optax.GradientTransformation(tx.init, update_fn)
+
+
+def ab_variants() -> dict:
+    """``scaled_adamw`` with each choice flipped that may be on this backend."""
+    skip = NO_FLIP.get(jax.default_backend(), ())
+    return {
+        f"scaled_adamw[{choice} flipped]": flipped(rplora_jax.scaled_adamw(1e-3), choice)
+        for choice in FLIPS
+        if choice not in skip
+    }
+
+
 def report(
     title: str, compile_s: dict, step_s: dict | None = None, temp: dict | None = None
 ) -> str:
@@ -171,6 +212,9 @@ def main() -> None:
     parser.add_argument(
         "--flatten", action="store_true", help="also time Adam on one flat vector (optax.flatten)"
     )
+    parser.add_argument(
+        "--ab", action="store_true", help="also time each backend-dependent choice flipped"
+    )
     args = parser.parse_args()
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
@@ -179,15 +223,14 @@ def main() -> None:
     for key in (k for k in args.sets if k in SETS):
         title, make = SETS[key]
         params, grads = make(0), make(1)
-        compile_s, step_s, temp = time_updates(
-            optimizers(args.flatten), params, grads, args.repeats
-        )
+        txs = optimizers(args.flatten) | (ab_variants() if args.ab else {})
+        compile_s, step_s, temp = time_updates(txs, params, grads, args.repeats)
         del params, grads
         print(report(title, compile_s, step_s, temp), flush=True)
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)
-            txs = optimizers(args.flatten)
+            txs = optimizers(args.flatten) | (ab_variants() if args.ab else {})
             times = {name: compile_step(tx, params, params)[1] for name, tx in txs.items()}
             print(report(f"compile, {n} pairs of 64x4", times), flush=True)
 

@@ -40,6 +40,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # the rank axis first each output row reads all r rows of the gradient, in each kernel: 16.5
 # thread-ms each for the b-gradients, against 3.8 and 3.0. Their matmul (2.5 thread-ms per kernel
 # plus the dot) brought the update from 36.8 to 34.9 ms and its compile time from 9.5 to 6.5 s.
+# By rank (`--ab`'s flip, same run, matmul against unrolled for the rank-first gradients only):
+#   48 pairs 1024 x r    r=4: 1.35 / 1.27 ms   r=8: 1.96 / 2.00 ms   r=16: 4.89 / 5.70 ms
+#   64 pairs 4096 x r    r=4: 4.73 / 4.72 ms   r=8: 7.20 / 7.58 ms   r=16 (128 pairs): 34.7 / 36.8
+# At r=4 the unrolled form ran up to 11% faster at 1024 (another run: 2.14 / 1.90 ms) and even at
+# 4096, from r=8 the matmul is faster, and the unrolled form always compiled slower (1.24 / 1.49 s
+# at 1024x4, 5.6 / 8.9 s at 4096x16): on CPU the matmul is taken at every rank.
 _UNROLL_MAX_RANK = 32
 _UNROLL_MIN_SIZE = 4096
 # Pairs of one kind whose Grams are inverted by one batched call (see _precondition_chunk).
@@ -58,6 +64,18 @@ _CHUNK = 32
 _UNROLLED_CHUNK = 8
 # Factors smaller than this are stacked for one batched Gram on every backend (see _chunk_grams).
 _STACK_MAX_SIZE = 4096
+# The backends that take the CPU's form at each of three choices, each measured on CPU (see
+# _apply, _safe_inverse and _chunk_grams); other backends take the other form. On GPU only the
+# unrolled apply has been measured. `benchmarks/update_overhead.py --ab` times each choice flipped
+# for the backend it runs on.
+_MATMUL_APPLY_BACKENDS = ("cpu",)
+_GAUSS_JORDAN_BACKENDS = ("cpu",)
+_SEPARATE_GRAMS_BACKENDS = ("cpu",)
+
+
+def _by_backend(backends: Sequence[str], chosen, other, *args):
+    """``chosen(*args)`` on the given backends, ``other(*args)`` elsewhere."""
+    return jax.lax.platform_dependent(*args, default=other, **dict.fromkeys(backends, chosen))
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -289,14 +307,15 @@ def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) ->
     elif rank_axis == g.ndim - 1:
         out = _apply_unrolled(gc, inv, rank_axis, stacked)
     else:
-        # The CPU measurement is at _UNROLL_MAX_RANK. Elsewhere the unrolled form stays, as it was
-        # when measured on an H200: a matmul per leaf would add a kernel launch per gradient, and
-        # whether it wins there too has not been measured.
-        out = jax.lax.platform_dependent(
+        # The CPU measurements are at _UNROLL_MAX_RANK. Elsewhere the unrolled form stays, as it
+        # was when measured on an H200: a matmul per leaf would add a kernel launch per gradient,
+        # and whether it wins there too has not been measured (`--ab` of the update benchmark).
+        out = _by_backend(
+            _MATMUL_APPLY_BACKENDS,
+            functools.partial(_apply_matmul, rank_axis=rank_axis, stacked=stacked, dtype=dtype),
+            functools.partial(_apply_unrolled, rank_axis=rank_axis, stacked=stacked),
             gc,
             inv,
-            cpu=functools.partial(_apply_matmul, rank_axis=rank_axis, stacked=stacked, dtype=dtype),
-            default=functools.partial(_apply_unrolled, rank_axis=rank_axis, stacked=stacked),
         )
     return out.astype(g.dtype)
 
@@ -380,7 +399,7 @@ def _safe_inverse(m: jax.Array, reg: jax.Array) -> jax.Array:
         return jax.sharding.reshard(inv, _named(mesh, spec))
     eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
     m = m + jnp.asarray(reg, m.dtype) * eye
-    return jax.lax.platform_dependent(m, eye, cpu=_gauss_jordan_inverse, default=_cholesky_inverse)
+    return _by_backend(_GAUSS_JORDAN_BACKENDS, _gauss_jordan_inverse, _cholesky_inverse, m, eye)
 
 
 def _gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
@@ -690,7 +709,7 @@ def _chunk_grams(factors, rank_axis: int, stacked: int, dtype) -> jax.Array:
         return separate(*factors)
     if factors[0].size < _STACK_MAX_SIZE:
         return batched(*factors)
-    return jax.lax.platform_dependent(*factors, cpu=separate, default=batched)
+    return _by_backend(_SEPARATE_GRAMS_BACKENDS, separate, batched, *factors)
 
 
 def _check_shapes(pair, params, grads) -> None:

@@ -67,3 +67,41 @@ def test_the_preconditioned_gradients_are_temporary_buffers():
     assert temp["adamw"] < 1024
     if jax.default_backend() == "cpu":
         assert temp["scaled_adamw"] >= b_grads
+
+
+def test_ab_variants_take_the_same_step_with_the_choice_flipped():
+    # --ab times each backend-dependent form against the chosen one: they must be the same maths,
+    # and the flip must reach the compiled program (on CPU the unrolled apply fuses the b-gradients
+    # into Adam's kernels, so they are no longer temporaries) and be undone after tracing.
+    params, grads = bench.make_params(4, 4096, 4, seed=0), bench.make_params(4, 4096, 4, seed=1)
+    txs = {"scaled_adamw": bench.optimizers()["scaled_adamw"]} | bench.ab_variants()
+    assert len(txs) == 1 + len(bench.FLIPS) - len(bench.NO_FLIP.get(jax.default_backend(), ()))
+    steps, temp, dots = {}, {}, {}
+    for name, tx in txs.items():
+        step, _ = bench.compile_step(tx, params, grads)
+        temp[name] = bench.temp_bytes(step)
+        dots[name] = step.as_text().count(" dot(")
+        p = jax.tree.map(np.array, params)
+        state = tx.init(p)
+        for _ in range(2):
+            p, state = step(p, state, grads)
+        steps[name] = p
+    for name in txs:
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+            steps[name],
+            steps["scaled_adamw"],
+        )
+    for attr in bench.FLIPS.values():
+        assert getattr(bench.preconditioner, attr) == ("cpu",)
+    if jax.default_backend() == "cpu":
+        b_grads = sum(g["lora_b"].nbytes for g in grads.values())
+        assert temp["scaled_adamw"] >= b_grads
+        assert temp["scaled_adamw[apply flipped]"] < b_grads / 4
+        # 4 pairs: a Gram dot per factor and a matmul per b-gradient; the flips drop the matmuls,
+        # or batch the 8 Gram dots into 2.
+        assert dots == {
+            "scaled_adamw": 12,
+            "scaled_adamw[apply flipped]": 8,
+            "scaled_adamw[grams flipped]": 6,
+        }
