@@ -24,7 +24,7 @@ pytest.importorskip("matplotlib")
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SMOKE_ENV = "RPLORA_NOTEBOOK_SMOKE"
 FORMATS = "ipynb,py:percent"
-# How to bring the .ipynb files up to date with their sources (docs/experiments.md, "Notebooks").
+# How to bring the .ipynb files up to date with their sources (CONTRIBUTING.md, "Notebooks").
 REEXECUTE = "jupytext --sync notebooks/*.py && jupyter execute --inplace notebooks/*.ipynb"
 # name -> (number of plots, text the first output shows in the full-size run)
 EXPECTED = {
