@@ -10,6 +10,7 @@ required there. Folding runs in float32 (or wider) and is cast to the kernel's d
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -102,6 +103,20 @@ def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...
     )
 
 
+def _factor_key(kernel_key: tuple, n_kernel_tokens: int, path: str) -> tuple:
+    """The real key of the factor at token ``path``, laid out like its kernel's key.
+
+    Nested dicts have one key per token; a flat key that holds several tokens ('q.kernel')
+    gives the factor one key in the same dict, joined the same way ('q.lora_a').
+    """
+    parent, last = kernel_key[:-1], kernel_key[-1]  # the real keys (ints for nnx lists)
+    last_tokens = path_tokens((jax.tree_util.DictKey(last),))
+    tail = path.split("/")[n_kernel_tokens - len(last_tokens) :]
+    if len(last_tokens) == 1:
+        return (*parent, *tail)
+    return (*parent, re.findall(r"[./]", str(last))[-1].join(tail))
+
+
 def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> None:
     for pair in pairs:
         kkey = index["/".join(_kernel_tokens(pair, index))]
@@ -121,6 +136,16 @@ def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> 
             )
         s = sign * float(scale(pair.a_path) if callable(scale) else scale)
         flat[kkey] = (kernel.astype(delta.dtype) + s * delta).astype(kernel.dtype)
+
+
+def _no_pairs(tree: Any, where: str) -> ValueError:
+    """Returning the tree unchanged would hide factors the rules did not recognise."""
+    paths = list(_flatten(tree)[1])[:4]
+    return ValueError(
+        f"{where} found no LoRA pairs (first paths: {paths}). It folds lora_a/lora_b next to a "
+        "'kernel' (this library, nnx.LoRA/nnx.LoRALinear) and qwix's <w>_lora_a/<w>_lora_b "
+        "next to <w>; factors named otherwise need rules= (see rplora_jax.pairing)."
+    )
 
 
 def _need_scale(scale: Any, fn: str) -> None:
@@ -186,6 +211,8 @@ def merge(
     _need_scale(scale, "merge")
     flat, index = _flatten(tree)
     pairs = find_lora_pairs(tree, rules=rules)
+    if not pairs:
+        raise _no_pairs(tree, "merge")
     _fold(flat, index, pairs, scale, 1.0)
     if not keep_factors:
         for pair in pairs:
@@ -228,12 +255,12 @@ def unmerge(
     _need_scale(scale, "unmerge")
     flat, index = _flatten(merged)
     pairs = find_lora_pairs(dict(adapter), rules=rules)
+    if not pairs:
+        raise _no_pairs(dict(adapter), "unmerge (in the adapter)")
     for pair in pairs:
         kernel = _kernel_tokens(pair, index)
-        parent = index["/".join(kernel)][:-1]  # the real keys (ints for nnx lists)
         for path in (pair.a_path, pair.b_path):
-            suffix = path.split("/")[len(kernel) - 1 :]
-            key = (*parent, *suffix)
+            key = _factor_key(index["/".join(kernel)], len(kernel), path)
             flat[key] = adapter[path]
             index[path] = key
     _fold(flat, index, pairs, scale, -1.0)

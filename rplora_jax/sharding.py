@@ -165,14 +165,28 @@ def lora_specs(
       {'kernel': ('data', 'model'), 'lora_a': ('data', None), 'lora_b': (None, 'model')}
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    spec_leaves, spec_treedef = jax.tree_util.tree_flatten(param_specs, is_leaf=_is_spec_leaf)
-    if len(spec_leaves) != len(flat):
+    spec_flat, spec_treedef = jax.tree_util.tree_flatten_with_path(
+        param_specs, is_leaf=_is_spec_leaf
+    )
+    if len(spec_flat) != len(flat):
         raise ValueError(
-            f"param_specs has {len(spec_leaves)} leaves but params has {len(flat)}; give one "
+            f"param_specs has {len(spec_flat)} leaves but params has {len(flat)}; give one "
             f"PartitionSpec (or None) per parameter.\n  params: {treedef}\n  "
             f"param_specs: {spec_treedef}"
         )
     paths = [path_str(p) for p, _ in flat]
+    spec_paths = [path_str(p) for p, _ in spec_flat]
+    if spec_paths != paths:
+        # Leaves are matched by position: a misnamed key would silently lend its spec to another.
+        missing = [p for p in paths if p not in set(spec_paths)]
+        extra = [p for p in spec_paths if p not in set(paths)]
+        raise ValueError(
+            "param_specs does not have the parameters' structure: "
+            f"no spec for {missing}, specs for non-parameters {extra}"
+            if missing or extra
+            else "param_specs lists the parameters in another order than params."
+        )
+    spec_leaves = [spec for _, spec in spec_flat]
     index = {p: i for i, p in enumerate(paths)}
     shapes = [tuple(np.shape(x)) for _, x in flat]
     specs = list(spec_leaves)

@@ -138,3 +138,40 @@ def test_unmerge_nnx_pure_dict_with_list():
 def test_merge_scale_must_be_a_number():
     with pytest.raises(TypeError, match="scale must be a number"):
         rplora_jax.merge(params_tree(), scale="2")
+
+
+def test_unmerge_puts_factors_back_under_flat_dotted_keys():
+    # A flat checkpoint keyed 'q.kernel': each factor goes back next to its own kernel, and each
+    # kernel gets its own a @ b subtracted (both went to top-level 'lora_a'/'lora_b' before).
+    params = {
+        "q.kernel": jnp.zeros((2, 2)),
+        "q.lora_a": jnp.ones((2, 1)),
+        "q.lora_b": jnp.ones((1, 2)),
+        "k.kernel": jnp.zeros((2, 2)),
+        "k.lora_a": 2 * jnp.ones((2, 1)),
+        "k.lora_b": jnp.ones((1, 2)),
+        "v/lora/lora_a": 3 * jnp.ones((2, 1)),
+        "v/lora/lora_b": jnp.ones((1, 2)),
+        "v/kernel": jnp.zeros((2, 2)),
+    }
+    merged = rplora_jax.merge(params, scale=1.0)
+    assert sorted(merged) == ["k.kernel", "q.kernel", "v/kernel"]
+    np.testing.assert_array_equal(merged["k.kernel"], np.full((2, 2), 2.0))
+    back = rplora_jax.unmerge(merged, adapters.extract_adapter(params), scale=1.0)
+    assert sorted(back) == sorted(params)
+    for key, value in params.items():
+        np.testing.assert_array_equal(back[key], value)
+
+
+def test_merge_and_unmerge_without_pairs_raise():
+    # PEFT-named factors under the default rules are not pairs: returning the dict unchanged
+    # would hand back an unmerged model as if merged.
+    peft_named = {"q": {"weight": jnp.zeros((2, 2)), "lora_A": jnp.ones((1, 2))}}
+    with pytest.raises(
+        ValueError, match=r"merge found no LoRA pairs \(first paths: \['q/weight', 'q/lora_A'\]"
+    ):
+        rplora_jax.merge(peft_named, scale=1.0)
+    with pytest.raises(ValueError, match=r"unmerge \(in the adapter\) found no LoRA pairs"):
+        rplora_jax.unmerge(
+            {"q": {"kernel": jnp.zeros((2, 2))}}, {"q/lora_A": jnp.ones((1, 2))}, scale=1.0
+        )

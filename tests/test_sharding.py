@@ -143,6 +143,19 @@ def test_lora_specs_errors_name_the_paths():
         lora_specs(params, given)
 
 
+def test_lora_specs_matches_specs_by_path_not_position():
+    # Same leaf count, misnamed key: v/kernel used to get the spec written under 'typo'.
+    params = {"q": _layer(8, 16), "v": {"kernel": jnp.zeros((16, 8))}}
+    given = {
+        "q": {"kernel": P("data", "model"), "lora_a": None},
+        "v": {"kernel": None, "typo": P("model")},
+    }
+    with pytest.raises(
+        ValueError, match=r"no spec for \['q/lora_b'\], specs for non-parameters \['v/typo'\]"
+    ):
+        lora_specs(params, given)
+
+
 def test_lora_specs_explicit_kernel_path():
     params = {
         "base": jnp.zeros((8, 16)),
