@@ -133,6 +133,22 @@ def test_merge_folds_flax_lora_linear():
     np.testing.assert_allclose(merged(X), layer(X), rtol=1e-5, atol=1e-5)
 
 
+def test_merge_of_flax_lora_linear_keeps_its_dot_general():
+    # A custom dot_general (quantized or scaled matmuls) is part of the base layer: the merged
+    # nnx.Linear used to fall back to lax.dot_general (output off by 2.17 with b = 0 here).
+    def doubled(x, k, *args, **kwargs):
+        return 2.0 * jax.lax.dot_general(x, k, *args, **kwargs)
+
+    layer = nnx.LoRALinear(6, 4, lora_rank=2, dot_general=doubled, rngs=nnx.Rngs(0))
+    merged = merge(layer)
+    assert merged.dot_general is doubled
+    np.testing.assert_allclose(merged(X), layer(X), rtol=1e-6, atol=1e-6)
+    # nnx.LoRALinear adds x @ a @ b outside its dot_general; merged, that term goes through it.
+    layer.lora.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 4))
+    delta = X @ layer.lora.lora_a[...] @ layer.lora.lora_b[...]
+    np.testing.assert_allclose(merge(layer)(X), layer(X) + delta, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_refuses_what_it_cannot_fold():
     # A standalone nnx.LoRA (or qwix's <w>_lora_a params) has no kernel merge can fold into:
     # the model must not come back silently unmerged.

@@ -322,7 +322,9 @@ def replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 
 def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
-    # Flax's LoRALinear adds x @ a @ b with no scale.
+    # Flax's LoRALinear adds x @ a @ b with no scale, outside its dot_general: with a custom one
+    # (a quantized matmul) the merged layer computes dot_general(x, W0 + a @ b), what merging
+    # into such a layer means, though not the same function unless dot_general is the product.
     kernel = layer.kernel[...]
     delta = fold_delta(layer.lora.lora_a[...], layer.lora.lora_b[...], kernel.ndim - 2)
     out = nnx.Linear(
@@ -331,6 +333,7 @@ def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
         kernel_init=ZEROS,
         bias_init=ZEROS,
         rngs=nnx.Rngs(0),
+        dot_general=layer.dot_general,
         **_common_kwargs(layer),
     )
     out.kernel = nnx.clone(layer.kernel)
