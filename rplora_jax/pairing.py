@@ -228,14 +228,16 @@ def path_str(keypath: tuple[Any, ...]) -> str:
     return "/".join(path_tokens(keypath))
 
 
-def no_pairs_error(tree: Any, where: str) -> ValueError:
-    """The error for a tree in which ``where`` found no LoRA pair, showing its first paths."""
+def no_pairs_error(tree: Any, where: str, allow_no_pairs: bool = True) -> ValueError:
+    """The error for a tree in which ``where`` found no LoRA pair, showing its first paths;
+    ``allow_no_pairs``: whether ``where`` takes that argument, which the error then suggests."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     paths = [path_str(p) for p, _ in flat[:4]]
+    allow = ", or allow_no_pairs=True if a tree without LoRA factors is intended" * allow_no_pairs
     return ValueError(
         f"{where} found no LoRA pairs among {len(flat)} leaves (first paths: {paths}). This "
         "almost always means the factor names do not match the pairing rules: pass rules= (see "
-        "rplora_jax.pairing), or allow_no_pairs=True if a tree without LoRA factors is intended."
+        f"rplora_jax.pairing){allow}."
     )
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from rplora_jax.pairing import RuleSpec, find_lora_pairs, path_str
+from rplora_jax.pairing import RuleSpec, find_lora_pairs, no_pairs_error, path_str
 
 TRAINABLE = "lora"
 FROZEN = "frozen"
@@ -153,10 +153,15 @@ def freeze_base(
       [-0.1, -0.1]
     """
     _patterns(also_train)
-    return optax.partition(
-        {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
-        lambda params: lora_labels(params, rules=rules, also_train=also_train),
-    )
+
+    def labels(params):
+        # Without factors every update would be zero (or, for a pairing optimizer, an error
+        # naming no path, since its branch is all masked): say so, naming the tree's paths.
+        if not find_lora_pairs(params, rules=rules):
+            raise no_pairs_error(params, "freeze_base", allow_no_pairs=False)
+        return lora_labels(params, rules=rules, also_train=also_train)
+
+    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 
 
 class ParamCount(NamedTuple):

@@ -100,3 +100,19 @@ def test_import_loads_no_optional_dependency():
 def test_also_train_is_checked_where_it_is_given():
     with pytest.raises(ValueError, match="also_train must be a regex"):
         partition.freeze_base(optax.sgd(0.1), also_train=3)
+
+
+@pytest.mark.parametrize(
+    "make_tx", [lambda: optax.adamw(0.1), lambda: rplora_jax.scaled_adamw(0.1)]
+)
+def test_freeze_base_without_factors_names_the_tree(make_tx):
+    # Factors the rules do not recognise: with adamw every update used to be zero, silently;
+    # with scaled_adamw the error listed no path (its branch saw only masked leaves).
+    params = {"kernel": jnp.ones((4, 4)), "loraA": jnp.ones((4, 2)), "loraB": jnp.ones((2, 4))}
+    tx = rplora_jax.freeze_base(make_tx())
+    with pytest.raises(
+        ValueError,
+        match=r"freeze_base found no LoRA pairs among 3 leaves "
+        r"\(first paths: \['kernel', 'loraA', 'loraB'\]\)",
+    ):
+        tx.init(params)
