@@ -84,6 +84,11 @@ def apply_adapter(
                 f"apply_adapter: '{path}' is {jnp.result_type(new)}{list(np.shape(new))} in the "
                 f"adapter but {jnp.result_type(leaf)}{list(np.shape(leaf))} in the parameters."
             )
+        # Placed like the leaf it replaces, so loading into sharded parameters keeps their
+        # shardings (jnp.asarray put every factor on one device).
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.Sharding):
+            return jax.device_put(new, sharding)
         return jnp.asarray(new)
 
     return jax.tree_util.tree_map_with_path(replace, tree)

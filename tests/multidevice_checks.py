@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import jax
 
@@ -109,6 +110,33 @@ def check_explicit_mesh() -> dict:
     }
 
 
+def check_adapter_loading() -> dict:
+    """Adapters loaded into sharded parameters: each factor's spec, and the values' error."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(2)
+    params = {"q": {"kernel": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}}
+    params["q"].update(_pair(rng, (16, 2), (2, 8)))
+    specs = rplora_jax.lora_specs(
+        params, {"q": {"kernel": P("data", "model"), "lora_a": None, "lora_b": None}}
+    )
+    placed = jax.device_put(params, rplora_jax.sharding.named_shardings(mesh, specs))
+    res = {"want": {k: list(v.sharding.spec) for k, v in placed["q"].items()}}
+    with tempfile.TemporaryDirectory() as d:
+        rplora_jax.save_adapter(f"{d}/a.safetensors", placed)
+        rplora_jax.save_peft_adapter(f"{d}/peft", placed, rplora_jax.LoRAConfig(rank=2))
+        for name, loaded in (
+            ("load_adapter", rplora_jax.load_adapter(f"{d}/a.safetensors", into=placed)),
+            ("load_peft_adapter", rplora_jax.load_peft_adapter(f"{d}/peft", placed)),
+        ):
+            # A factor put on one device has no spec: its sharding's type is reported instead.
+            res[name] = {
+                k: list(getattr(v.sharding, "spec", [type(v.sharding).__name__]))
+                for k, v in loaded["q"].items()
+            }
+            res[name + "_rel"] = max(_rel(loaded["q"][k], params["q"][k]) for k in params["q"])
+    return res
+
+
 def group_sharding() -> dict:
     report = sharded_training.run(steps=6, lr=1e-2, mesh_shape=(4, 2))
     return {
@@ -116,6 +144,7 @@ def group_sharding() -> dict:
         "pmap": pmap_data_parallel.run(steps=4, lr=1e-2),
         "shard_map": check_shard_map(),
         "explicit_mesh": check_explicit_mesh(),
+        "adapters": check_adapter_loading(),
     }
 
 

@@ -208,6 +208,20 @@ def test_pmap_example_matches_jit(report):
 
 
 @pytest.mark.slow
+def test_loaded_adapters_keep_the_parameters_shardings(report):
+    # Loading into sharded parameters put every factor on one device (load_adapter and
+    # load_peft_adapter alike); now each comes back with its target's sharding, values intact.
+    res = report["adapters"]
+    assert res["want"] == {
+        "kernel": ["data", "model"],
+        "lora_a": ["data", None],
+        "lora_b": [None, "model"],
+    }
+    for name in ("load_adapter", "load_peft_adapter"):
+        assert res[name] == res["want"], name
+        assert res[name + "_rel"] < 1e-6, name
+
+
 def test_shard_map_axis_name_equals_unsharded(report):
     res = report["shard_map"]
     assert res["one_axis"] < SHARDED_RTOL
