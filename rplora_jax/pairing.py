@@ -178,6 +178,11 @@ def as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, 
         return DEFAULT_RULES
     if isinstance(rules, PairingRule) or callable(rules) or _is_name_pair(rules):
         rules = [rules]
+    if isinstance(rules, str):  # iterated, a string would be read as one rule per character
+        raise TypeError(
+            f"rules={rules!r} is one name: give both factors' names, rules=({rules!r}, "
+            "'<b name>'), or a PairingRule."
+        )
     out = []
     for rule in rules:
         if isinstance(rule, PairingRule):
@@ -264,6 +269,8 @@ def _check_factor(path: str, role: str, leaf: Any) -> None:
         raise ValueError(
             f"LoRA factor {role!r} at '{path}' must have a floating dtype, got {dtype}."
         )
+    if 0 in shape:
+        raise ValueError(f"LoRA factor {role!r} at '{path}' is empty: shape {shape}.")
 
 
 def _stacked_count(a_shape, b_shape, layout: Layout, stacked_axes: int | None, paths) -> int:

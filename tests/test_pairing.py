@@ -104,6 +104,16 @@ def test_bad_rules_argument():
         rplora_jax.find_lora_pairs({}, rules=[3])
     with pytest.raises(ValueError, match="'flax' or 'torch'"):
         PairingRule(lambda t: None, layout="jax")
+    # A lone string used to be read as one rule per character ("got 'l'").
+    with pytest.raises(TypeError, match=r"rules='lora_a' is one name: .*\('lora_a', '<b name>'\)"):
+        rplora_jax.find_lora_pairs({}, rules="lora_a")
+
+
+def test_empty_factors_are_refused():
+    # Rank 0, which LoRAConfig refuses too: a pair with nothing to train.
+    params = {"lora_a": jnp.ones((4, 0)), "lora_b": jnp.ones((0, 4))}
+    with pytest.raises(ValueError, match=r"factor 'a' at 'lora_a' is empty: shape \(4, 0\)"):
+        rplora_jax.find_lora_pairs(params)
 
 
 def test_torch_rank_mismatch_message():
