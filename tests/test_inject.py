@@ -219,6 +219,30 @@ def test_nnx_vmap_stacked_injection():
     np.testing.assert_allclose(model(X), y0, rtol=1e-6, atol=1e-6)
 
 
+def test_nnx_vmap_stacked_injection_with_dropout():
+    # The dropout's rng key and count used to stay scalars beside the stacked factors, so
+    # nnx.scan over the layers failed (IndexError), in eval mode too.
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return nnx.Linear(6, 6, rngs=rngs)
+
+    model = nnx.Dict({"layers": make(nnx.Rngs(0))})
+    lora = LoRAConfig(rank=2, dropout_rate=0.5)
+    assert inject_nnx(model, "layers", lora, rngs=nnx.Rngs(1)) == ["layers"]
+    keys = nnx.state(model, nnx.RngKey)["layers"]["lora_dropout"]["rngs"]["key"][...]
+    assert keys.shape == (3,) and len({tuple(jax.random.key_data(k).tolist()) for k in keys}) == 3
+    scan = nnx.scan(lambda layer, x: layer(x), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    x = jnp.ones((2, 6))
+    model["layers"].lora_b[...] = jnp.ones((3, 2, 6))  # so that dropout changes the output
+    model.eval()
+    y_eval = scan(model["layers"], x)
+    model.train()
+    y_train = scan(model["layers"], x)
+    assert y_eval.shape == y_train.shape == (2, 6)
+    assert np.all(np.isfinite(y_train)) and not np.allclose(y_train, y_eval)
+
+
 R2 = LoRAConfig(rank=2)
 
 

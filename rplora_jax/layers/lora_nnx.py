@@ -100,7 +100,16 @@ class _LoRAMixin:
             a_shape, b_shape = new.lora_a.shape, new.lora_b.shape
             n_batch = len(stack) + new.lora_batch_axes
             new._init_lora(lora, (*stack, *a_shape), (*stack, *b_shape), n_batch, rngs)
+            if new.lora_dropout is not None:
+                _stack_stream(new.lora_dropout.rngs, stack)
         return new
+
+
+def _stack_stream(stream: nnx.RngStream, stack: tuple[int, ...]) -> None:
+    """One key and count per stacked layer, as ``nnx.split_rngs`` gives layers made under
+    ``nnx.vmap``: ``nnx.scan``/``nnx.vmap`` over the layers then slice them like the factors."""
+    stream.key.set_value(jax.random.split(stream.key.get_value(), stack))
+    stream.count.set_value(jnp.zeros(stack, stream.count.get_value().dtype))
 
 
 def _common_kwargs(layer: nnx.Module) -> dict[str, Any]:
