@@ -56,8 +56,12 @@ def _patterns(also_train: Targets | None) -> list[str]:
     return list(patterns)
 
 
-def _trainable_paths(tree, rules, also_train) -> set[str]:
+def _trainable_paths(tree, rules, also_train, require_pairs: str | None = None) -> set[str]:
+    """The factors' and ``also_train``'s paths; ``require_pairs``: the caller, for which a tree
+    without factors is an error."""
     factors = factor_paths(tree, rules=rules)
+    if require_pairs and not factors:
+        raise no_pairs_error(tree, require_pairs, allow_no_pairs=False)
     patterns = _patterns(also_train)
     if not patterns:
         return factors
@@ -97,7 +101,10 @@ def lora_labels(
       >>> lora_labels(params)
       {'kernel': 'frozen', 'lora_a': 'lora', 'lora_b': 'lora'}
     """
-    trained = _trainable_paths(tree, rules, also_train)
+    return _labels(tree, _trainable_paths(tree, rules, also_train))
+
+
+def _labels(tree: Any, trained: set[str]) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda p, _: TRAINABLE if path_str(p) in trained else FROZEN, tree
     )
@@ -157,9 +164,7 @@ def freeze_base(
     def labels(params):
         # Without factors every update would be zero (or, for a pairing optimizer, an error
         # naming no path, since its branch is all masked): say so, naming the tree's paths.
-        if not find_lora_pairs(params, rules=rules):
-            raise no_pairs_error(params, "freeze_base", allow_no_pairs=False)
-        return lora_labels(params, rules=rules, also_train=also_train)
+        return _labels(params, _trainable_paths(params, rules, also_train, "freeze_base"))
 
     return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 

@@ -43,12 +43,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # By rank (`--ab`'s flip, same run, matmul against unrolled for the rank-first gradients only):
 #   48 pairs 1024 x r    r=4: 1.35 / 1.27 ms   r=8: 1.96 / 2.00 ms   r=16: 4.89 / 5.70 ms
 #   64 pairs 4096 x r    r=4: 4.73 / 4.72 ms   r=8: 7.20 / 7.58 ms   r=16 (128 pairs): 34.7 / 36.8
-# At r=4 the unrolled form ran up to 11% faster at 1024 (another run: 2.14 / 1.90 ms) and even at
-# 4096, from r=8 the matmul is faster, and the unrolled form always compiled slower (1.24 / 1.49 s
-# at 1024x4, 5.6 / 8.9 s at 4096x16): on CPU the matmul is taken at every rank. The other way
-# round, a matmul for the rank-last (a) gradients too compiled faster but ran slower (128 pairs
-# 4096x16 without page faults: 45.4 against 28.4 ms, compile 2.5 against 6.1 s; 48 pairs 1024x4:
-# 1.76 against 1.51 ms, 0.88 against 1.22 s), so they keep the unrolled form.
+# At r=4 the unrolled form was faster at 1024 (by 6%; 11% in another run, 2.14 / 1.90 ms) and as
+# fast at 4096; from r=8 the matmul is as fast or faster, and the unrolled form always compiled
+# slower (1.24 / 1.49 s at 1024x4, 5.6 / 8.9 s at 4096x16): on CPU the matmul is taken at every
+# rank. The other way round, a matmul for the rank-last (a) gradients too compiled faster but
+# ran slower (128 pairs 4096x16 without page faults: 45.4 against 28.4 ms, compile 2.5 against
+# 6.1 s; 48 pairs 1024x4: 1.76 against 1.51 ms, 0.88 against 1.22 s): they keep the unrolled form.
 _UNROLL_MAX_RANK = 32
 _UNROLL_MIN_SIZE = 4096
 # Pairs of one kind whose Grams are inverted by one batched call (see _precondition_chunk).

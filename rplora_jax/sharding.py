@@ -178,8 +178,8 @@ def lora_specs(
     spec_paths = [path_str(p) for p, _ in spec_flat]
     if spec_paths != paths:
         # Leaves are matched by position: a misnamed key would silently lend its spec to another.
-        missing = [p for p in paths if p not in set(spec_paths)]
-        extra = [p for p in spec_paths if p not in set(paths)]
+        missing = sorted(set(paths) - set(spec_paths))
+        extra = sorted(set(spec_paths) - set(paths))
         raise ValueError(
             "param_specs does not have the parameters' structure: "
             f"no spec for {missing}, specs for non-parameters {extra}"
