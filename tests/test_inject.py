@@ -12,6 +12,7 @@ from script_loader import load_script
 
 import rplora_jax
 from rplora_jax import LoRAConfig, adapters, inject_linen, inject_nnx
+from rplora_jax.layers.lora_nnx import LoRALinear
 from rplora_jax.partition import count_parameters
 
 ex = load_script("examples/lora_transformer.py")
@@ -241,6 +242,25 @@ def test_nnx_vmap_stacked_injection_with_dropout():
     y_train = scan(model["layers"], x)
     assert y_eval.shape == y_train.shape == (2, 6)
     assert np.all(np.isfinite(y_train)) and not np.allclose(y_train, y_eval)
+
+
+def test_nnx_tied_layer_gets_one_lora_layer_at_every_path():
+    # nnx.iter_modules lists a shared layer once ('dec'): 'enc' used to stay a plain Linear,
+    # silently breaking the tie.
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.enc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.dec = self.enc
+
+        def __call__(self, x):
+            return self.dec(jnp.tanh(self.enc(x)))
+
+    model = Tied()
+    y0 = model(x := jnp.ones((2, 4)))
+    assert inject_nnx(model, r".+", LoRAConfig(rank=2), rngs=nnx.Rngs(1)) == ["dec", "enc"]
+    assert isinstance(model.enc, LoRALinear) and model.enc is model.dec
+    np.testing.assert_allclose(model(x), y0, rtol=1e-6, atol=1e-6)
+    assert len(rplora_jax.find_lora_pairs(nnx.state(model, nnx.LoRAParam))) == 1
 
 
 R2 = LoRAConfig(rank=2)

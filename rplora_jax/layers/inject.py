@@ -319,7 +319,9 @@ def inject_nnx(
     Each becomes the matching layer of :mod:`rplora_jax.layers.lora_nnx` (``LoRALinear``,
     ``LoRALinearGeneral``, ``LoRAEinsum``), sharing the original ``kernel``/``bias`` variables
     and adding ``lora_a``/``lora_b`` (``nnx.LoRAParam``). Layers stacked by ``nnx.vmap`` get
-    stacked factors; ``nnx.MultiHeadAttention``'s projections are ``LinearGeneral`` layers.
+    stacked factors; ``nnx.MultiHeadAttention``'s projections are ``LinearGeneral`` layers. A
+    layer shared at several paths (tied weights) becomes one LoRA layer at all of them; the
+    targets are matched against the one path ``nnx.iter_modules`` gives it.
 
     Args:
       model: the NNX model, modified in place.
@@ -363,6 +365,18 @@ def inject_nnx(
             raise ValueError("inject_nnx cannot replace the root module itself; wrap it first.")
         found.append((path, lora_cls, module))
     is_target.check(sorted(linear))
-    for path, lora_cls, module in found:
-        lora_nnx.replace_module(model, path, lora_cls.from_base(module, lora, rngs=rngs))
-    return sorted(_nnx_path(p) for p, _, _ in found)
+    lora_for = {id(m): (m, cls.from_base(m, lora, rngs=rngs)) for _, cls, m in found}
+    todo = [(path, lora_for[id(m)][1]) for path, _, m in found]
+    replaced = []
+    while todo:
+        for path, new in todo:
+            lora_nnx.replace_module(model, path, new)
+            replaced.append(_nnx_path(path))
+        # A layer shared at several paths (tied weights) is listed at one of them only: the same
+        # LoRA layer goes wherever it still appears, so the tie is kept.
+        todo = [
+            (path, lora_for[id(m)][1])
+            for path, m in nnx.iter_modules(model)
+            if id(m) in lora_for and lora_for[id(m)][0] is m
+        ]
+    return sorted(replaced)
