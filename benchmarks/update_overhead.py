@@ -120,9 +120,18 @@ FLIPS = {
 NO_FLIP = {"cpu": ("inverse",)}
 
 
+def lowering_platform() -> str:
+    """The default backend as ``lax.platform_dependent`` names it: 'cuda' or 'rocm' for 'gpu'
+    (it refuses 'gpu'), read from the platform version as jax itself does."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+
+
 def flipped(tx: optax.GradientTransformation, choice: str) -> optax.GradientTransformation:
     """``tx`` traced with the preconditioner's ``choice`` flipped for the default backend."""
-    attr, backend = FLIPS[choice], jax.default_backend()
+    attr, backend = FLIPS[choice], lowering_platform()
 
     def update_fn(updates, state, params=None):
         current = getattr(preconditioner, attr)
@@ -137,7 +146,7 @@ def flipped(tx: optax.GradientTransformation, choice: str) -> optax.GradientTran
 
 def ab_variants() -> dict:
     """``scaled_adamw`` with each choice flipped that may be on this backend."""
-    skip = NO_FLIP.get(jax.default_backend(), ())
+    skip = NO_FLIP.get(lowering_platform(), ())
     return {
         f"scaled_adamw[{choice} flipped]": flipped(rplora_jax.scaled_adamw(1e-3), choice)
         for choice in FLIPS
