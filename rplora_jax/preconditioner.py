@@ -320,7 +320,18 @@ def _apply(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int, dtype) ->
             gc,
             inv,
         )
-    return out.astype(g.dtype)
+    return _cast_back(out, g.dtype)
+
+
+def _cast_back(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in the gradient's dtype, saturating at its largest finite value where that is
+    below the compute dtype's (float16): with ``reg=0`` a nearly rank-deficient Gram is not
+    always told from a singular one in float32 (its last pivot is rounding noise, seen up to
+    ~2000 eps times the largest diagonal) and its inverse can scale a gradient past 65504."""
+    big = jnp.finfo(dtype).max
+    if big < jnp.finfo(x.dtype).max:
+        x = jnp.clip(x, -big, big)  # elementwise: fused into the next optimizer's kernel
+    return x.astype(dtype)
 
 
 def _apply_unrolled(g: jax.Array, inv: jax.Array, rank_axis: int, stacked: int) -> jax.Array:
@@ -451,6 +462,17 @@ def _cholesky_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     return jnp.where(ok[..., None, None], inv, eye)
 
 
+def _check_stacked_axes(stacked_axes) -> None:
+    # optax.inject_hyperparams turns numeric arguments into arrays unless told they are static.
+    if stacked_axes is not None and (
+        isinstance(stacked_axes, bool) or not isinstance(stacked_axes, (int, np.integer))
+    ):
+        raise TypeError(
+            f"stacked_axes must be an int or None, got {type(stacked_axes).__name__}; under "
+            "optax.inject_hyperparams, pass static_args=('stacked_axes',)."
+        )
+
+
 def _check_reg(reg) -> None:
     if isinstance(reg, (int, float)) and not isinstance(reg, bool) and not reg >= 0:
         raise ValueError(f"reg must be a non-negative number, got {reg!r}.")
@@ -478,9 +500,12 @@ def riemannian_preconditioner(
     axes shared by both factors are independent stacked layers, each with its own Grams.
 
     The ``r x r`` algebra runs in float32 (float64 for float64 inputs) and each result is cast
-    back to its gradient's dtype. A pair whose regularised Gram is singular (``b = 0`` at
-    initialisation with ``reg=0``, a rank-deficient factor) gets the identity instead, so no
-    NaN/Inf is produced. No state is kept and nothing recompiles from step to step.
+    back to its gradient's dtype. A pair whose regularised Gram is singular in float32 (``b = 0``
+    at initialisation with ``reg=0``, a rank-deficient factor; numerically: a pivot at most
+    float32's eps times its largest diagonal entry) gets the identity instead, so no NaN/Inf is
+    produced; float16 results saturate at float16's largest value rather than overflow. With
+    ``reg=0`` a nearly rank-deficient factor can pass that test and scale its partner's gradient
+    by up to ~1/eps: keep ``reg > 0``. No state is kept and nothing recompiles from step to step.
 
     Args:
       reg: ridge ``reg * I`` added to each Gram; a float, or an array (so
@@ -535,6 +560,7 @@ def riemannian_preconditioner(
       Followed by ``optax.sgd`` this is scaled GD; :func:`scaled_adamw` is the AdamW version.
     """
     _check_reg(reg)
+    _check_stacked_axes(stacked_axes)
     axis_names = _axis_names(axis_name)
     if axis_names is not None and specs is not None:
         raise ValueError(
@@ -740,7 +766,8 @@ def scaled_sgd(
 
     Identical to ``optax.chain(riemannian_preconditioner(reg, ...),
     optax.sgd(learning_rate, momentum, nesterov))``. Keyword arguments are explicit (no
-    ``**kwargs``) so ``optax.inject_hyperparams(scaled_sgd)`` works.
+    ``**kwargs``) so ``optax.inject_hyperparams(scaled_sgd)`` works (with
+    ``static_args=("stacked_axes",)`` when ``stacked_axes`` is given).
 
     Args:
       learning_rate: a float or an optax schedule.

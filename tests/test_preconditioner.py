@@ -546,6 +546,42 @@ def test_rank_deficient_and_zero_factors_stay_finite():
     np.testing.assert_array_equal(updates["lora_b"], grads["lora_b"])
 
 
+def test_float16_gradients_saturate_instead_of_overflowing():
+    # A random rank-2 a with r = 3 and reg=0: float32 rounding leaves the Gram's last pivot just
+    # above the singularity test, and the inverse scales g_b by ~2.6e5, past float16's 65504
+    # (it gave -inf / inf). Saturation keeps it finite; float32 gradients are not clipped.
+    rng = np.random.default_rng(13)
+    a = (rng.normal(size=(64, 2)) @ rng.normal(size=(2, 3))).astype(np.float32)
+    params = {"lora_a": a, "lora_b": np.ones((3, 4), np.float32)}
+    grads = {"lora_a": np.ones((64, 3), np.float16), "lora_b": np.ones((3, 4), np.float16)}
+    out = rplora_jax.riemannian_preconditioner(reg=0.0).update(grads, None, params)[0]
+    assert out["lora_b"].dtype == np.float16
+    assert np.all(np.isfinite(out["lora_b"]))
+    assert np.max(np.abs(out["lora_b"])) == np.finfo(np.float16).max
+    grads32 = jax.tree.map(lambda g: g.astype(np.float32), grads)
+    out32 = rplora_jax.riemannian_preconditioner(reg=0.0).update(grads32, None, params)[0]
+    assert np.max(np.abs(out32["lora_b"])) > 1e5
+    np.testing.assert_allclose(
+        np.asarray(out["lora_b"], np.float32),
+        np.clip(out32["lora_b"], -65504, 65504),
+        rtol=1e-3,
+    )
+
+
+def test_stacked_axes_under_inject_hyperparams_needs_static_args():
+    # inject_hyperparams turns the int into an array, which failed deep in the pairing
+    # (unhashable type / TracerBoolConversionError).
+    params = {"lora_a": jnp.ones((2, 8, 4)), "lora_b": jnp.ones((2, 4, 8))}
+    tx = optax.inject_hyperparams(scaled_sgd)(learning_rate=1e-2, stacked_axes=1)
+    with pytest.raises(TypeError, match=r"static_args=\('stacked_axes',\)"):
+        tx.init(params)
+    tx = optax.inject_hyperparams(scaled_sgd, static_args=("stacked_axes",))(
+        learning_rate=1e-2, stacked_axes=1
+    )
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert updates["lora_a"].shape == (2, 8, 4)
+
+
 @pytest.mark.usefixtures("strict_promotion")
 @pytest.mark.parametrize("rank", [3, 64])
 def test_cpu_and_cholesky_inverses_agree(rank):
