@@ -328,8 +328,8 @@ def _cast_back(x: jax.Array, dtype) -> jax.Array:
     below the compute dtype's (float16): with ``reg=0`` a nearly rank-deficient Gram is not
     always told from a singular one in float32 (its last pivot is rounding noise, seen up to
     ~2000 eps times the largest diagonal) and its inverse can scale a gradient past 65504."""
-    big = jnp.finfo(dtype).max
-    if big < jnp.finfo(x.dtype).max:
+    big = float(jnp.finfo(dtype).max)  # a Python float: weakly typed, no dtype promotion
+    if big < float(jnp.finfo(x.dtype).max):
         x = jnp.clip(x, -big, big)  # elementwise: fused into the next optimizer's kernel
     return x.astype(dtype)
 
