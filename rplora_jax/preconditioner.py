@@ -123,10 +123,10 @@ def _typed_sharding(x) -> tuple[Any, tuple] | None:
 
 
 def _explicit_spec(x) -> tuple[Any, tuple] | None:
-    """``(mesh, spec padded to x.ndim)`` where x's sharding is part of its type (every mesh axis
-    Explicit), else None."""
+    """``(mesh, spec padded to x.ndim)`` where x's sharding is part of its type (the mesh has
+    Explicit axes, whose names are all the spec holds), else None."""
     typed = _typed_sharding(x)
-    if typed is None or not all(t == jax.sharding.AxisType.Explicit for t in typed[0].axis_types):
+    if typed is None or jax.sharding.AxisType.Explicit not in typed[0].axis_types:
         return None
     return typed
 
@@ -704,7 +704,7 @@ def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
         for axis, attr in ((first.b_rank_axis, "b_index"), (first.a_rank_axis, "a_index"))
     ]
     grams = [jax.lax.psum(g, names) if names else g for g, names in zip(grams, axes, strict=True)]
-    inv = _safe_inverse(jnp.concatenate(grams), reg)
+    inv = _safe_inverse(jnp.concatenate(_same_sharding(grams)), reg)
     for i, pair in enumerate(chunk):
         for index, axis, k in (
             (pair.a_index, pair.a_rank_axis, i),
@@ -714,6 +714,17 @@ def _precondition_chunk(chunk, g_leaves, p_leaves, reg, axes, out) -> None:
                 _apply, inv=inv[k], rank_axis=axis, stacked=stacked, dtype=dtype
             )
             out[index] = _keep_sharding(g_leaves[index], axis, apply)
+
+
+def _same_sharding(grams: list[jax.Array]) -> list[jax.Array]:
+    """The a- and b-Grams of a chunk, replicated if their stacked axes are sharded differently
+    (a and b of one layer sharded unlike each other): on Explicit axes concatenating them would
+    be a type error. They are a few r x r matrices per layer."""
+    specs = [_explicit_spec(g) for g in grams]
+    if specs[0] is None or all(s[1] == specs[0][1] for s in specs):
+        return grams
+    mesh = specs[0][0]
+    return [jax.sharding.reshard(g, _named(mesh, ())) for g in grams]
 
 
 def _chunk_grams(factors, rank_axis: int, stacked: int, dtype) -> jax.Array:

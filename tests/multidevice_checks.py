@@ -110,6 +110,45 @@ def check_explicit_mesh() -> dict:
     }
 
 
+def check_mixed_meshes() -> dict:
+    """Layouts beyond one axis type per mesh: each case's relative error and output specs."""
+    rng = np.random.default_rng(3)
+    precond = rplora_jax.riemannian_preconditioner()
+    res = {}
+
+    def run(name, mesh, params, specs, fn):
+        expected = precond.update(params, None, params)[0]
+        p = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
+        try:
+            with jax.set_mesh(mesh):
+                out = jax.jit(fn)(p, p)
+        except Exception as e:  # reported, asserted on by the test
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            return
+        res[name] = {
+            "rel": max(_rel(out[k], expected[k]) for k in out),
+            "kept": all(out[k].sharding.spec == p[k].sharding.spec for k in out),
+        }
+
+    def update(g, q):
+        return precond.update(g, None, q)[0]
+
+    # One Explicit and one Auto axis, each sharding one factor's feature axis.
+    explicit_auto = (AxisType.Explicit, AxisType.Auto)
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=explicit_auto)
+    specs = {"lora_a": P("x", None), "lora_b": P(None, "y")}
+    run("explicit_and_auto", mesh, _pair(rng, (64, 4), (4, 32)), specs, update)
+    # A shard_map manual over x only: inside it y stays an Explicit axis the factors use.
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    specs = {"lora_a": P("y", None), "lora_b": P(None, "y")}
+    partial = jax.shard_map(update, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"x"})
+    run("partial_shard_map", mesh, _pair(rng, (64, 4), (4, 32)), specs, partial)
+    # Stacked layers whose a and b shard the stacked axis differently (x for a, none for b).
+    specs = {"lora_a": P("x", None, None), "lora_b": P(None, None, "y")}
+    run("stacked_unlike", mesh, _pair(rng, (4, 64, 4), (4, 4, 32)), specs, update)
+    return res
+
+
 def check_adapter_loading() -> dict:
     """Adapters loaded into sharded parameters: each factor's spec, and the values' error."""
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
@@ -145,6 +184,7 @@ def group_sharding() -> dict:
         "shard_map": check_shard_map(),
         "explicit_mesh": check_explicit_mesh(),
         "adapters": check_adapter_loading(),
+        "mixed_meshes": check_mixed_meshes(),
     }
 
 

@@ -222,6 +222,16 @@ def test_loaded_adapters_keep_the_parameters_shardings(report):
         assert res[name + "_rel"] < 1e-6, name
 
 
+@pytest.mark.parametrize("case", ["explicit_and_auto", "partial_shard_map", "stacked_unlike"])
+def test_meshes_mixing_axis_types_and_unlike_factor_layouts(report, case):
+    # Each raised a ShardingTypeError: Explicit axes were only recognised when every mesh axis
+    # was Explicit, and a and b Grams sharded unlike each other could not be concatenated.
+    res = report["mixed_meshes"][case]
+    assert "error" not in res, res.get("error")
+    assert res["rel"] < SHARDED_RTOL
+    assert res["kept"]
+
+
 def test_shard_map_axis_name_equals_unsharded(report):
     res = report["shard_map"]
     assert res["one_axis"] < SHARDED_RTOL
