@@ -330,6 +330,17 @@ def _missing_partner_error(path: str, role: str, rule: PairingRule, masked: str 
     )
 
 
+def _check_stacked_axes(stacked_axes) -> None:
+    # optax.inject_hyperparams turns numeric arguments into arrays unless told they are static.
+    if stacked_axes is not None and (
+        isinstance(stacked_axes, bool) or not isinstance(stacked_axes, (int, np.integer))
+    ):
+        raise TypeError(
+            f"stacked_axes must be an int or None, got {type(stacked_axes).__name__}; under "
+            "optax.inject_hyperparams, pass static_args=('stacked_axes',)."
+        )
+
+
 def match_pairs(
     tree: Any,
     *,
@@ -342,6 +353,7 @@ def match_pairs(
     factors are both masked belongs to another branch and is skipped.
     """
     rules = as_rules(rules)
+    _check_stacked_axes(stacked_axes)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
     leaves = [leaf for _, leaf in flat]
     tokens = [path_tokens(p) for p, _ in flat]

@@ -462,17 +462,6 @@ def _cholesky_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     return jnp.where(ok[..., None, None], inv, eye)
 
 
-def _check_stacked_axes(stacked_axes) -> None:
-    # optax.inject_hyperparams turns numeric arguments into arrays unless told they are static.
-    if stacked_axes is not None and (
-        isinstance(stacked_axes, bool) or not isinstance(stacked_axes, (int, np.integer))
-    ):
-        raise TypeError(
-            f"stacked_axes must be an int or None, got {type(stacked_axes).__name__}; under "
-            "optax.inject_hyperparams, pass static_args=('stacked_axes',)."
-        )
-
-
 def _check_reg(reg) -> None:
     if isinstance(reg, (int, float)) and not isinstance(reg, bool) and not reg >= 0:
         raise ValueError(f"reg must be a non-negative number, got {reg!r}.")
@@ -560,7 +549,6 @@ def riemannian_preconditioner(
       Followed by ``optax.sgd`` this is scaled GD; :func:`scaled_adamw` is the AdamW version.
     """
     _check_reg(reg)
-    _check_stacked_axes(stacked_axes)
     axis_names = _axis_names(axis_name)
     if axis_names is not None and specs is not None:
         raise ValueError(
