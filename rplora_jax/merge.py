@@ -18,7 +18,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rplora_jax.pairing import NNX, QWIX, LoRAPair, RuleSpec, find_lora_pairs, path_tokens
+from rplora_jax.pairing import (
+    NNX,
+    QWIX,
+    LoRAPair,
+    RuleSpec,
+    find_lora_pairs,
+    no_pairs_error,
+    path_tokens,
+)
 
 Scale = float | Callable[[str], float]
 
@@ -138,14 +146,11 @@ def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> 
         flat[kkey] = (kernel.astype(delta.dtype) + s * delta).astype(kernel.dtype)
 
 
-def _no_pairs(tree: Any, where: str) -> ValueError:
-    """Returning the tree unchanged would hide factors the rules did not recognise."""
-    paths = list(_flatten(tree)[1])[:4]
-    return ValueError(
-        f"{where} found no LoRA pairs (first paths: {paths}). It folds lora_a/lora_b next to a "
-        "'kernel' (this library, nnx.LoRA/nnx.LoRALinear) and qwix's <w>_lora_a/<w>_lora_b "
-        "next to <w>; factors named otherwise need rules= (see rplora_jax.pairing)."
-    )
+# Returning a tree without pairs unchanged would hide factors the rules did not recognise.
+_FOLDS = (
+    "; merge folds lora_a/lora_b next to a 'kernel' (this library, nnx.LoRA/nnx.LoRALinear) "
+    "and qwix's <w>_lora_a/<w>_lora_b next to <w>"
+)
 
 
 def _need_scale(scale: Any, fn: str) -> None:
@@ -212,7 +217,7 @@ def merge(
     flat, index = _flatten(tree)
     pairs = find_lora_pairs(tree, rules=rules)
     if not pairs:
-        raise _no_pairs(tree, "merge")
+        raise no_pairs_error(tree, "merge", hint=_FOLDS)
     _fold(flat, index, pairs, scale, 1.0)
     if not keep_factors:
         for pair in pairs:
@@ -256,7 +261,7 @@ def unmerge(
     flat, index = _flatten(merged)
     pairs = find_lora_pairs(dict(adapter), rules=rules)
     if not pairs:
-        raise _no_pairs(dict(adapter), "unmerge (in the adapter)")
+        raise no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
     for pair in pairs:
         kernel = _kernel_tokens(pair, index)
         for path in (pair.a_path, pair.b_path):

@@ -233,16 +233,18 @@ def path_str(keypath: tuple[Any, ...]) -> str:
     return "/".join(path_tokens(keypath))
 
 
-def no_pairs_error(tree: Any, where: str, allow_no_pairs: bool = True) -> ValueError:
+ALLOW_NO_PAIRS_HINT = ", or allow_no_pairs=True if a tree without LoRA factors is intended"
+
+
+def no_pairs_error(tree: Any, where: str, hint: str = ALLOW_NO_PAIRS_HINT) -> ValueError:
     """The error for a tree in which ``where`` found no LoRA pair, showing its first paths;
-    ``allow_no_pairs``: whether ``where`` takes that argument, which the error then suggests."""
+    ``hint`` ends the advice (by default: ``where`` takes ``allow_no_pairs``)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     paths = [path_str(p) for p, _ in flat[:4]]
-    allow = ", or allow_no_pairs=True if a tree without LoRA factors is intended" * allow_no_pairs
     return ValueError(
         f"{where} found no LoRA pairs among {len(flat)} leaves (first paths: {paths}). This "
         "almost always means the factor names do not match the pairing rules: pass rules= (see "
-        f"rplora_jax.pairing){allow}."
+        f"rplora_jax.pairing){hint}."
     )
 
 

@@ -61,7 +61,7 @@ def _trainable_paths(tree, rules, also_train, require_pairs: str | None = None) 
     without factors is an error."""
     factors = factor_paths(tree, rules=rules)
     if require_pairs and not factors:
-        raise no_pairs_error(tree, require_pairs, allow_no_pairs=False)
+        raise no_pairs_error(tree, require_pairs, hint="")
     patterns = _patterns(also_train)
     if not patterns:
         return factors

@@ -168,7 +168,9 @@ def test_merge_and_unmerge_without_pairs_raise():
     # would hand back an unmerged model as if merged.
     peft_named = {"q": {"weight": jnp.zeros((2, 2)), "lora_A": jnp.ones((1, 2))}}
     with pytest.raises(
-        ValueError, match=r"merge found no LoRA pairs \(first paths: \['q/weight', 'q/lora_A'\]"
+        ValueError,
+        match=r"merge found no LoRA pairs among 2 leaves "
+        r"\(first paths: \['q/lora_A', 'q/weight'\]\)",
     ):
         rplora_jax.merge(peft_named, scale=1.0)
     with pytest.raises(ValueError, match=r"unmerge \(in the adapter\) found no LoRA pairs"):
