@@ -96,17 +96,18 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def optimizers(flatten: bool = False) -> dict:
+def optimizers(flatten: bool = False, ab: bool = False) -> dict:
     """adamw first: the others' ratios are to it. ``flatten`` adds Adam on one flat vector of all
     the parameters (``optax.flatten``), alone and after the preconditioner: one elementwise
-    kernel instead of one per leaf, at the price of copying every leaf in and out of it."""
+    kernel instead of one per leaf, at the price of copying every leaf in and out of it. ``ab``
+    adds :func:`ab_variants`."""
     txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
     if flatten:
         txs["flat_adamw"] = optax.flatten(optax.adamw(1e-3))
         txs["scaled_flat_adamw"] = optax.chain(
             rplora_jax.riemannian_preconditioner(), optax.flatten(optax.adamw(1e-3))
         )
-    return txs
+    return txs | (ab_variants() if ab else {})
 
 
 # The preconditioner's backend-dependent choices: for the backends in each tuple, the form
@@ -232,14 +233,14 @@ def main() -> None:
     for key in (k for k in args.sets if k in SETS):
         title, make = SETS[key]
         params, grads = make(0), make(1)
-        txs = optimizers(args.flatten) | (ab_variants() if args.ab else {})
+        txs = optimizers(args.flatten, args.ab)
         compile_s, step_s, temp = time_updates(txs, params, grads, args.repeats)
         del params, grads
         print(report(title, compile_s, step_s, temp), flush=True)
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)
-            txs = optimizers(args.flatten) | (ab_variants() if args.ab else {})
+            txs = optimizers(args.flatten, args.ab)
             times = {name: compile_step(tx, params, params)[1] for name, tx in txs.items()}
             print(report(f"compile, {n} pairs of 64x4", times), flush=True)
 
