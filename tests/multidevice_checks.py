@@ -90,69 +90,66 @@ def check_shard_map() -> dict:
     return res
 
 
-def check_explicit_mesh() -> dict:
-    """The preconditioner under jit on a mesh with Explicit axes (jax.make_mesh's default)."""
-    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-    rng = np.random.default_rng(1)
-    params = _pair(rng, (16, 3), (3, 8))
-    expected = rplora_jax.riemannian_preconditioner().update(params, None, params)[0]
-    specs = {"lora_a": P("data", None), "lora_b": P(None, "model")}
-    p = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
-    precond = rplora_jax.riemannian_preconditioner()
-    try:
-        with jax.set_mesh(mesh):
-            out = jax.jit(lambda g, q: precond.update(g, None, q)[0])(p, p)
-    except Exception as e:  # reported, asserted on by the test
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    return {
-        "rel": max(_rel(out[k], expected[k]) for k in out),
-        "specs": {k: str(v.sharding.spec) for k, v in out.items()},
-    }
-
-
 def _padded_spec(x) -> tuple:
     """x's PartitionSpec with trailing Nones to x.ndim (older jax drops them: P('x',))."""
     spec = tuple(x.sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
 
 
+def _update(g, q):
+    return rplora_jax.riemannian_preconditioner().update(g, None, q)[0]
+
+
+def _sharded_case(mesh, params, specs, fn=_update) -> dict:
+    """``fn`` under jit on ``params`` placed by ``specs``: its relative error against the
+    unsharded preconditioner and whether each output kept its input's spec, or the error."""
+    expected = _update(params, params)
+    p = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
+    try:
+        with jax.set_mesh(mesh):
+            out = jax.jit(fn)(p, p)
+    except Exception as e:  # reported, asserted on by the test
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return {
+        "rel": max(_rel(out[k], expected[k]) for k in out),
+        "kept": all(_padded_spec(out[k]) == _padded_spec(p[k]) for k in out),
+    }
+
+
+def check_explicit_mesh() -> dict:
+    """The preconditioner under jit on a mesh with Explicit axes (jax.make_mesh's default)."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    params = _pair(np.random.default_rng(1), (16, 3), (3, 8))
+    return _sharded_case(mesh, params, {"lora_a": P("data", None), "lora_b": P(None, "model")})
+
+
 def check_mixed_meshes() -> dict:
-    """Layouts beyond one axis type per mesh: each case's relative error and output specs."""
+    """Layouts beyond one axis type per mesh, case by case (see _sharded_case)."""
     rng = np.random.default_rng(3)
-    precond = rplora_jax.riemannian_preconditioner()
-    res = {}
-
-    def run(name, mesh, params, specs, fn):
-        expected = precond.update(params, None, params)[0]
-        p = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
-        try:
-            with jax.set_mesh(mesh):
-                out = jax.jit(fn)(p, p)
-        except Exception as e:  # reported, asserted on by the test
-            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            return
-        res[name] = {
-            "rel": max(_rel(out[k], expected[k]) for k in out),
-            "kept": all(_padded_spec(out[k]) == _padded_spec(p[k]) for k in out),
-        }
-
-    def update(g, q):
-        return precond.update(g, None, q)[0]
-
-    # One Explicit and one Auto axis, each sharding one factor's feature axis.
-    explicit_auto = (AxisType.Explicit, AxisType.Auto)
-    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=explicit_auto)
-    specs = {"lora_a": P("x", None), "lora_b": P(None, "y")}
-    run("explicit_and_auto", mesh, _pair(rng, (64, 4), (4, 32)), specs, update)
+    explicit, explicit_auto = (AxisType.Explicit,) * 2, (AxisType.Explicit, AxisType.Auto)
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=explicit)
     # A shard_map manual over x only: inside it y stays an Explicit axis the factors use.
-    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
-    specs = {"lora_a": P("y", None), "lora_b": P(None, "y")}
-    partial = jax.shard_map(update, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"x"})
-    run("partial_shard_map", mesh, _pair(rng, (64, 4), (4, 32)), specs, partial)
-    # Stacked layers whose a and b shard the stacked axis differently (x for a, none for b).
-    specs = {"lora_a": P("x", None, None), "lora_b": P(None, None, "y")}
-    run("stacked_unlike", mesh, _pair(rng, (4, 64, 4), (4, 4, 32)), specs, update)
-    return res
+    partial = jax.shard_map(_update, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"x"})
+    return {
+        # One Explicit and one Auto axis, each sharding one factor's feature axis.
+        "explicit_and_auto": _sharded_case(
+            jax.make_mesh((2, 4), ("x", "y"), axis_types=explicit_auto),
+            _pair(rng, (64, 4), (4, 32)),
+            {"lora_a": P("x", None), "lora_b": P(None, "y")},
+        ),
+        "partial_shard_map": _sharded_case(
+            mesh,
+            _pair(rng, (64, 4), (4, 32)),
+            {"lora_a": P("y", None), "lora_b": P(None, "y")},
+            partial,
+        ),
+        # Stacked layers whose a and b shard the stacked axis differently (x for a, none for b).
+        "stacked_unlike": _sharded_case(
+            mesh,
+            _pair(rng, (4, 64, 4), (4, 4, 32)),
+            {"lora_a": P("x", None, None), "lora_b": P(None, None, "y")},
+        ),
+    }
 
 
 def check_adapter_loading() -> dict:

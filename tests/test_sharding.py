@@ -250,6 +250,7 @@ def test_preconditioner_under_explicit_mesh(report):
     res = report["explicit_mesh"]
     assert "error" not in res, res.get("error")
     assert res["rel"] < SHARDED_RTOL
+    assert res["kept"]
 
 
 def _free_port() -> int:
