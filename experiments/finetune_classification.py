@@ -59,6 +59,7 @@ from experiments import optimizers
 from experiments.data import datasets
 from experiments.models import bert
 from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
+from experiments.stats import sample_sd, t_interval, verdict
 from rplora_jax.layers.inject import LinenLoRA
 from rplora_jax.pairing import path_tokens
 
@@ -317,58 +318,6 @@ def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple
     while hi < len(a) - 1 and a[hi + 1] >= a[b] - points:
         hi += 1
     return lrs[b], float(a[b]), lrs[lo], lrs[hi], math.log10(lrs[hi] / lrs[lo])
-
-
-# Two-sided 95% quantiles of Student's t, t_{0.975}(df), for df = 1..30.
-_T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-    2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-    2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-    2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)  # fmt: skip
-
-
-def t_quantile_975(df: int) -> float:
-    """``t_{0.975}`` of Student's t with ``df`` degrees of freedom (a table, then an expansion)."""
-    if df < 1:
-        raise ValueError(f"df must be at least 1, got {df}.")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off for df > 30.
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def sample_sd(x: Sequence[float]) -> float:
-    """Sample standard deviation (``ddof=1``) of the finite values; NaN for fewer than two."""
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)]
-    return float(np.std(x, ddof=1)) if len(x) >= 2 else float("nan")
-
-
-def t_interval(x: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: the mean of the finite values and its 95% t-interval.
-
-    The interval is ``mean ± t_{0.975}(n-1) * sd / sqrt(n)`` with the sample sd; NaN bounds for
-    fewer than two values (a single seed says nothing about noise).
-    """
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, float("nan"), float("nan")
-    half = t_quantile_975(len(x) - 1) * sample_sd(x) / math.sqrt(len(x))
-    return mean, mean - half, mean + half
-
-
-def verdict(lo: float, hi: float, treatment: str, control: str) -> str:
-    """Words for a 95% interval of ``treatment - control``."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "no interval (fewer than 2 seeds)"
-    if lo <= 0 <= hi:
-        return "within noise"
-    return f"{treatment} better" if lo > 0 else f"{control} better"
 
 
 def paired_differences(

@@ -58,6 +58,7 @@ from experiments.data import bible
 from experiments.models import llama
 from experiments.models.common import as_key
 from experiments.optimizers import OPTIMIZERS, make_optimizer
+from experiments.stats import paired_bootstrap, sample_sd, t_interval
 from rplora_jax.layers.inject import LinenLoRA
 
 # The default sweep fits 2 CPU cores in about 2 hours: AdamW and scaled AdamW at four rates, the
@@ -477,7 +478,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
             x = [float(r[m]) for r in rows]
             finite = [v for v in x if np.isfinite(v)]
             entry[m] = float(np.mean(finite)) if finite else float("nan")
-            entry[f"{m}_sd"] = ft.sample_sd(x)
+            entry[f"{m}_sd"] = sample_sd(x)
         out.append(entry)
     return out
 
@@ -524,18 +525,6 @@ def corpus_score(metric, statistics: np.ndarray) -> float:
     return float(metric._compute_score_from_stats(list(statistics.sum(axis=0))).score)
 
 
-def paired_bootstrap(
-    statistic, n: int, *, resamples: int = 1000, seed: int = 0
-) -> tuple[float, float, float]:
-    """``(estimate, lo, hi)``: ``statistic(idx)`` on all ``n`` items and the 95% percentile
-    interval of ``statistic`` over ``resamples`` draws of ``n`` items with replacement. The
-    same draw feeds both systems of a comparison inside ``statistic``: a paired bootstrap."""
-    rng = np.random.default_rng(seed)
-    draws = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return statistic(np.arange(n)), float(lo), float(hi)
-
-
 def _per_verse(out: Path, runs: Sequence[dict]) -> dict[tuple, dict]:
     """Per run ``(optimizer, lr, seed)``: ``{"refs", "nll", "tokens", "bleu", "chrf"}``, the
     held-out NLL and token counts (valid.csv) and the test sentences' metric statistics
@@ -568,7 +557,8 @@ def compare(
 ) -> dict | None:
     """``treatment`` minus ``control`` (each ``(optimizer, lr)``) on ``metric``, averaged over
     their seeds (the seeds both ran, for two trained optimizers): a paired bootstrap over the
-    verses, and for the held-out loss also a t-interval over per-seed differences.
+    verses, which holds the training runs fixed, and, between two trained optimizers, a
+    t-interval over the per-seed differences, which covers training noise.
 
     Returns:
       A :data:`PAIRED_FIELDS` dict, or ``None`` when a side has no per-verse data.
@@ -596,10 +586,10 @@ def compare(
     stat = lambda idx: sign * (mean_score(sides[0], idx) - mean_score(sides[1], idx))
     diff, lo, hi = paired_bootstrap(stat, len(sides[0][0][key]))
     s_lo = s_hi = float("nan")
-    if metric == "valid_loss" and control[0] not in BASELINES:
+    if control[0] not in BASELINES:
         full = np.arange(len(sides[0][0][key]))
         per_seed = [sign * (score(t, full) - score(c, full)) for t, c in zip(*sides, strict=True)]
-        _, s_lo, s_hi = ft.t_interval(per_seed)
+        _, s_lo, s_hi = t_interval(per_seed)
     t_name, c_name = (f"{o} {lr:g}" if o not in BASELINES else o for o, lr in (treatment, control))
     word = "within noise" if lo <= 0 <= hi else (t_name if lo > 0 else c_name) + " better"
     if np.isfinite(s_lo) and s_lo <= 0 <= s_hi and word != "within noise":
@@ -673,8 +663,9 @@ def _write(out: Path, command: str, runs: list[dict]) -> None:
         lines += [
             "Paired differences, treatment minus control, averaged over the seeds both ran "
             "(held-out loss: control minus treatment, so positive favours the treatment for "
-            "every metric). `verse 95%`: paired bootstrap over the verses (1000 resamples); "
-            "`seed 95%`: t-interval over the per-seed differences (held-out loss only).",
+            "every metric). `verse 95%`: paired bootstrap over the verses (1000 resamples), "
+            "the training runs held fixed; `seed 95%`: t-interval over the per-seed "
+            "differences (between two trained optimizers).",
             "",
             "| treatment | control | metric | seeds | diff | verse 95% | seed 95% | verdict |",
             "|---|---|---|---|---|---|---|---|",

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 import rplora_jax
-from experiments.finetune_classification import t_interval
+from experiments.stats import t_interval
 
 Params = dict[str, jax.Array]
 

@@ -9,38 +9,46 @@ import numpy as np
 import pytest
 
 import experiments.finetune_classification as ft
+from experiments import stats
 
 
 def test_sample_sd_uses_ddof_1():
-    assert ft.sample_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.sqrt(5 / 3))
-    assert ft.sample_sd([2.0, 4.0]) == pytest.approx(np.sqrt(2.0))
-    assert math.isnan(ft.sample_sd([1.0]))
+    assert stats.sample_sd([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.sqrt(5 / 3))
+    assert stats.sample_sd([2.0, 4.0]) == pytest.approx(np.sqrt(2.0))
+    assert math.isnan(stats.sample_sd([1.0]))
     # Diverged (NaN) runs are left out.
-    assert ft.sample_sd([2.0, float("nan"), 4.0]) == pytest.approx(np.sqrt(2.0))
+    assert stats.sample_sd([2.0, float("nan"), 4.0]) == pytest.approx(np.sqrt(2.0))
 
 
 def test_t_interval_known_answers():
     # x = 1, 2, 3: mean 2, sd 1, t_{0.975}(2) = 4.3027: 2 ± 4.3027 / sqrt(3).
-    mean, lo, hi = ft.t_interval([1.0, 2.0, 3.0])
+    mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
     half = 4.302653 / np.sqrt(3)
     assert (mean, lo, hi) == pytest.approx((2.0, 2 - half, 2 + half), rel=1e-5)
     # Two values 0, 2: mean 1, sd sqrt(2), t(1) = 12.706: 1 ± 12.706.
-    assert ft.t_interval([0.0, 2.0]) == pytest.approx((1.0, 1 - 12.706205, 1 + 12.706205), rel=1e-5)
-    mean, lo, hi = ft.t_interval([5.0])
+    expected = (1.0, 1 - 12.706205, 1 + 12.706205)
+    assert stats.t_interval([0.0, 2.0]) == pytest.approx(expected, rel=1e-5)
+    mean, lo, hi = stats.t_interval([5.0])
     assert mean == 5.0 and math.isnan(lo) and math.isnan(hi)
 
 
-def test_t_quantiles_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 3, 9, 30, 31, 50, 200):
-        assert ft.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4)
-
-
 def test_verdict_words():
-    assert ft.verdict(-0.5, 1.0, "scaled", "plain") == "within noise"
-    assert ft.verdict(0.1, 1.0, "scaled", "plain") == "scaled better"
-    assert ft.verdict(-2.0, -0.1, "scaled", "plain") == "plain better"
-    assert ft.verdict(float("nan"), float("nan"), "a", "b").startswith("no interval")
+    assert stats.verdict(-0.5, 1.0, "scaled", "plain") == "within noise"
+    assert stats.verdict(0.1, 1.0, "scaled", "plain") == "scaled better"
+    assert stats.verdict(-2.0, -0.1, "scaled", "plain") == "plain better"
+    assert stats.verdict(float("nan"), float("nan"), "a", "b").startswith("no interval")
+
+
+def test_paired_bootstrap_interval():
+    x = np.random.default_rng(1).normal(size=200)
+    est, lo, hi = stats.paired_bootstrap(lambda idx: x[idx].mean(), len(x), resamples=2000)
+    assert est == pytest.approx(x.mean())
+    # The percentile interval of a mean is close to mean ± 1.96 sd / sqrt(n).
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+    same = stats.paired_bootstrap(lambda idx: x[idx].mean() - x[idx].mean(), len(x))
+    assert same == (0.0, 0.0, 0.0)
 
 
 def _row(o, lr, seed, acc):
