@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numbers
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from rplora_jax.pairing import (
     no_pairs_error,
     path_tokens,
 )
+from rplora_jax.partition import is_nnx_module
 
 Scale = float | Callable[[str], float]
 
@@ -46,12 +46,6 @@ def fold_delta(a: jax.Array, b: jax.Array, n_batch: int, precision=jax.lax.Preci
         precision=precision,
         preferred_element_type=dtype,
     )
-
-
-def _is_nnx_module(tree: Any) -> bool:
-    # Without flax imported, nothing can be an nnx.Module: no need to import it here.
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(tree, nnx.Module)
 
 
 def _flatten(tree: Any) -> tuple[dict[tuple, Any], dict[str, tuple]]:
@@ -204,7 +198,7 @@ def merge(
       >>> sorted(merged), merged["kernel"].tolist()
       (['kernel'], [[0.5, 0.5], [0.5, 0.5]])
     """
-    if _is_nnx_module(tree):
+    if is_nnx_module(tree):
         if scale is not None or rules is not None or keep_factors:
             raise ValueError(
                 "merge(nnx.Module) takes no scale/rules/keep_factors: each LoRA layer stores its "

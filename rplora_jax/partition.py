@@ -26,11 +26,18 @@ FROZEN = "frozen"
 Targets = str | Sequence[str]
 
 
-def as_param_tree(tree: Any) -> Any:
-    """``tree``, or for an ``nnx.Module`` its ``nnx.Param`` state (LoRA factors included)."""
+def is_nnx_module(tree: Any) -> bool:
+    """Whether ``tree`` is an ``nnx.Module`` (without importing Flax)."""
     # Without flax imported, nothing can be an nnx.Module: no need to import it here.
     nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(tree, nnx.Module):
+    return nnx is not None and isinstance(tree, nnx.Module)
+
+
+def as_param_tree(tree: Any) -> Any:
+    """``tree``, or for an ``nnx.Module`` its ``nnx.Param`` state (LoRA factors included)."""
+    if is_nnx_module(tree):
+        from flax import nnx
+
         return nnx.state(tree, nnx.Param)
     return tree
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from rplora_jax.adapters import apply_adapter
 from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_str
-from rplora_jax.partition import as_param_tree
+from rplora_jax.partition import as_param_tree, is_nnx_module
 
 if TYPE_CHECKING:
     from rplora_jax.layers.config import LoRAConfig
@@ -57,6 +57,9 @@ ModuleNames = Mapping[str, str] | Callable[..., str] | None
 def default_module_name(path: str) -> str:
     """The default PyTorch module name of a Flax module path: drop ``params``, join with ``.``.
 
+    A leading ``base_model/model`` (PEFT's own prefix, in a tree read from a PEFT file) is
+    dropped too, since the adapter file adds it to every name.
+
     Args:
       path: the ``/``-joined module path, e.g. ``"params/encoder/layer_0/query"``.
 
@@ -69,10 +72,14 @@ def default_module_name(path: str) -> str:
       >>> import re  # Flax's "layer_0" is PyTorch's "layers.0":
       >>> re.sub(r"layer_(\\d+)", r"layers.\\1", default_module_name("params/layer_3/attn/query"))
       'layers.3.attn.query'
+      >>> default_module_name("base_model/model/fc1")
+      'fc1'
     """
     tokens = [t for t in path.split("/") if t]
     if tokens and tokens[0] == "params":
         tokens = tokens[1:]
+    if tokens[:2] == ["base_model", "model"]:  # a tree with PEFT's own names: not added twice
+        tokens = tokens[2:]
     return ".".join(tokens)
 
 
@@ -170,6 +177,23 @@ def _plan(
             )
         seen[m.name] = m
     return modules, leaves
+
+
+def _check_nnx_scales(params: Any, scale: float, theirs: str, where: str) -> None:
+    """For an ``nnx.Module``, its LoRA layers' stored scales must be ``scale``: PEFT's file has
+    one ``lora_alpha / r`` for every module, and a mismatch would silently give another model."""
+    if not is_nnx_module(params):
+        return
+    from rplora_jax.layers.lora_nnx import layer_scales
+
+    wrong = {p: s for p, s in layer_scales(params).items() if not math.isclose(s, scale)}
+    if wrong:
+        raise ValueError(
+            f"{where}: the model's LoRA layers {_preview(sorted(wrong))} have scale "
+            f"{_preview(sorted(set(wrong.values())))}, but {theirs} has scale {scale} "
+            "(alpha / rank, or alpha / sqrt(rank) with rslora; Flax's nnx.LoRALinear has 1). "
+            "A PEFT adapter has one scale for every module."
+        )
 
 
 def _swap(x: Any) -> Any:
@@ -279,6 +303,7 @@ def save_peft_adapter(
     from rplora_jax.layers.config import check_lora
 
     check_lora(lora, where)
+    _check_nnx_scales(params, lora.scale, "lora=", where)
     tree = as_param_tree(params)
     modules, leaves = _plan(tree, module_names, rules, lora.rank, where)
     tensors: dict[str, jax.Array] = {}
@@ -328,10 +353,21 @@ def save_peft_adapter(
     return tensors
 
 
-# (field, value PEFT's LoRA must have for this library to load it exactly, what it means)
-_UNSUPPORTED = (
+# PEFT LoraConfig fields that do not change what a loaded adapter computes: bookkeeping, which
+# modules get LoRA, dropout, data for initialisations (checked through init_lora_weights), a
+# backward-only variant (VeLoRA), and the base weight's layout (fan_in_fan_out: GPT-2's Conv1D
+# stores W0 as (in, out), a Flax kernel's layout; its lora_A / lora_B are ordinary (r, in) /
+# (out, r) factors).
+_ANY_VALUE = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "lora_alpha", "use_rslora", "lora_dropout",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config", "velora_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+})  # fmt: skip
+# (field, values this library loads exactly, what another value means)
+_RESTRICTED = (
     ("use_dora", (False, None), "DoRA's magnitude vectors"),
-    ("fan_in_fan_out", (False, None), "transposed (GPT-2 Conv1D) weights"),
     ("bias", ("none", None), "trained biases"),
     ("lora_bias", (False, None), "a bias on lora_B"),
     ("rank_pattern", ({}, None), "per-module ranks"),
@@ -339,7 +375,39 @@ _UNSUPPORTED = (
     ("modules_to_save", (None, []), "fully trained extra modules"),
     ("layer_replication", (None, []), "replicated layers"),
     ("target_parameters", (None, []), "LoRA on nn.Parameters"),
+    (
+        "init_lora_weights",
+        (True, False, None, "gaussian", "eva", "orthogonal"),
+        "an initialisation that PEFT runs again when it loads the adapter and that changes the "
+        "base weight (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) or the layer (MiCA); convert the "
+        "adapter to plain LoRA in PEFT first (save_pretrained(..., "
+        "path_initial_model_for_weight_conversion=...))",
+    ),
 )
+# Any other field must hold one of these (PEFT's defaults for "off"): a field this library does
+# not know (aLoRA's alora_invocation_tokens, KaSA, QALoRA, a later PEFT's options) may change
+# the model.
+_OFF = (None, False, {}, [], "", "none")
+
+
+def _check_fields(cfg: Mapping[str, Any], file: str, where: str) -> None:
+    restricted = {field: (allowed, meaning) for field, allowed, meaning in _RESTRICTED}
+    for field, value in cfg.items():
+        if field in _ANY_VALUE:
+            continue
+        if field in restricted:
+            allowed, meaning = restricted[field]
+            if value not in allowed:
+                raise ValueError(
+                    f"{where}: '{file}' has {field}={value!r} ({meaning}), which this "
+                    f"library's LoRA does not have; supported: {field}={allowed[0]!r}."
+                )
+        elif not any(value == off and type(value) is type(off) for off in _OFF):
+            raise ValueError(
+                f"{where}: '{file}' has {field}={value!r}, a PEFT option this library does not "
+                "know and so cannot load exactly; it loads plain LoRA adapters (this field "
+                f"unset: one of {list(_OFF)})."
+            )
 
 
 def _read_config(directory: str | os.PathLike, where: str) -> dict[str, Any]:
@@ -353,12 +421,7 @@ def _read_config(directory: str | os.PathLike, where: str) -> dict[str, Any]:
             f"{where}: '{file}' has peft_type={cfg.get('peft_type')!r}; only LoRA ('LORA') "
             "adapters can be loaded."
         )
-    for field, allowed, meaning in _UNSUPPORTED:
-        if field in cfg and cfg[field] not in allowed:
-            raise ValueError(
-                f"{where}: '{file}' has {field}={cfg[field]!r} ({meaning}), which this "
-                f"library's LoRA does not have; supported: {field}={allowed[0]!r}."
-            )
+    _check_fields(cfg, file, where)
     for field in ("r", "lora_alpha"):
         if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool):
             raise ValueError(f"{where}: '{file}' needs a number '{field}', got {cfg.get(field)!r}.")
@@ -370,8 +433,10 @@ def peft_config(directory: str | os.PathLike) -> LoRAConfig:
 
     ``r`` -> ``rank``, ``lora_alpha`` -> ``alpha``, ``use_rslora`` -> ``rslora``,
     ``lora_dropout`` -> ``dropout_rate``, so ``.scale`` is PEFT's scaling. Options this library's
-    LoRA lacks (DoRA, ``fan_in_fan_out``, ``rank_pattern``, trained biases...) raise a
-    ``ValueError`` naming the field.
+    LoRA lacks (DoRA, ``rank_pattern``, trained biases, an initialisation PEFT re-runs on the
+    base weight such as PiSSA...) and options it does not know (aLoRA, KaSA...) raise a
+    ``ValueError`` naming the field. ``fan_in_fan_out`` (GPT-2's ``Conv1D``) is accepted: it
+    transposes only the base weight, which a Flax kernel already stores as ``(in, out)``.
 
     Args:
       directory: a directory written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
@@ -413,18 +478,21 @@ def load_peft_adapter(
         from ``init`` of a model with LoRA injected with :func:`peft_config`'s config, or
         ``nnx.state(model, nnx.LoRAParam)``.
       module_names: the same mapping as for :func:`save_peft_adapter`.
-      lora: if given, its rank and scale must equal the adapter's (the scale is not part of
-        ``into`` for linen or plain dicts, so a mismatch would silently change the model).
+      lora: if given, its rank and scale must equal the adapter's. An ``nnx.Module`` ``into``
+        is checked without it (its LoRA layers store their scales); linen variables, plain
+        dicts and ``nnx.State`` do not record the scale, so pass ``lora=`` (or the module) to
+        have a mismatch, which would silently change the model, caught.
       rules: pairing rules.
 
     Returns:
       ``into`` with its factors replaced; an ``nnx.Module`` is read as, and gives back, its
       ``nnx.Param`` state (for NNX:
-      ``nnx.update(model, load_peft_adapter(d, nnx.state(model, nnx.LoRAParam)))``).
+      ``nnx.update(model, load_peft_adapter(d, model))``, which also checks the layers' scales).
 
     Raises:
       ValueError: for options this library's LoRA lacks, keys missing from the file or without
-        a pair in ``into`` (named), shapes that do not fit, or a ``lora`` config that differs.
+        a pair in ``into`` (named), shapes that do not fit, or a ``lora`` config (or an NNX
+        model's stored scales) that differs.
     """
     from safetensors.flax import load_file
 
@@ -438,6 +506,11 @@ def load_peft_adapter(
                 f"(lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}) "
                 f"but lora= has rank {lora.rank}, scale {lora.scale}."
             )
+    if is_nnx_module(into):
+        theirs = f"the adapter (lora_alpha={cfg['lora_alpha']}, r={cfg['r']}, " + (
+            f"use_rslora={cfg.get('use_rslora', False)})"
+        )
+        _check_nnx_scales(into, peft_config(directory).scale, theirs, where)
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):
         hint = ""

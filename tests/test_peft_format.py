@@ -145,6 +145,88 @@ def test_dict_mapping_bf16_and_torch_layout(tmp_path):
     )
 
 
+def test_a_tree_with_peft_prefixed_names_keeps_one_prefix(tmp_path):
+    # PEFT's own file, read as a flat dict, and the same as a nested tree: the prefix is PEFT's,
+    # so it is not added a second time (PEFT would load no factor and warn only).
+    weights = {
+        "base_model.model.o.lora_A.weight": jnp.arange(8.0).reshape(2, 4),
+        "base_model.model.o.lora_B.weight": jnp.ones((3, 2)),
+    }
+    a, b = weights["base_model.model.o.lora_A.weight"], weights["base_model.model.o.lora_B.weight"]
+    nested = {"base_model": {"model": {"o": {"lora_A": {"weight": a}, "lora_B": {"weight": b}}}}}
+    for tree in (weights, nested):
+        saved = save_peft_adapter(tmp_path, tree, LoRAConfig(rank=2), rules=rplora_jax.PEFT)
+        assert sorted(saved) == sorted(weights)
+        back = load_peft_adapter(
+            tmp_path, jax.tree.map(jnp.zeros_like, tree), rules=rplora_jax.PEFT
+        )
+        assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back, tree))
+    assert default_module_name("params/base_model/model/fc") == "fc"
+    assert default_module_name("encoder/base_model/model") == "encoder.base_model.model"
+
+
+def _with_config(directory, **fields):
+    file = directory / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **fields}))
+
+
+def test_config_fields_are_allowed_one_by_one(tmp_path):
+    params = {"fc": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.full((2, 3), 2.0)}}
+    save_peft_adapter(tmp_path, params, LoRAConfig(rank=2, alpha=4.0))
+    plain = json.loads((tmp_path / "adapter_config.json").read_text())
+    # PiSSA / OLoRA adapters saved unconverted: PEFT re-runs the initialisation on loading and
+    # subtracts it from the base weight, which W0 + s * a @ b here would not do.
+    for init in ("pissa", "olora", "pissa_niter_4", "corda", "loftq", "mica"):
+        _with_config(tmp_path, init_lora_weights=init)
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' \(an initialisation"):
+            load_peft_adapter(tmp_path, params)
+    _with_config(tmp_path, init_lora_weights=True)
+    # Options the library does not know (aLoRA applies the adapter only after its invocation
+    # tokens; KaSA, QALoRA...) are refused by name; left at PEFT's "off" value they load.
+    for field, value in (("alora_invocation_tokens", [5, 7]), ("kasa_config", {"k": 1}),
+                         ("use_qalora", True), ("some_future_option", "on")):  # fmt: skip
+        _with_config(tmp_path, **{field: value})
+        with pytest.raises(ValueError, match=rf"{field}=.*a PEFT option this library does not"):
+            peft_config(tmp_path)
+        _with_config(tmp_path, **{field: None})
+        assert peft_config(tmp_path).scale == 2.0
+    # What does not change the computed model loads: an initialisation whose factors the file
+    # overwrites, GPT-2's fan_in_fan_out (only W0 is transposed; A and B are not), dropout,
+    # layer selection.
+    for fields in (
+        {"init_lora_weights": "gaussian"},
+        {"init_lora_weights": "orthogonal", "fan_in_fan_out": True},
+        {"layers_to_transform": [0], "lora_dropout": 0.1, "qalora_group_size": 32},
+    ):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, **fields}))
+        back = load_peft_adapter(tmp_path, jax.tree.map(jnp.zeros_like, params))
+        np.testing.assert_array_equal(back["fc"]["lora_b"], params["fc"]["lora_b"])
+
+
+def test_nnx_models_stored_scales_are_checked(tmp_path):
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    rplora_jax.inject_nnx(model, "fc1|fc2", LoRAConfig(rank=2, alpha=8.0), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"layers \['fc1', 'fc2'\] have scale \[4.0\], but lora="):
+        save_peft_adapter(tmp_path, model, LoRAConfig(rank=2))
+    save_peft_adapter(tmp_path, model, LoRAConfig(rank=2, alpha=8.0))
+    assert len(load_peft_adapter(tmp_path, model)["fc1"]) >= 2  # same scale: loads
+    # An adapter of scale 2 into layers of scale 4: the model itself is checked without lora=.
+    _with_config(tmp_path, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"have scale \[4.0\], but the adapter \(lora_alpha=4"):
+        load_peft_adapter(tmp_path, model)
+    # Flax's own nnx.LoRALinear adds x @ a @ b unscaled.
+    flax_lora = nnx.Dict(fc=nnx.LoRALinear(4, 3, lora_rank=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"\['fc', 'fc/lora'\] have scale \[1.0\], but lora= has"):
+        save_peft_adapter(tmp_path, flax_lora, LoRAConfig(rank=2, alpha=16.0))
+    save_peft_adapter(tmp_path, flax_lora, LoRAConfig(rank=2))
+
+
 def test_stacked_pairs_need_a_callable(tmp_path):
     rng = np.random.default_rng(0)
     params = {

@@ -307,6 +307,21 @@ LORA_FOR_BASE: tuple[tuple[type, type], ...] = (
 NNX_LORA = (LoRALinear, LoRALinearGeneral, LoRAEinsum)
 
 
+def layer_scales(model: nnx.Module) -> dict[str, float]:
+    """The LoRA scale of each LoRA layer of ``model``, by ``/``-joined module path.
+
+    This library's layers store theirs (``lora.scale``); Flax's ``nnx.LoRALinear`` and
+    ``nnx.LoRA`` add ``x @ a @ b`` unscaled, so theirs is 1.
+    """
+    scales = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, NNX_LORA):
+            scales["/".join(map(str, path))] = float(module.lora.scale)
+        elif isinstance(module, (nnx.LoRALinear, nnx.LoRA)):
+            scales["/".join(map(str, path))] = 1.0
+    return scales
+
+
 def get_child(parent: Any, key: Any) -> Any:
     """``parent.key`` or ``parent[key]``, as NNX paths index modules, lists and dicts."""
     if isinstance(parent, (Mapping, Sequence)) and not isinstance(parent, str):
