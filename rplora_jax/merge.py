@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from rplora_jax.pairing import (
-    NNX,
-    QWIX,
     LoRAPair,
     RuleSpec,
     find_lora_pairs,
+    kernel_paths,
     no_pairs_error,
     path_tokens,
 )
@@ -83,25 +82,18 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...]:
     """The token path of the base kernel that ``pair`` adapts."""
-    a = tuple(pair.a_path.split("/"))
-    if pair.rule == NNX.name:
-        candidates = [(*a[:-1], "kernel")]
-        if len(a) >= 2 and a[-2] == "lora":  # nnx.LoRALinear: <layer>/lora/lora_a
-            candidates.append((*a[:-2], "kernel"))
-    elif pair.rule == QWIX.name:  # qwix: <w>_lora_a next to <w>
-        candidates = [(*a[:-1], a[-1][: -len("_lora_a")])]
-    else:
+    candidates = kernel_paths(pair.rule, pair.a_path)
+    if not candidates:
         raise ValueError(
             f"merge: cannot fold the pair '{pair.a_path}' (rule {pair.rule}): merge knows where "
             "the base kernel is for lora_a/lora_b next to a 'kernel' (this library, "
             "nnx.LoRA/nnx.LoRALinear) and for qwix's <w>_lora_a/<w>_lora_b next to <w>."
         )
     for c in candidates:
-        if "/".join(c) in index:
-            return c
+        if c in index:
+            return tuple(c.split("/"))
     raise ValueError(
-        f"merge: no base kernel for the LoRA factor '{pair.a_path}' (looked for "
-        f"{['/'.join(c) for c in candidates]})."
+        f"merge: no base kernel for the LoRA factor '{pair.a_path}' (looked for {candidates})."
     )
 
 

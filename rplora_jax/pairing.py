@@ -31,7 +31,11 @@ callable.
 ``*stack`` are leading axes shared by both factors: independent stacked layers (``nn.scan``,
 ``nnx.vmap``). Unless ``stacked_axes`` is given, their number is the largest ``k`` for which both
 factors share their first ``k`` axes and the partner factor has the rank ``r`` at axis ``k`` while
-each factor keeps at least one non-rank axis. The Gram matrices contract every axis that is neither
+each factor keeps at least one non-rank axis. Two readings can fit the same shapes: ``L`` stacked
+layers of rank ``r = L`` (``a: (L, in, r)``, ``b: (L, r, out)``) also read as one layer with two
+input and two output axes. Then the base kernel next to the factors, when the tree has it
+(``kernel`` beside ``lora_a``, qwix's ``<w>``), decides; without it the stacked reading is taken,
+and ``stacked_axes=0`` gives the other. The Gram matrices contract every axis that is neither
 stacked nor the rank axis, so einsum LoRA with several feature axes
 (``a: (heads, head_dim, r)``, ``b: (r, d_model)``) works as is.
 """
@@ -275,8 +279,26 @@ def _check_factor(path: str, role: str, leaf: Any) -> None:
         raise ValueError(f"LoRA factor {role!r} at '{path}' is empty: shape {shape}.")
 
 
-def _stacked_count(a_shape, b_shape, layout: Layout, stacked_axes: int | None, paths) -> int:
-    """Number of leading stacked axes; see the module docstring for the rule."""
+def kernel_paths(rule: str, a_path: str) -> list[str]:
+    """Where the base kernel of the pair whose ``a`` factor is at ``a_path`` may be, for the
+    rules that say it: a ``kernel`` next to ``lora_a`` (this library, ``nnx.LoRA``), or next to
+    ``nnx.LoRALinear``'s ``lora`` submodule; qwix's ``<w>`` next to ``<w>_lora_a``."""
+    a = a_path.split("/")
+    if rule == NNX.name:
+        found = [(*a[:-1], "kernel")]
+        if len(a) >= 2 and a[-2] == "lora":  # nnx.LoRALinear: <layer>/lora/lora_a
+            found.append((*a[:-2], "kernel"))
+        return ["/".join(p) for p in found]
+    if rule == QWIX.name:
+        return ["/".join((*a[:-1], a[-1][: -len("_lora_a")]))]
+    return []
+
+
+def _stacked_count(
+    a_shape, b_shape, layout: Layout, stacked_axes: int | None, paths, kernel_shape=None
+) -> int:
+    """Number of leading stacked axes; see the module docstring for the rule. ``kernel_shape``,
+    the base kernel's shape where known (Flax layout), settles a shape both readings fit."""
     # The partner of the factor that shows r as its last axis must have r right after the stack.
     rank, partner = (a_shape[-1], b_shape) if layout == "flax" else (b_shape[-1], a_shape)
     limit = min(len(a_shape), len(b_shape)) - 1
@@ -299,16 +321,24 @@ def _stacked_count(a_shape, b_shape, layout: Layout, stacked_axes: int | None, p
             f"LoRA rank mismatch between a='{a_path}' {a_shape} and b='{b_path}' {b_shape}: "
             f"expected {expected}."
         )
+    if len(valid) > 1 and kernel_shape is not None:
+        fits = [k for k in valid if tuple(kernel_shape) == a_shape[:-1] + b_shape[k + 1 :]]
+        if len(fits) == 1:
+            return fits[0]
     return max(valid)
 
 
-def _build_pair(a_idx, b_idx, leaves, paths, rule: PairingRule, stacked_axes) -> _Pair:
+def _build_pair(
+    a_idx, b_idx, leaves, paths, rule: PairingRule, stacked_axes, index: dict[str, int]
+) -> _Pair:
     a, b = leaves[a_idx], leaves[b_idx]
     a_path, b_path = paths[a_idx], paths[b_idx]
     _check_factor(a_path, "a", a)
     _check_factor(b_path, "b", b)
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
-    k = _stacked_count(a_shape, b_shape, rule.layout, stacked_axes, (a_path, b_path))
+    kernels = [leaves[index[k]] for k in kernel_paths(rule.name, a_path) if k in index]
+    kernel_shape = np.shape(kernels[0]) if kernels and not _is_masked(kernels[0]) else None
+    k = _stacked_count(a_shape, b_shape, rule.layout, stacked_axes, (a_path, b_path), kernel_shape)
     if rule.layout == "flax":
         a_rank_axis, b_rank_axis, rank = len(a_shape) - 1, k, a_shape[-1]
     else:
@@ -378,6 +408,7 @@ def match_pairs(
             slot[role] = i
             break
     pairs = []
+    index = {path: i for i, path in enumerate(paths)}
     for (r_idx, _), slot in groups.items():
         rule = rules[r_idx]
         masked = {role: _is_masked(leaves[i]) for role, i in slot.items()}
@@ -388,7 +419,7 @@ def match_pairs(
             other = "b" if role == "a" else "a"
             masked_path = paths[slot[other]] if other in slot else None
             raise _missing_partner_error(paths[slot[role]], role, rule, masked_path)
-        pairs.append(_build_pair(slot["a"], slot["b"], leaves, paths, rule, stacked_axes))
+        pairs.append(_build_pair(slot["a"], slot["b"], leaves, paths, rule, stacked_axes, index))
     pairs.sort(key=lambda p: p.a_index)
     return pairs, leaves, treedef
 

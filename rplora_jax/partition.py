@@ -101,6 +101,10 @@ def lora_labels(
     Returns:
       A tree of the same structure holding the label strings.
 
+    Raises:
+      ValueError: when the rules find no LoRA pair, which would label every leaf ``"frozen"``
+        and train nothing.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> params = {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 2)),
@@ -108,7 +112,7 @@ def lora_labels(
       >>> lora_labels(params)
       {'kernel': 'frozen', 'lora_a': 'lora', 'lora_b': 'lora'}
     """
-    return _labels(tree, _trainable_paths(tree, rules, also_train))
+    return _labels(tree, _trainable_paths(tree, rules, also_train, "lora_labels"))
 
 
 def _labels(tree: Any, trained: set[str]) -> Any:
@@ -124,7 +128,7 @@ def trainable_mask(
     also_train: Targets | None = None,
 ) -> Any:
     """``True`` where :func:`lora_labels` says ``"lora"`` (for ``optax.masked`` and friends)."""
-    trained = _trainable_paths(tree, rules, also_train)
+    trained = _trainable_paths(tree, rules, also_train, "trainable_mask")
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in trained, tree)
 
 

@@ -261,6 +261,25 @@ def test_nnx_tied_layer_gets_one_lora_layer_at_every_path():
     assert isinstance(model.enc, LoRALinear) and model.enc is model.dec
     np.testing.assert_allclose(model(x), y0, rtol=1e-6, atol=1e-6)
     assert len(rplora_jax.find_lora_pairs(nnx.state(model, nnx.LoRAParam))) == 1
+    # Merging keeps the tie too: one plain Linear at both paths (it used to refuse 'enc').
+    model.enc.lora_b[...] = jax.random.normal(jax.random.key(2), (2, 4))
+    merged = rplora_jax.merge(model)
+    assert type(merged.enc) is nnx.Linear and merged.enc is merged.dec
+    np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_injection_into_an_eval_mode_model_keeps_lora_dropout_off():
+    model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
+    model.eval()
+    inject_nnx(model, "layers/0", LoRAConfig(rank=2, dropout_rate=0.5), rngs=nnx.Rngs(2))
+    model.layers[0].lora_b[...] = jnp.ones((2, 8))
+    x = jnp.ones((1, 8))
+    np.testing.assert_array_equal(model(x), model(x))  # nothing drops in eval mode
+    model.train()
+    assert float(jnp.abs(model(x) - model(x)).max()) > 0  # and it follows train() after
+    fresh = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
+    inject_nnx(fresh, "layers/0", LoRAConfig(rank=2, dropout_rate=0.5), rngs=nnx.Rngs(2))
+    assert fresh.layers[0].lora_dropout.deterministic is False  # a training-mode model: as is
 
 
 R2 = LoRAConfig(rank=2)
@@ -318,6 +337,18 @@ def test_bad_target_rules_nnx():
     inject_nnx(model, r"layers/0", R2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_nnx(model, r"layers/0", R2, rngs=nnx.Rngs(0))
+
+
+def test_nnx_injection_errors_name_the_layer():
+    class Sub(nnx.Linear):  # inject_nnx replaces layers: a subclass's behaviour would be lost
+        pass
+
+    model = nnx.Dict(proj=Sub(4, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"'proj', a Sub, a subclass of nnx.Linear"):
+        inject_nnx(model, "proj", R2, rngs=nnx.Rngs(0))
+    model = nnx.Dict(bat=nnx.LinearGeneral(4, 4, batch_axis={0: 2}, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"inject_nnx: 'bat': LoRA does not support .*batch_axis"):
+        inject_nnx(model, "bat", R2, rngs=nnx.Rngs(0))
 
 
 def test_nnx_multi_head_attention_gets_lora():

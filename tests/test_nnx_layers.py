@@ -67,6 +67,25 @@ def test_vmap_stacked_layers_pair_per_layer():
     merged = merge(wrapped)  # folds each layer with its own factors
     want = base.kernel[...] + jnp.einsum("lir,lro->lio", wrapped.lora_a[...], wrapped.lora_b[...])
     np.testing.assert_allclose(merged.kernel[...], want, rtol=1e-5, atol=1e-6)
+    # Layers built inside nnx.vmap know only their own shapes; merge folds them per layer too
+    # (it contracted the wrong axes). Three layers and rank 3: the shapes cannot tell.
+    made = nnx.vmap(lambda k: LoRALinear(6, 6, lora=LoRAConfig(rank=3), rngs=nnx.Rngs(k)))(
+        jax.random.split(jax.random.key(0), 3)
+    )
+    made.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 3, 6))
+    want = made.kernel[...] + jnp.einsum("lir,lro->lio", made.lora_a[...], made.lora_b[...])
+    np.testing.assert_allclose(merge(made).kernel[...], want, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_init_on_stacked_layers_sees_one_layer():
+    # A fan-in initializer called with the stack's shape (16, 64, 8) counted 16 * 64 inputs.
+    base = nnx.vmap(lambda k: nnx.Linear(64, 64, rngs=nnx.Rngs(k)))(
+        jax.random.split(jax.random.key(0), 16)
+    )
+    lecun = LoRAConfig(rank=8, a_init=jax.nn.initializers.lecun_normal())
+    a = LoRALinear.from_base(base, lecun, rngs=nnx.Rngs(1)).lora_a[...]
+    assert a.shape == (16, 64, 8) and abs(float(a.std()) - 64**-0.5) < 0.01
+    assert float(jnp.abs(a[0] - a[1]).max()) > 0  # each layer its own draw
 
 
 def test_grads_only_on_lora_params_and_dropout():
@@ -90,6 +109,8 @@ def test_grads_only_on_lora_params_and_dropout():
 def test_bad_options():
     with pytest.raises(ValueError, match="rank must be a positive int"):
         LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"rslora=True .* needs alpha"):
+        LoRAConfig(rank=4, rslora=True)  # its scale would be 1 whatever the rank
     with pytest.raises(ValueError, match="dropout_rate"):
         LoRAConfig(rank=2, dropout_rate=1.0)
     with pytest.raises(TypeError, match="LoRAConfig"):
@@ -113,6 +134,18 @@ def test_linear_general_term_and_merge():
     merged = merge(layer)
     assert type(merged) is nnx.LinearGeneral
     np.testing.assert_allclose(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_general_with_unsorted_axes_contracts_like_its_kernel():
+    # nnx.LinearGeneral contracts its axes in sorted order; (3, 3) makes a wrong order silent.
+    x = jax.random.normal(jax.random.key(0), (5, 3, 3))
+    layer = LoRALinearGeneral((3, 3), 4, axis=(-1, -2), lora=LoRAConfig(rank=2, alpha=4.0),
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    layer.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 4))
+    w = np.asarray(layer.kernel) + 2.0 * np.einsum("ijr,rk->ijk", layer.lora_a, layer.lora_b)
+    expected = np.einsum("bij,ijk->bk", np.asarray(x), w) + np.asarray(layer.bias)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(merge(layer)(x), expected, rtol=1e-5, atol=1e-5)
 
 
 class _Two(nnx.Module):

@@ -120,3 +120,20 @@ def test_torch_rank_mismatch_message():
     params = {"lora_A": jnp.ones((3, 8)), "lora_B": jnp.ones((6, 2))}
     with pytest.raises(ValueError, match=r"A: \(\*stack, r, \*in\).*r = B.shape\[-1\] = 2"):
         rplora_jax.find_lora_pairs(params, rules=rplora_jax.PEFT)
+
+
+def test_kernel_settles_shapes_that_read_both_as_stacked_and_multi_axis():
+    # One layer with input axes (4, 16), output axes (4, 8), rank 4; its factors also read as 4
+    # stacked layers of a (16, 4) / (4, 8) pair. The kernel next to them says which.
+    a, b = jnp.zeros((4, 16, 4)), jnp.zeros((4, 4, 8))
+    one_layer = {"lora_a": a, "lora_b": b, "kernel": jnp.zeros((4, 16, 4, 8))}
+    stacked = {"lora_a": a, "lora_b": b, "kernel": jnp.zeros((4, 16, 8))}
+    assert rplora_jax.find_lora_pairs(one_layer)[0].stacked_shape == ()
+    assert rplora_jax.find_lora_pairs(stacked)[0].stacked_shape == (4,)
+    # Without a kernel (an optimizer that sees only the factors) the stacked reading is taken;
+    # stacked_axes=0 gives the other.
+    factors = {"lora_a": a, "lora_b": b}
+    assert rplora_jax.find_lora_pairs(factors)[0].stacked_shape == (4,)
+    assert rplora_jax.find_lora_pairs(factors, stacked_axes=0)[0].stacked_shape == ()
+    merged = rplora_jax.merge({"params": {"d": one_layer}}, scale=1.0)
+    assert merged["params"]["d"]["kernel"].shape == (4, 16, 4, 8)

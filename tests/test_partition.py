@@ -116,3 +116,13 @@ def test_freeze_base_without_factors_names_the_tree(make_tx):
         r"\(first paths: \['kernel', 'loraA', 'loraB'\]\)",
     ):
         tx.init(params)
+
+
+def test_labels_and_mask_refuse_a_tree_without_pairs():
+    # PEFT's names without rules=PEFT: every leaf "frozen" would train nothing, silently.
+    params = {"q": {"weight": jnp.ones((4, 4)), "lora_A": {"weight": jnp.ones((2, 4))},
+                    "lora_B": {"weight": jnp.zeros((4, 2))}}}  # fmt: skip
+    for fn in (partition.lora_labels, partition.trainable_mask):
+        with pytest.raises(ValueError, match=rf"{fn.__name__} found no LoRA pairs .*'q/lora_A/"):
+            fn(params)
+    assert partition.lora_labels(params, rules=rplora_jax.PEFT)["q"]["lora_B"]["weight"] == "lora"

@@ -24,6 +24,21 @@ ZEROS: Initializer = jax.nn.initializers.zeros
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+def per_layer(init: Initializer, n_stack: int) -> Initializer:
+    """``init`` applied to each of the stacked layers in the ``n_stack`` leading axes, with its
+    own key: a fan-in-based initializer then sees one layer's shape, not the stack's."""
+    if not n_stack:
+        return init
+
+    def stacked(key, shape, dtype=jnp.float32):
+        stack = tuple(shape[:n_stack])
+        keys = jax.random.split(key, math.prod(stack))
+        layers = jax.vmap(lambda k: init(k, tuple(shape[n_stack:]), dtype))(keys)
+        return layers.reshape(shape)
+
+    return stacked
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """LoRA options, shared by the linen layers, the NNX layers and injection.
@@ -42,7 +57,9 @@ class LoRAConfig:
         an initializer ``(key, shape, dtype) -> array``.
       b_init: initializer for ``b``; zeros, so training starts at the base model.
       param_dtype: dtype of the factors; ``None`` uses the base layer's ``param_dtype``. The
-        forward pass promotes, so bfloat16 factors on a float32 base compute in float32.
+        LoRA term runs in the layer's ``dtype`` if set, else in the promoted dtype of the input
+        and the factors: bfloat16 factors compute in float32 with float32 inputs, and in
+        bfloat16 with bfloat16 inputs.
 
     Examples:
       >>> LoRAConfig(rank=8, alpha=16.0).scale, LoRAConfig(16, 16.0, rslora=True).scale
@@ -69,6 +86,11 @@ class LoRAConfig:
         rate = self.dropout_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
             raise ValueError(f"LoRAConfig: dropout_rate must be in [0, 1), got {rate!r}.")
+        if self.rslora and self.alpha is None:
+            raise ValueError(
+                "LoRAConfig: rslora=True scales by alpha / sqrt(rank) and needs alpha; with "
+                "alpha=None the scale is 1 whatever the rank."
+            )
         if not callable(self.b_init):
             raise ValueError(f"LoRAConfig: b_init must be an initializer, got {self.b_init!r}.")
         self.a_initializer()  # validates a_init
@@ -84,6 +106,10 @@ class LoRAConfig:
         """The factors' dtype for a base layer whose parameters have ``base_param_dtype``."""
         return base_param_dtype if self.param_dtype is None else self.param_dtype
 
+    def b_initializer(self, n_stack: int = 0) -> Initializer:
+        """The initializer of ``b: (*stack, r, *out)``: ``b_init`` per stacked layer."""
+        return per_layer(self.b_init, n_stack)
+
     def a_initializer(self, n_stack: int = 0) -> Initializer:
         """The initializer of ``a: (*stack, *in, r)``: fan-in is the product of the input axes.
 
@@ -94,7 +120,7 @@ class LoRAConfig:
           An initializer ``(key, shape, dtype) -> array``.
         """
         if callable(self.a_init):
-            return self.a_init
+            return per_layer(self.a_init, n_stack)
         if self.a_init == "gaussian":
             return jax.nn.initializers.normal(stddev=1.0 / self.rank)
         if self.a_init == "kaiming_uniform":

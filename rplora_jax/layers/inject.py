@@ -84,6 +84,14 @@ def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
             f"LoRA target rule matches '{path}', a {type(module).__name__}, which already has "
             "LoRA factors."
         )
+    bases = [b for b, _ in lora_nnx.LORA_FOR_BASE if isinstance(module, b)]
+    if bases:  # NNX replaces the layer: a subclass's own behaviour would be lost
+        return ValueError(
+            f"LoRA target rule matches '{path}', a {type(module).__name__}, a subclass of "
+            f"nnx.{bases[0].__name__}. inject_nnx replaces a layer by this library's LoRA "
+            "layer, which would drop what the subclass changes: give the subclass a LoRA term "
+            "yourself, or narrow the regex."
+        )
     return ValueError(
         f"LoRA target rule matches '{path}', a {type(module).__name__}, which is not a linear "
         f"layer ({kinds}). Narrow the regex so it matches only linear layers (it must match the "
@@ -321,7 +329,10 @@ def inject_nnx(
     and adding ``lora_a``/``lora_b`` (``nnx.LoRAParam``). Layers stacked by ``nnx.vmap`` get
     stacked factors; ``nnx.MultiHeadAttention``'s projections are ``LinearGeneral`` layers. A
     layer shared at several paths (tied weights) becomes one LoRA layer at all of them; the
-    targets are matched against the one path ``nnx.iter_modules`` gives it.
+    targets are matched against the one path ``nnx.iter_modules`` gives it. LoRA dropout
+    (``lora.dropout_rate > 0``) follows ``model.train()`` / ``model.eval()``; injected into a
+    model already in eval mode (every ``nnx.Dropout`` in it deterministic), it starts
+    deterministic too.
 
     Args:
       model: the NNX model, modified in place.
@@ -365,18 +376,17 @@ def inject_nnx(
             raise ValueError("inject_nnx cannot replace the root module itself; wrap it first.")
         found.append((path, lora_cls, module))
     is_target.check(sorted(linear))
-    lora_for = {id(m): (m, cls.from_base(m, lora, rngs=rngs)) for _, cls, m in found}
-    todo = [(path, lora_for[id(m)][1]) for path, _, m in found]
-    replaced = []
-    while todo:
-        for path, new in todo:
-            lora_nnx.replace_module(model, path, new)
-            replaced.append(_nnx_path(path))
-        # A layer shared at several paths (tied weights) is listed at one of them only: the same
-        # LoRA layer goes wherever it still appears, so the tie is kept.
-        todo = [
-            (path, lora_for[id(m)][1])
-            for path, m in nnx.iter_modules(model)
-            if id(m) in lora_for and lora_for[id(m)][0] is m
-        ]
-    return sorted(replaced)
+    # nnx.Dropout starts in training mode; in a model already put in eval() mode (every Dropout
+    # it has is deterministic) the new LoRA dropout must not be the one layer still dropping.
+    modes = {m.deterministic for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)}
+    new_for = {}
+    for path, cls, m in found:
+        try:
+            new = new_for[id(m)] = cls.from_base(m, lora, rngs=rngs)
+        except ValueError as err:
+            raise ValueError(f"inject_nnx: '{_nnx_path(path)}': {err}") from err
+        if new.lora_dropout is not None and modes == {True}:
+            new.lora_dropout.deterministic = True
+    # A layer shared at several paths (tied weights) gets the same LoRA layer at each of them.
+    replaced = lora_nnx.replace_all(model, [(path, m) for path, _, m in found], new_for)
+    return sorted(_nnx_path(path) for path in replaced)

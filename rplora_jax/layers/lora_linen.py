@@ -55,7 +55,7 @@ def _factors(module: nn.Module, config: LoRAConfig, a_shape, b_shape, n_stack: i
             "to it twice (a LoRA layer matched by inject_linen, or a model injected again). Inject "
             "into the original model, or narrow the target regex."
         ) from err
-    b = module.param("lora_b", config.b_init, b_shape, dtype)
+    b = module.param("lora_b", config.b_initializer(n_stack), b_shape, dtype)
     return a, b
 
 

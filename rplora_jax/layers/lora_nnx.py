@@ -34,13 +34,16 @@ class _LoRAMixin:
     kernel: nnx.Param
     # Leading kernel axes that are independent stacked layers (nnx.vmap, einsum shared axes).
     lora_batch_axes: int
+    # lora_a's ndim when made: a layer constructed inside nnx.vmap has one more axis afterwards.
+    lora_a_ndim: int
 
     def _init_lora(self, lora: LoRAConfig, a_shape, b_shape, n_batch: int, rngs: nnx.Rngs):
         self.lora = lora
         self.lora_batch_axes = n_batch
+        self.lora_a_ndim = len(a_shape)
         dtype = lora.factor_dtype(self.param_dtype)
         self.lora_a = nnx.LoRAParam(lora.a_initializer(n_batch)(rngs.params(), a_shape, dtype))
-        self.lora_b = nnx.LoRAParam(lora.b_init(rngs.params(), b_shape, dtype))
+        self.lora_b = nnx.LoRAParam(lora.b_initializer(n_batch)(rngs.params(), b_shape, dtype))
         rate = lora.dropout_rate
         self.lora_dropout = nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
 
@@ -57,7 +60,9 @@ class _LoRAMixin:
                 f"{type(self).__name__}: cannot merge LoRA into a {kernel.dtype} kernel: the "
                 "result would be truncated. Dequantize the kernel first."
             )
-        delta = fold_delta(self.lora_a[...], self.lora_b[...], self.lora_batch_axes)
+        a = self.lora_a[...]
+        n_batch = self.lora_batch_axes + a.ndim - self.lora_a_ndim  # + layers stacked by vmap
+        delta = fold_delta(a, self.lora_b[...], n_batch)
         return (kernel.astype(delta.dtype) + self.lora.scale * delta).astype(kernel.dtype)
 
     def _base_args(self) -> tuple[tuple, dict[str, Any]]:
@@ -222,7 +227,8 @@ class LoRALinearGeneral(_LoRAMixin, nnx.LinearGeneral):
         """Applies the layer."""
         y = super().__call__(inputs, out_sharding=out_sharding)
         x, a, b = self._lora_inputs(inputs)
-        axis = tuple(ax % x.ndim for ax in self.axis)
+        # Sorted, as nnx.LinearGeneral contracts them: the kernel's input axes are in that order.
+        axis = tuple(sorted(ax % x.ndim for ax in self.axis))
         dims = ((axis, tuple(range(len(axis)))), ((), ()))
         h = jax.lax.dot_general(x, a, dims, precision=self.precision)
         delta = jax.lax.dot_general(
@@ -345,6 +351,31 @@ def replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
     set_child(parent, path[-1], new)
 
 
+def replace_all(
+    root: nnx.Module, found: list[tuple[tuple, nnx.Module]], new_for: Mapping[int, nnx.Module]
+) -> list[tuple]:
+    """Puts ``new_for[id(m)]`` at each ``(path, m)`` of ``found`` in ``root``, in place, and
+    wherever else ``m`` appears: ``nnx.iter_modules`` lists a module shared at several paths
+    (tied weights) at one of them only, and the next once that one is replaced.
+
+    Returns:
+      Every path replaced.
+    """
+    old = {id(m): m for _, m in found}
+    todo = [(path, new_for[id(m)]) for path, m in found]
+    replaced = []
+    while todo:
+        for path, new in todo:
+            replace_module(root, path, new)
+            replaced.append(path)
+        todo = [
+            (path, new_for[id(m)])
+            for path, m in nnx.iter_modules(root)
+            if id(m) in old and old[id(m)] is m
+        ]
+    return replaced
+
+
 def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
     # Flax's LoRALinear adds x @ a @ b with no scale, outside its dot_general: with a custom one
     # (a quantized matmul) the merged layer computes dot_general(x, W0 + a @ b), what merging
@@ -389,11 +420,13 @@ def merge_module(model: nnx.Module) -> nnx.Module:
     root = _folded(out, "")
     if root is not None:
         return root
-    found = [(p, m) for p, m in nnx.iter_modules(out) if p]
-    for path, module in found:
-        new = _folded(module, "/".join(map(str, path)))
+    found, new_for = [], {}
+    for path, module in list(nnx.iter_modules(out)):
+        new = _folded(module, "/".join(map(str, path))) if path else None
         if new is not None:
-            replace_module(out, path, new)
+            found.append((path, module))
+            new_for[id(module)] = new
+    replace_all(out, found, new_for)  # a tied layer becomes one merged layer at every path
     left = find_lora_pairs(nnx.state(out))
     if left:
         raise ValueError(
