@@ -23,6 +23,7 @@ from rplora_jax.pairing import (
     find_lora_pairs,
     kernel_paths,
     no_pairs_error,
+    path_str,
     path_tokens,
 )
 from rplora_jax.partition import is_nnx_module
@@ -108,6 +109,8 @@ def _factor_key(kernel_key: tuple, n_kernel_tokens: int, path: str) -> tuple:
     tail = path.split("/")[n_kernel_tokens - len(last_tokens) :]
     if len(last_tokens) == 1:
         return (*parent, *tail)
+    if isinstance(last, tuple):  # flax.traverse_util.flatten_dict's tuple keys
+        return (*parent, tuple(tail))
     return (*parent, re.findall(r"[./]", str(last))[-1].join(tail))
 
 
@@ -248,11 +251,13 @@ def unmerge(
     pairs = find_lora_pairs(dict(adapter), rules=rules)
     if not pairs:
         raise no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
+    # By token path, whatever the adapter's keys: "/"-joined paths, nested dicts, tuples.
+    leaves = {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(dict(adapter))[0]}
     for pair in pairs:
         kernel = _kernel_tokens(pair, index)
         for path in (pair.a_path, pair.b_path):
             key = _factor_key(index["/".join(kernel)], len(kernel), path)
-            flat[key] = adapter[path]
+            flat[key] = leaves[path]
             index[path] = key
     _fold(flat, index, pairs, scale, -1.0)
     return _unflatten(flat)

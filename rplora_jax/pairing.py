@@ -43,7 +43,9 @@ stacked nor the rank axis, so einsum LoRA with several feature axes
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -217,7 +219,9 @@ def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
     tokens: list[str] = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):
-            tokens.extend(t for t in re.split(r"[./]", str(key.key)) if t)
+            # flax.traverse_util.flatten_dict's keys are tuples of names.
+            parts = key.key if isinstance(key.key, tuple) else (key.key,)
+            tokens.extend(t for part in parts for t in re.split(r"[./]", str(part)) if t)
         elif isinstance(key, jax.tree_util.GetAttrKey):
             tokens.append(key.name)
         elif isinstance(key, jax.tree_util.SequenceKey):
@@ -294,6 +298,21 @@ def kernel_paths(rule: str, a_path: str) -> list[str]:
     return []
 
 
+def _check_match(found: Any, rule: PairingRule, path: str) -> None:
+    ok = isinstance(found, tuple) and len(found) == 2 and found[0] in ("a", "b")
+    if ok:
+        try:
+            hash(found[1])
+        except TypeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"Rule {rule.name} returned {found!r} for '{path}'; a rule returns None or "
+            "(role, group): role 'a' or 'b', and a hashable group shared by the two factors of "
+            "a pair (e.g. a tuple of path tokens)."
+        )
+
+
 def _stacked_count(
     a_shape, b_shape, layout: Layout, stacked_axes: int | None, paths, kernel_shape=None
 ) -> int:
@@ -343,6 +362,17 @@ def _build_pair(
         a_rank_axis, b_rank_axis, rank = len(a_shape) - 1, k, a_shape[-1]
     else:
         a_rank_axis, b_rank_axis, rank = k, len(b_shape) - 1, b_shape[-1]
+    a_features = math.prod(np.delete(a_shape[k:], a_rank_axis - k))
+    b_features = math.prod(np.delete(b_shape[k:], b_rank_axis - k))
+    if rank > max(a_features, b_features):
+        # Never a useful LoRA; what a factor in the other layout looks like on a square layer.
+        warnings.warn(
+            f"The LoRA pair a='{a_path}' {a_shape}, b='{b_path}' {b_shape} reads as rank {rank}, "
+            f"more than its {a_features} input and {b_features} output features (rule "
+            f"{rule.name}, {rule.layout} layout): are the factors in the other layout? PyTorch "
+            "layout is A: (r, in), B: (out, r); Flax layout a: (in, r), b: (r, out).",
+            stacklevel=2,
+        )
     info = LoRAPair(a_path, b_path, rule.layout, int(rank), a_shape[:k], rule.name)
     return _Pair(a_idx, b_idx, a_rank_axis, b_rank_axis, k, info)
 
@@ -396,9 +426,8 @@ def match_pairs(
             found = rule.match(toks)
             if found is None:
                 continue
+            _check_match(found, rule, paths[i])
             role, group = found
-            if role not in ("a", "b"):
-                raise ValueError(f"Rule {rule.name} returned role {role!r} for '{paths[i]}'.")
             slot = groups.setdefault((r_idx, group), {})
             if role in slot:
                 raise ValueError(

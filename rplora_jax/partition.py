@@ -33,6 +33,15 @@ def is_nnx_module(tree: Any) -> bool:
     return nnx is not None and isinstance(tree, nnx.Module)
 
 
+def unwrap_variables(tree: Any) -> Any:
+    """``tree`` with each ``nnx.Variable`` replaced by its value (without importing Flax)."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return tree
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
+
+
 def as_param_tree(tree: Any) -> Any:
     """``tree``, or for an ``nnx.Module`` its ``nnx.Param`` state (LoRA factors included)."""
     if is_nnx_module(tree):

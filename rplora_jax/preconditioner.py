@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from rplora_jax.pairing import RuleSpec, match_pairs, no_pairs_error
+from rplora_jax.partition import unwrap_variables
 
 # PEFT's value. LoRA starts with b = 0, so b b^T + reg I is tiny at first and inv() scales g_a
 # up by about 1/reg: with the reference code's 1e-6 those first huge preconditioned gradients
@@ -463,7 +464,18 @@ def _cholesky_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
 
 
 def _check_reg(reg) -> None:
-    if isinstance(reg, (int, float)) and not isinstance(reg, bool) and not reg >= 0:
+    if callable(reg) or reg is None or isinstance(reg, bool) or not hasattr(reg, "__float__"):
+        raise TypeError(
+            f"reg must be a non-negative number or scalar array, got {reg!r}. To schedule it: "
+            "optax.inject_hyperparams(rplora_jax.riemannian_preconditioner)(reg=schedule)."
+        )
+    if np.ndim(reg) != 0:
+        raise ValueError(f"reg must be a scalar, got shape {np.shape(reg)}.")
+    try:
+        value = float(reg)
+    except jax.errors.ConcretizationTypeError:  # traced (inject_hyperparams): checked as a scalar
+        return
+    if not value >= 0:
         raise ValueError(f"reg must be a non-negative number, got {reg!r}.")
 
 
@@ -502,7 +514,9 @@ def riemannian_preconditioner(
         ``DEFAULT_REG`` for why); the paper's code uses 1e-6.
       rules: how LoRA factors are named and laid out; ``None`` for the defaults, which find
         ``nnx.LoRA``/``nnx.LoRALinear``, this library's layers, gemma's ``peft`` and qwix.
-        See :func:`rplora_jax.find_lora_pairs`.
+        See :func:`rplora_jax.find_lora_pairs`. Under ``optax.inject_hyperparams`` a bare match
+        function must be in ``static_args`` (or wrapped in ``PairingRule``), or it is taken for
+        a schedule.
       stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
       allow_no_pairs: if False (default), a tree with no LoRA pair is an error, since it almost
         always means misconfigured names.
@@ -518,9 +532,10 @@ def riemannian_preconditioner(
       specs: inside ``shard_map``, instead of ``axis_name``: the parameters' ``PartitionSpec``
         tree (or a prefix of it), as given to ``shard_map``'s ``in_specs``. Each Gram is then
         summed over exactly the manual axes its factor's feature axes are sharded over: stacked
-        layers sharded over a mesh axis stay separate, ``check_vma=False`` is fine, and a rank
-        axis sharded over a manual axis is an error naming the factor. Under ``jax.jit`` it is
-        not needed, and harmless.
+        layers sharded over a mesh axis stay separate, and a rank axis sharded over a manual axis
+        is an error naming the factor. ``check_vma=False`` works, but then a spec that does not
+        match the factor goes unnoticed (with ``check_vma=True`` it is an error). Under
+        ``jax.jit`` it is not needed, and harmless (``nnx.Variable``-wrapped specs included).
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -572,14 +587,15 @@ def riemannian_preconditioner(
                 "riemannian_preconditioner needs the current parameters: call "
                 "update(updates, state, params)."
             )
-        pairs, g_leaves, treedef = find(updates)
-        p_leaves, p_treedef = jax.tree_util.tree_flatten(
-            params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        # Paired on the parameters, so a gradient of the wrong shape is named as such.
+        pairs, p_leaves, treedef = find(params)
+        g_leaves, g_treedef = jax.tree_util.tree_flatten(
+            updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
         )
-        if p_treedef != treedef:
+        if g_treedef != treedef:
             raise ValueError(
                 "params and updates have different tree structures:\n"
-                f"  updates: {treedef}\n  params:  {p_treedef}"
+                f"  updates: {g_treedef}\n  params:  {treedef}"
             )
         if not pairs:
             return updates, state
@@ -604,6 +620,7 @@ def _leaf_specs(specs, params, treedef) -> list[Any]:
     def is_leaf(x):
         return isinstance(x, optax.MaskedNode)
 
+    specs = unwrap_variables(specs)  # specs taken from an nnx.State hold nnx.Variables
     try:
         full = jax.tree.map(
             lambda spec, sub: jax.tree.map(lambda _: spec, sub, is_leaf=is_leaf),

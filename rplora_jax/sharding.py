@@ -168,6 +168,11 @@ def lora_specs(
     spec_flat, spec_treedef = jax.tree_util.tree_flatten_with_path(
         param_specs, is_leaf=_is_spec_leaf
     )
+    # A None in params (an absent bias) is no parameter: a spec tree mapped over params (which
+    # keeps that None, or gives it a spec) has no spec to give it.
+    nones = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+    absent = {path_str(p) for p, x in nones if x is None}
+    spec_flat = [(p, spec) for p, spec in spec_flat if path_str(p) not in absent]
     if len(spec_flat) != len(flat):
         raise ValueError(
             f"param_specs has {len(spec_flat)} leaves but params has {len(flat)}; give one "

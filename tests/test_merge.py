@@ -163,6 +163,20 @@ def test_unmerge_puts_factors_back_under_flat_dotted_keys():
         np.testing.assert_array_equal(back[key], value)
 
 
+def test_merge_and_unmerge_with_flatten_dict_tuple_keys():
+    from flax import traverse_util
+
+    nested = {"params": {"fc": {"kernel": jnp.zeros((3, 4)), "lora_a": jnp.ones((3, 2)),
+                                "lora_b": jnp.ones((2, 4))}}}  # fmt: skip
+    flat = traverse_util.flatten_dict(nested)
+    merged = rplora_jax.merge(flat, scale=0.5)
+    np.testing.assert_array_equal(merged[("params", "fc", "kernel")], np.ones((3, 4)))
+    adapter = {k: v for k, v in flat.items() if k[-1].startswith("lora")}
+    back = rplora_jax.unmerge(merged, adapter, scale=0.5)
+    assert sorted(back) == sorted(flat)
+    np.testing.assert_array_equal(back[("params", "fc", "kernel")], np.zeros((3, 4)))
+
+
 def test_merge_and_unmerge_without_pairs_raise():
     # PEFT-named factors under the default rules are not pairs: returning the dict unchanged
     # would hand back an unmerged model as if merged.

@@ -5,6 +5,8 @@ Only jax is needed, except by the nnx test, which imports flax itself.
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import pytest
 
@@ -137,3 +139,31 @@ def test_kernel_settles_shapes_that_read_both_as_stacked_and_multi_axis():
     assert rplora_jax.find_lora_pairs(factors, stacked_axes=0)[0].stacked_shape == ()
     merged = rplora_jax.merge({"params": {"d": one_layer}}, scale=1.0)
     assert merged["params"]["d"]["kernel"].shape == (4, 16, 4, 8)
+
+
+def test_a_rule_returning_something_else_is_named():
+    params = {"layer": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}}
+    for result in (lambda t: ("a", list(t)), lambda t: "a", lambda t: ("c", t)):
+        rule = PairingRule(lambda t, f=result: f(t[:-1]) if t[-1] == "lora_a" else None)
+        with pytest.raises(ValueError, match=r"returned .* for 'layer/lora_a'; a rule returns"):
+            rplora_jax.find_lora_pairs(params, rules=rule)
+
+
+def test_tuple_keys_of_flatten_dict_are_paths():
+    from flax import traverse_util
+
+    nested = {"params": {"fc": {"kernel": jnp.zeros((6, 5)), "lora_a": jnp.ones((6, 2)),
+                                "lora_b": jnp.ones((2, 5))}}}  # fmt: skip
+    (pair,) = rplora_jax.find_lora_pairs(traverse_util.flatten_dict(nested))
+    assert (pair.a_path, pair.b_path, pair.rank) == ("params/fc/lora_a", "params/fc/lora_b", 2)
+
+
+def test_factors_in_the_other_layout_warn_on_square_layers():
+    # PyTorch-layout A: (2, 16), B: (16, 2) read as Flax layout pair up with "rank" 16.
+    torch_layout = {"q": {"lora_down": jnp.ones((2, 16)), "lora_up": jnp.ones((16, 2))}}
+    with pytest.warns(UserWarning, match=r"reads as rank 16, more than its 2 input and 2 output"):
+        rplora_jax.find_lora_pairs(torch_layout, rules=("lora_down", "lora_up"))
+    head = {"cls": {"lora_a": jnp.ones((768, 8)), "lora_b": jnp.ones((8, 2))}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rank 8 > 2 outputs but < 768 inputs: a real LoRA
+        assert rplora_jax.find_lora_pairs(head)[0].rank == 8

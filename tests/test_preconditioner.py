@@ -672,6 +672,23 @@ def test_update_without_params_is_an_error():
 def test_negative_reg_is_an_error():
     with pytest.raises(ValueError, match="reg must be a non-negative"):
         riemannian_preconditioner(-1.0)
+    with pytest.raises(ValueError, match="reg must be a non-negative"):
+        riemannian_preconditioner(np.float32(-1.0))
+    # A per-rank array used to become a ridge per Gram row; a schedule or None failed deep in
+    # the first update without naming reg.
+    with pytest.raises(ValueError, match=r"reg must be a scalar, got shape \(2,\)"):
+        riemannian_preconditioner(jnp.array([0.1, 0.2]))
+    for bad in (optax.linear_schedule(0.1, 0.001, 10), None):
+        with pytest.raises(TypeError, match=r"reg must be .* optax.inject_hyperparams"):
+            rplora_jax.scaled_adamw(1e-3, reg=bad)
+
+
+def test_a_gradient_of_the_wrong_shape_is_named_as_such():
+    params = {"x": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}}
+    grads = {"x": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((5, 2))}}  # transposed
+    tx = riemannian_preconditioner()
+    with pytest.raises(ValueError, match=r"Gradient at 'x/lora_b' has shape \(5, 2\) but its"):
+        tx.update(grads, tx.init(params), params)
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,30 @@ def test_lora_specs_matches_specs_by_path_not_position():
         lora_specs(params, given)
 
 
+def test_lora_specs_skips_absent_parameters():
+    # A None bias is no parameter; a spec tree mapped over params keeps it (or gives it a spec).
+    params = {"q": {**_layer(8, 16), "bias": None}}
+    for bias_spec in (None, P()):
+        given = {"q": {"kernel": P("data", "model"), "lora_a": P(), "lora_b": P(),
+                       "bias": bias_spec}}  # fmt: skip
+        out = lora_specs(params, given)["q"]
+        assert (out["lora_a"], out["lora_b"]) == (P("data", None), P(None, "model"))
+
+
+def test_specs_from_an_nnx_state_work_as_specs():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.LoRALinear(8, 16, lora_rank=2, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    full = lora_specs(state, jax.tree.map(lambda _: P(), state))
+    specs = nnx.filter_state(full, nnx.LoRAParam)  # still nnx.Variable-wrapped
+    loss = lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    opt = nnx.Optimizer(model, rplora_jax.scaled_adamw(1e-3, specs=specs), wrt=nnx.LoRAParam)
+    opt.update(model, grads)
+    assert int(opt.step[...]) == 1
+
+
 def test_lora_specs_explicit_kernel_path():
     params = {
         "base": jnp.zeros((8, 16)),
