@@ -247,7 +247,7 @@ def named_shardings(mesh: Mesh, specs: Any) -> Any:
       >>> import jax
       >>> from jax.sharding import PartitionSpec as P
       >>> from rplora_jax.sharding import named_shardings
-      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
       >>> named_shardings(mesh, {"w": P("data")})["w"].spec == P("data")
       True
     """

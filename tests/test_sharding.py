@@ -193,7 +193,7 @@ def test_lora_specs_explicit_kernel_path():
 
 
 def test_named_shardings_binds_specs():
-    mesh = jax.make_mesh((1,), ("data",))
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     shardings = named_shardings(mesh, {"w": P("data"), "b": None})
     assert shardings["w"].spec == P("data") and shardings["b"].spec == P()
     assert shardings["w"].mesh is mesh
