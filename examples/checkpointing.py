@@ -2,8 +2,9 @@
 
 Run ``python examples/checkpointing.py``: it trains a LoRA pair with scaled AdamW for 20 steps
 straight, and again for 8 steps, a save, a restore into fresh state and 12 more steps, and checks
-that both end bit for bit equal. Copy :class:`TrainCheckpointer` into your project (it needs
-``orbax-checkpoint``: ``pip install "rplora_jax[examples]"``).
+that both end bit for bit equal (parameters and optimizer state; it exits with status 1 if
+not). Copy :class:`TrainCheckpointer` into your project (it needs ``orbax-checkpoint``, from a
+checkout ``pip install -e ".[examples]"``).
 
 :class:`TrainCheckpointer` saves ``params``, the optimizer state and the step of a run, and restores
 them onto the shardings of templates you pass, so a preempted job resumes bit-identically: ``N``
@@ -31,9 +32,10 @@ _STATE = "state"
 def _abstract(tree: Any) -> Any:
     """Shape, dtype and sharding of every array leaf: where restored arrays go.
 
-    ``tx.init`` creates optax's step counters uncommitted on one device; restored as they are,
-    they would be committed there and clash with the mesh in the next jitted step. So leaves on
-    a single device are placed replicated over the mesh of the template's sharded leaves.
+    ``tx.init`` creates optax's step counters uncommitted on one device, and ``jax.eval_shape``
+    gives leaves no sharding at all; restored as they are, they would be committed to one device
+    and clash with the mesh in the next jitted step. So such leaves are placed replicated over the
+    mesh of the template's sharded leaves.
     """
     meshes = [
         x.sharding.mesh
@@ -46,7 +48,9 @@ def _abstract(tree: Any) -> Any:
         if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
             return ocp.utils.to_shape_dtype_struct(x)
         sharding = x.sharding
-        if replicated is not None and isinstance(sharding, SingleDeviceSharding):
+        if replicated is not None and (
+            sharding is None or isinstance(sharding, SingleDeviceSharding)
+        ):
             sharding = replicated
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
@@ -63,7 +67,8 @@ class TrainCheckpointer:
     Args:
       directory: where checkpoints go; created if missing. Absolute paths or ``gs://`` URLs.
       max_to_keep: number of most recent checkpoints kept; ``None`` keeps all.
-      save_interval_steps: :meth:`save` writes only on multiples of this (unless ``force``).
+      save_interval_steps: :meth:`save` writes the first step it is given and then only
+        multiples of this (unless ``force``), as orbax's ``CheckpointManager`` does.
       enable_async: write in a background thread while training continues.
 
     Example:
@@ -136,13 +141,15 @@ class TrainCheckpointer:
           params: template: arrays or ``jax.ShapeDtypeStruct`` (with ``sharding=``) of the
             parameters, e.g. a freshly initialised, sharded model, or ``jax.eval_shape`` output
             with shardings attached. Only shapes, dtypes and shardings are read.
-          opt_state: template of the optimizer state, e.g. ``tx.init(params)``.
+          opt_state: template of the optimizer state, e.g. ``tx.init(params)`` (sharded like
+            ``params``), or ``jax.eval_shape(tx.init, params)``, whose leaves carry no sharding
+            and so come back replicated over the mesh.
           step: which checkpoint; ``None`` for the newest.
 
         Returns:
-          ``(step, params, opt_state)``, arrays placed with the templates' shardings (leaves of
-          the template on a single device, such as optax's step counts, replicated over the
-          mesh of its sharded leaves).
+          ``(step, params, opt_state)``, arrays placed with the templates' shardings (template
+          leaves on a single device or without a sharding, such as optax's step counts,
+          replicated over the mesh of its sharded leaves).
 
         Raises:
           FileNotFoundError: if there is no checkpoint (or not ``step``) in the directory.
@@ -206,17 +213,19 @@ def main() -> None:
             params, opt_state = step(params, opt_state, t)
         return params, opt_state
 
-    straight, _ = train(init, tx.init(init), range(20))
+    straight = train(init, tx.init(init), range(20))
     with tempfile.TemporaryDirectory() as directory:
         params, opt_state = train(init, tx.init(init), range(8))
         with TrainCheckpointer(directory) as ckpt:
             ckpt.save(8, params, opt_state)
         with TrainCheckpointer(directory) as ckpt:  # as after a restart: fresh templates
             step8, params, opt_state = ckpt.restore(init, tx.init(init))
-        resumed, _ = train(params, opt_state, range(step8, 20))
+        resumed = train(params, opt_state, range(step8, 20))
     pairs = zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True)
     same = all(bool((x == y).all()) for x, y in pairs)
     print(f"restored step {step8}; 20 straight steps == 8 + save/restore + 12: {same}")
+    if not same:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ def main() -> None:
     print(f"linen: merged vs unmerged max |diff| = {float(diff):.2e}")
     with tempfile.TemporaryDirectory() as tmp:
         file = os.path.join(tmp, "adapter.safetensors")
-        rplora_jax.save_adapter(file, variables, metadata={"rank": "4", "alpha": "8"})
+        metadata = {"rank": str(LORA.rank), "alpha": str(LORA.alpha)}
+        rplora_jax.save_adapter(file, variables, metadata=metadata)
         print(f"linen: adapter file {os.path.getsize(file):,} bytes")
 
     model, _original, losses = train_nnx()

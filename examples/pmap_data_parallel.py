@@ -113,6 +113,11 @@ def train_jit(steps: int, lr: float) -> tuple[dict, list[float]]:
 
 def run(steps: int = 20, lr: float = 1e-2) -> dict:
     """Both loops; returns their losses and the largest relative difference of the factors."""
+    if BATCH % jax.device_count():
+        raise SystemExit(
+            f"The global batch of {BATCH} rows must split evenly over {jax.device_count()} "
+            "devices: run on a device count that divides it (--cpu-devices on CPU)."
+        )
     lora_p, losses_p = train_pmap(steps, lr)
     lora_j, losses_j = train_jit(steps, lr)
     rel = max(

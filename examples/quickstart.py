@@ -70,9 +70,7 @@ def fit(
     return [float(step(student, optimizer, x)) for x in batches]
 
 
-def train(
-    name: str, tx: optax.GradientTransformation, steps: int, rank: int, seed: int = 0
-) -> list[float]:
+def train(tx: optax.GradientTransformation, steps: int, rank: int, seed: int = 0) -> list[float]:
     student = MLP(rank, rngs=nnx.Rngs(seed))  # its kernels play the frozen pretrained weights
     teacher, data_key = make_task(student, rank, seed)
     keys = jax.random.split(data_key, steps)
@@ -98,9 +96,7 @@ def main() -> None:
         "sgd": optax.sgd(args.sgd_lr),
         "scaled_sgd": rplora_jax.scaled_sgd(args.sgd_lr),
     }
-    curves = {}
-    for name, tx in runs.items():
-        curves[name] = train(name, tx, args.steps, args.rank)
+    curves = {name: train(tx, args.steps, args.rank) for name, tx in runs.items()}
     checkpoints = sorted({0, args.steps // 10, args.steps // 4, args.steps // 2, args.steps - 1})
     print(
         f"\nTraining loss (MSE), rank {args.rank}, AdamW lr {args.lr}, SGD lr {args.sgd_lr}, "

@@ -241,6 +241,11 @@ def make_mesh(shape: tuple[int, int]) -> Mesh:
 
 def run(steps: int = 20, lr: float = 1e-2, mesh_shape: tuple[int, int] = (4, 2)) -> dict:
     """Runs all checks and returns their numbers (the tests call this)."""
+    if BATCH % mesh_shape[0] or D_HIDDEN % mesh_shape[1]:
+        raise SystemExit(
+            f"--mesh {mesh_shape[0]},{mesh_shape[1]}: the data axis must divide the batch of "
+            f"{BATCH} rows and the model axis the hidden width {D_HIDDEN}."
+        )
     mesh = make_mesh(mesh_shape)
     params = init_params()
     lspecs, _ = split(param_specs(params))

@@ -22,8 +22,9 @@
 # in Flax NNX and in Flax linen, shows which LoRA factor pairs the preconditioner found, and then
 # merges the adapter into the base weights and saves it to a file.
 #
-# **Install.** From a checkout of the repository, `pip install -e .` installs the library;
-# the plots also need `pip install matplotlib`. It runs on a CPU in about a minute.
+# **Install.** From a checkout of the repository, `pip install -e ".[examples]" matplotlib`
+# installs the library with Flax and safetensors, and matplotlib for the plots. It runs on a CPU
+# in under a minute.
 #
 # Set the environment variable `RPLORA_NOTEBOOK_SMOKE=1` to run it with fewer steps. CI does this
 # to check that the notebook still runs.

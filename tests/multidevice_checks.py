@@ -7,6 +7,7 @@ Each JAX start costs seconds, so one invocation runs a whole group of checks::
     python tests/multidevice_checks.py sharding OUT.json
     python tests/multidevice_checks.py ckpt_save OUT.json CKPT_DIR
     python tests/multidevice_checks.py ckpt_resume OUT.json CKPT_DIR
+    python tests/multidevice_checks.py ckpt_eval_shape OUT.json CKPT_DIR
 """
 
 from __future__ import annotations
@@ -246,6 +247,36 @@ def group_ckpt_save(directory: str) -> dict:
     return {"losses": losses + more}
 
 
+def group_ckpt_eval_shape(directory: str) -> dict:
+    """Save a fresh optimizer state (optax's count on one device), restore it onto templates from
+    ``jax.eval_shape`` (no sharding on any state leaf) and take a plain ``jax.jit`` step."""
+    from script_loader import load_script
+
+    TrainCheckpointer = load_script("examples/checkpointing.py").TrainCheckpointer
+
+    _, lora, _, tx, _ = _setup()
+    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    templates = jax.tree.map(sds, lora)
+    with TrainCheckpointer(directory) as ckpt:
+        ckpt.save(0, lora, tx.init(lora))
+        ckpt.wait_until_finished()
+        _, params, opt_state = ckpt.restore(templates, jax.eval_shape(tx.init, templates))
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
+    try:
+        updates = update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+        error = None
+    except ValueError as err:
+        updates, error = None, str(err)[:200]
+    return {
+        "error": error,
+        "finite": updates is not None
+        and all(bool(np.isfinite(np.asarray(u)).all()) for u in jax.tree.leaves(updates)),
+        "n_devices_per_leaf": sorted(
+            {len(x.sharding.device_set) for x in jax.tree.leaves((params, opt_state))}
+        ),
+    }
+
+
 def group_ckpt_resume(directory: str) -> dict:
     """A new process: restore SAVE_AT onto fresh sharded templates and train to N."""
     from script_loader import load_script
@@ -308,6 +339,8 @@ def main() -> None:
         result = group_ckpt_save(sys.argv[3])
     elif group == "ckpt_resume":
         result = group_ckpt_resume(sys.argv[3])
+    elif group == "ckpt_eval_shape":
+        result = group_ckpt_eval_shape(sys.argv[3])
     else:
         raise SystemExit(f"unknown group {group!r}")
     result["device_count"] = jax.device_count()

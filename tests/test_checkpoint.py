@@ -106,6 +106,24 @@ def test_sharded_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert saved["losses"][-1] < saved["losses"][0]
 
 
+@pytest.mark.slow
+def test_restore_onto_eval_shape_templates_stays_on_the_mesh(tmp_path):
+    # Templates from jax.eval_shape have no sharding; optax's count, saved from tx.init on one
+    # device, came back there and broke the next jitted step ("incompatible devices").
+    result = run_multidevice("ckpt_eval_shape", tmp_path, str(tmp_path / "ckpt"))
+    assert result["error"] is None and result["finite"]
+    assert result["n_devices_per_leaf"] == [8]
+
+
+def test_first_step_is_saved_whatever_the_interval(tmp_path):
+    params = _params()
+    opt_state = rplora_jax.scaled_sgd(0.1).init(params)
+    with TrainCheckpointer(tmp_path, save_interval_steps=2) as ckpt:
+        assert [ckpt.save(t, params, opt_state) for t in (1, 3, 4, 5)] == [True, False, True, False]
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [1, 4]
+
+
 def test_example_script_resumes_bit_identically(capsys):
     load_script("examples/checkpointing.py").main()
     assert capsys.readouterr().out.strip() == (
