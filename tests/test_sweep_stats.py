@@ -154,3 +154,29 @@ def test_settings_string_is_canonical():
     s = ft.settings_string({"steps": 2, "lr_ratio": 16.0, "targets": ["query", "value"]})
     assert s == "steps=2;lr_ratio=16.0;targets=query,value"
     assert ft.run_key("adamw", np.float64(1e-3), 0, s) == ft.run_key("adamw", 0.001, 0, s)
+
+
+def test_leave_one_seed_out_picks_each_seeds_rate_from_the_others():
+    rows = [
+        _row("o", lr, s, a)
+        for lr, accs in ((1.0, (0.9, 0.5, 0.5)), (2.0, (0.6, 0.6, 0.6)))
+        for s, a in enumerate(accs)
+    ]
+    acc, picks = ft.leave_one_seed_out(rows, "o")
+    assert picks == [2.0, 1.0, 1.0] and acc == pytest.approx((0.6 + 0.5 + 0.5) / 3)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "optimizer", "expected"),
+    [
+        ("rotten_tomatoes", "scaled_adamw", 75.18),
+        ("rotten_tomatoes", "loraplus_adamw", 73.66),
+        ("reuters_r8", "adamw", 94.88),
+    ],
+)
+def test_leave_one_seed_out_figures_on_the_fine_tuning_page(dataset, optimizer, expected):
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parents[1] / "results" / "finetune" / dataset / "runs.csv"
+    acc, _ = ft.leave_one_seed_out(ft._read_runs(runs), optimizer)
+    assert 100 * acc == pytest.approx(expected, abs=0.005)
