@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 _STATE = "state"
 
@@ -33,25 +33,30 @@ def _abstract(tree: Any) -> Any:
     """Shape, dtype and sharding of every array leaf: where restored arrays go.
 
     ``tx.init`` creates optax's step counters uncommitted on one device, and ``jax.eval_shape``
-    gives leaves no sharding at all; restored as they are, they would be committed to one device
-    and clash with the mesh in the next jitted step. So such leaves are placed replicated over the
-    mesh of the template's sharded leaves.
+    gives leaves no sharding (Auto mesh axes) or one on an abstract mesh (Explicit axes);
+    restored as they are, they would land on one device, or nowhere, and clash with the mesh in
+    the next jitted step. So a leaf on one device or without a sharding is placed replicated over
+    the mesh of the template's sharded leaves, and an abstract-mesh sharding is bound to that
+    mesh with its spec.
     """
     meshes = [
         x.sharding.mesh
         for x in jax.tree.leaves(tree)
         if isinstance(getattr(x, "sharding", None), NamedSharding)
+        and isinstance(x.sharding.mesh, Mesh)
     ]
-    replicated = NamedSharding(meshes[0], PartitionSpec()) if meshes else None
+    mesh = meshes[0] if meshes else None
 
     def one(x):
         if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
             return ocp.utils.to_shape_dtype_struct(x)
         sharding = x.sharding
-        if replicated is not None and (
-            sharding is None or isinstance(sharding, SingleDeviceSharding)
-        ):
-            sharding = replicated
+        if mesh is None:
+            pass
+        elif sharding is None or isinstance(sharding, SingleDeviceSharding):
+            sharding = NamedSharding(mesh, PartitionSpec())
+        elif isinstance(sharding, NamedSharding) and not isinstance(sharding.mesh, Mesh):
+            sharding = NamedSharding(mesh, sharding.spec)  # an AbstractMesh from jax.eval_shape
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
@@ -142,8 +147,9 @@ class TrainCheckpointer:
             parameters, e.g. a freshly initialised, sharded model, or ``jax.eval_shape`` output
             with shardings attached. Only shapes, dtypes and shardings are read.
           opt_state: template of the optimizer state, e.g. ``tx.init(params)`` (sharded like
-            ``params``), or ``jax.eval_shape(tx.init, params)``, whose leaves carry no sharding
-            and so come back replicated over the mesh.
+            ``params``), or ``jax.eval_shape(tx.init, params)``: on a mesh of Auto axes its
+            leaves carry no sharding and come back replicated over the mesh; on Explicit axes
+            they keep the specs ``eval_shape`` gives them.
           step: which checkpoint; ``None`` for the newest.
 
         Returns:

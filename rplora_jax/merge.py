@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from rplora_jax.pairing import (
+    NNX,
+    QWIX,
     LoRAPair,
     RuleSpec,
     find_lora_pairs,
-    kernel_paths,
     no_pairs_error,
     path_str,
     path_tokens,
@@ -82,19 +83,29 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 
 def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...]:
-    """The token path of the base kernel that ``pair`` adapts."""
-    candidates = kernel_paths(pair.rule, pair.a_path)
-    if not candidates:
+    """The token path of the base kernel that ``pair`` adapts. Stricter than the pairing's
+    :func:`~rplora_jax.pairing.find_kernel`: merge writes into it, so only the layouts whose
+    kernel it knows (a ``kernel`` next to ``lora_a`` or to ``nnx.LoRALinear``'s ``lora``;
+    qwix's ``<w>``)."""
+    a = tuple(pair.a_path.split("/"))
+    if pair.rule == NNX.name:
+        candidates = [(*a[:-1], "kernel")]
+        if len(a) >= 2 and a[-2] == "lora":  # nnx.LoRALinear: <layer>/lora/lora_a
+            candidates.append((*a[:-2], "kernel"))
+    elif pair.rule == QWIX.name:  # qwix: <w>_lora_a next to <w>
+        candidates = [(*a[:-1], a[-1][: -len("_lora_a")])]
+    else:
         raise ValueError(
             f"merge: cannot fold the pair '{pair.a_path}' (rule {pair.rule}): merge knows where "
             "the base kernel is for lora_a/lora_b next to a 'kernel' (this library, "
             "nnx.LoRA/nnx.LoRALinear) and for qwix's <w>_lora_a/<w>_lora_b next to <w>."
         )
     for c in candidates:
-        if c in index:
-            return tuple(c.split("/"))
+        if "/".join(c) in index:
+            return c
     raise ValueError(
-        f"merge: no base kernel for the LoRA factor '{pair.a_path}' (looked for {candidates})."
+        f"merge: no base kernel for the LoRA factor '{pair.a_path}' (looked for "
+        f"{['/'.join(c) for c in candidates]})."
     )
 
 
@@ -110,7 +121,9 @@ def _factor_key(kernel_key: tuple, n_kernel_tokens: int, path: str) -> tuple:
     if len(last_tokens) == 1:
         return (*parent, *tail)
     if isinstance(last, tuple):  # flax.traverse_util.flatten_dict's tuple keys
-        return (*parent, tuple(tail))
+        # The kernel's own key parts where the factor's path agrees (ints of nnx lists stay ints).
+        same = lambda i, t: i < len(last) and str(last[i]) == t
+        return (*parent, tuple(last[i] if same(i, t) else t for i, t in enumerate(tail)))
     return (*parent, re.findall(r"[./]", str(last))[-1].join(tail))
 
 
@@ -162,6 +175,7 @@ def merge(
     *,
     scale: Scale | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
     keep_factors: bool = False,
 ) -> Any:
     """Folds every LoRA pair into its base kernel: ``kernel <- kernel + s * a @ b``.
@@ -179,6 +193,8 @@ def merge(
       scale: for a dict: the LoRA scale ``s`` (``LoRAConfig.scale``), or a callable
         ``a_path -> s``. Required for dicts.
       rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs` (dicts).
+      stacked_axes: leading stacked-layer axes of every pair, as for
+        :func:`rplora_jax.find_lora_pairs` (dicts); ``None`` infers them.
       keep_factors: keep the factors in the result (dicts); zero ``lora_b`` yourself before
         using it with a LoRA model, or the term is counted twice.
 
@@ -194,17 +210,17 @@ def merge(
       (['kernel'], [[0.5, 0.5], [0.5, 0.5]])
     """
     if is_nnx_module(tree):
-        if scale is not None or rules is not None or keep_factors:
+        if scale is not None or rules is not None or stacked_axes is not None or keep_factors:
             raise ValueError(
-                "merge(nnx.Module) takes no scale/rules/keep_factors: each LoRA layer stores its "
-                "own scale."
+                "merge(nnx.Module) takes no scale/rules/stacked_axes/keep_factors: each LoRA "
+                "layer stores its own scale and layout."
             )
         from rplora_jax.layers.lora_nnx import merge_module
 
         return merge_module(tree)
     _need_scale(scale, "merge")
     flat, index = _flatten(tree)
-    pairs = find_lora_pairs(tree, rules=rules)
+    pairs = find_lora_pairs(tree, rules=rules, stacked_axes=stacked_axes)
     if not pairs:
         raise no_pairs_error(tree, "merge", hint=_FOLDS)
     _fold(flat, index, pairs, scale, 1.0)
@@ -220,6 +236,7 @@ def unmerge(
     *,
     scale: Scale | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    stacked_axes: int | None = None,
 ) -> dict:
     """Undoes :func:`merge` on a dict: puts the factors back, subtracts ``s * a @ b``.
 
@@ -232,6 +249,7 @@ def unmerge(
         or :func:`rplora_jax.load_adapter`.
       scale: the LoRA scale, or a callable ``a_path -> s``. Required.
       rules: pairing rules.
+      stacked_axes: as for :func:`merge`.
 
     Returns:
       The nested dict with the factors and the base kernels.
@@ -248,11 +266,17 @@ def unmerge(
     """
     _need_scale(scale, "unmerge")
     flat, index = _flatten(merged)
-    pairs = find_lora_pairs(dict(adapter), rules=rules)
-    if not pairs:
-        raise no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
     # By token path, whatever the adapter's keys: "/"-joined paths, nested dicts, tuples.
     leaves = {path_str(k): x for k, x in jax.tree_util.tree_flatten_with_path(dict(adapter))[0]}
+    # Paired next to the merged kernels, which settle shapes that read two ways, as in merge.
+    probe = {path: flat[key] for path, key in index.items()} | leaves
+    pairs = [
+        p
+        for p in find_lora_pairs(probe, rules=rules, stacked_axes=stacked_axes)
+        if p.a_path in leaves
+    ]
+    if not pairs:
+        raise no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
     for pair in pairs:
         kernel = _kernel_tokens(pair, index)
         for path in (pair.a_path, pair.b_path):

@@ -34,7 +34,7 @@ factors share their first ``k`` axes and the partner factor has the rank ``r`` a
 each factor keeps at least one non-rank axis. Two readings can fit the same shapes: ``L`` stacked
 layers of rank ``r = L`` (``a: (L, in, r)``, ``b: (L, r, out)``) also read as one layer with two
 input and two output axes. Then the base kernel next to the factors, when the tree has it
-(``kernel`` beside ``lora_a``, qwix's ``<w>``), decides; without it the stacked reading is taken,
+(see :func:`find_kernel`), decides; without it the stacked reading is taken,
 and ``stacked_axes=0`` gives the other. The Gram matrices contract every axis that is neither
 stacked nor the rank axis, so einsum LoRA with several feature axes
 (``a: (heads, head_dim, r)``, ``b: (r, d_model)``) works as is.
@@ -46,7 +46,7 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -283,19 +283,31 @@ def _check_factor(path: str, role: str, leaf: Any) -> None:
         raise ValueError(f"LoRA factor {role!r} at '{path}' is empty: shape {shape}.")
 
 
-def kernel_paths(rule: str, a_path: str) -> list[str]:
-    """Where the base kernel of the pair whose ``a`` factor is at ``a_path`` may be, for the
-    rules that say it: a ``kernel`` next to ``lora_a`` (this library, ``nnx.LoRA``), or next to
-    ``nnx.LoRALinear``'s ``lora`` submodule; qwix's ``<w>`` next to ``<w>_lora_a``."""
-    a = a_path.split("/")
-    if rule == NNX.name:
-        found = [(*a[:-1], "kernel")]
-        if len(a) >= 2 and a[-2] == "lora":  # nnx.LoRALinear: <layer>/lora/lora_a
-            found.append((*a[:-2], "kernel"))
-        return ["/".join(p) for p in found]
-    if rule == QWIX.name:
-        return ["/".join((*a[:-1], a[-1][: -len("_lora_a")]))]
-    return []
+# Names under which base weights are stored next to (or above) their LoRA factors: Flax and this
+# library's layers, gemma's "w", PyTorch/PEFT's "weight", embeddings.
+KERNEL_NAMES: tuple[str, ...] = ("kernel", "w", "weight", "embedding")
+_SEARCH_DEPTH = 3
+
+
+def find_kernel(a_path: str, b_path: str, paths: Collection[str]) -> str | None:
+    """The path of the base kernel of the pair ``a_path`` / ``b_path`` among ``paths``.
+
+    Looks for a qwix ``<w>`` sibling of ``<w>_lora_a``, then, from the factor's parent upwards (3
+    levels), for a leaf named one of :data:`KERNEL_NAMES` or ``base_layer/weight`` (PEFT).
+    """
+    tokens = tuple(a_path.split("/"))
+    found = _QWIX.match(tokens[-1])
+    if found is not None:
+        candidate = "/".join((*tokens[:-1], found.group(1)))
+        if candidate in paths:
+            return candidate
+    for depth in range(1, _SEARCH_DEPTH + 1):
+        prefix = tokens[:-depth]
+        for name in (*((n,) for n in KERNEL_NAMES), ("base_layer", "weight")):
+            candidate = "/".join((*prefix, *name))
+            if candidate in paths and candidate not in (a_path, b_path):
+                return candidate
+    return None
 
 
 def _check_match(found: Any, rule: PairingRule, path: str) -> None:
@@ -341,7 +353,11 @@ def _stacked_count(
             f"expected {expected}."
         )
     if len(valid) > 1 and kernel_shape is not None:
-        fits = [k for k in valid if tuple(kernel_shape) == a_shape[:-1] + b_shape[k + 1 :]]
+        # Flax kernel (*stack, *in, *out); PyTorch weight (*stack, *out, *in).
+        kernel_of = lambda k: (
+            a_shape[:-1] + b_shape[k + 1 :] if layout == "flax" else b_shape[:-1] + a_shape[k + 1 :]
+        )
+        fits = [k for k in valid if tuple(kernel_shape) == kernel_of(k)]
         if len(fits) == 1:
             return fits[0]
     return max(valid)
@@ -355,8 +371,10 @@ def _build_pair(
     _check_factor(a_path, "a", a)
     _check_factor(b_path, "b", b)
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
-    kernels = [leaves[index[k]] for k in kernel_paths(rule.name, a_path) if k in index]
-    kernel_shape = np.shape(kernels[0]) if kernels and not _is_masked(kernels[0]) else None
+    kernel = find_kernel(a_path, b_path, index)
+    kernel_shape = None
+    if kernel is not None and not _is_masked(leaves[index[kernel]]):
+        kernel_shape = np.shape(leaves[index[kernel]])
     k = _stacked_count(a_shape, b_shape, rule.layout, stacked_axes, (a_path, b_path), kernel_shape)
     if rule.layout == "flax":
         a_rank_axis, b_rank_axis, rank = len(a_shape) - 1, k, a_shape[-1]

@@ -74,11 +74,11 @@ def _patterns(also_train: Targets | None) -> list[str]:
 
 def _trainable_paths(tree, rules, also_train, require_pairs: str | None = None) -> set[str]:
     """The factors' and ``also_train``'s paths; ``require_pairs``: the caller, for which a tree
-    without factors is an error."""
+    with nothing to train (no factors, no ``also_train``) is an error."""
     factors = factor_paths(tree, rules=rules)
-    if require_pairs and not factors:
-        raise no_pairs_error(tree, require_pairs, hint="")
     patterns = _patterns(also_train)
+    if require_pairs and not factors and not patterns:
+        raise no_pairs_error(tree, require_pairs, hint="")
     if not patterns:
         return factors
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -111,8 +111,8 @@ def lora_labels(
       A tree of the same structure holding the label strings.
 
     Raises:
-      ValueError: when the rules find no LoRA pair, which would label every leaf ``"frozen"``
-        and train nothing.
+      ValueError: when the rules find no LoRA pair and ``also_train`` is not given, which would
+        label every leaf ``"frozen"`` and train nothing.
 
     Examples:
       >>> import jax.numpy as jnp

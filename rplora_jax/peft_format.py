@@ -355,7 +355,9 @@ def save_peft_adapter(
 
 # PEFT LoraConfig fields that do not change what a loaded adapter computes: bookkeeping, which
 # modules get LoRA, dropout, data for initialisations (checked through init_lora_weights), a
-# backward-only variant (VeLoRA), and the base weight's layout (fan_in_fan_out: GPT-2's Conv1D
+# backward-only variant (VeLoRA), tying the adapters of tied layers (each module's factors are
+# still in the file, and a missing one is an error), and the base weight's layout
+# (fan_in_fan_out: GPT-2's Conv1D
 # stores W0 as (in, out), a Flax kernel's layout; its lora_A / lora_B are ordinary (r, in) /
 # (out, r) factors).
 _ANY_VALUE = frozenset({
@@ -363,7 +365,7 @@ _ANY_VALUE = frozenset({
     "revision", "inference_mode", "r", "lora_alpha", "use_rslora", "lora_dropout",
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config", "velora_config",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying",
 })  # fmt: skip
 # (field, values this library loads exactly, what another value means)
 _RESTRICTED = (

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rplora_jax.pairing import RuleSpec, match_pairs, no_pairs_error
+from rplora_jax.pairing import RuleSpec, match_pairs, no_pairs_error, path_str
 from rplora_jax.partition import unwrap_variables
 
 # PEFT's value. LoRA starts with b = 0, so b b^T + reg I is tiny at first and inv() scales g_a
@@ -602,7 +602,7 @@ def riemannian_preconditioner(
         if axis_names is not None:
             sum_axes = _sum_axes_by_name(axis_names)
         elif specs is not None:
-            sum_axes = _sum_axes_by_spec(_leaf_specs(specs, params, treedef))
+            sum_axes = _sum_axes_by_spec(_leaf_specs(specs, params))
         else:
             sum_axes = _no_sum
         return treedef.unflatten(_precondition(pairs, g_leaves, p_leaves, reg, sum_axes)), state
@@ -610,34 +610,51 @@ def riemannian_preconditioner(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _leaf_specs(specs, params, treedef) -> list[Any]:
+def _leaf_specs(specs, params) -> list[Any]:
     """One PartitionSpec (or None) per leaf of ``params``, from a tree of them or a prefix of one,
-    as ``shard_map``'s ``in_specs`` takes them."""
+    as ``shard_map``'s ``in_specs`` takes them. Matched by path, so the container types may
+    differ (an ``nnx.State`` of ``nnx.Variable``-wrapped specs for plain dicts of arrays)."""
 
     def is_spec(x):
         return x is None or isinstance(x, jax.sharding.PartitionSpec)
 
-    def is_leaf(x):
-        return isinstance(x, optax.MaskedNode)
-
-    specs = unwrap_variables(specs)  # specs taken from an nnx.State hold nnx.Variables
-    try:
-        full = jax.tree.map(
-            lambda spec, sub: jax.tree.map(lambda _: spec, sub, is_leaf=is_leaf),
-            specs,
-            params,
-            is_leaf=is_spec,
+    specs = unwrap_variables(specs)
+    by_path = {
+        path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    }
+    bad = next(((p, x) for p, x in by_path.items() if not is_spec(x)), None)
+    if bad is not None:
+        raise ValueError(
+            f"riemannian_preconditioner(specs=...) holds {bad[1]!r} at '{bad[0]}', not a "
+            "PartitionSpec."
         )
-        leaves = treedef.flatten_up_to(full)
-    except (ValueError, TypeError) as e:
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
+    paths = [
+        path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+    ]
+    leaves, used = [], set()
+    for path in paths:
+        tokens = path.split("/")
+        prefix = next(
+            (
+                "/".join(tokens[:n])
+                for n in range(len(tokens), -1, -1)
+                if "/".join(tokens[:n]) in by_path
+            ),
+            None,
+        )
+        if prefix is None:
+            raise ValueError(
+                f"riemannian_preconditioner(specs=...) has no spec for '{path}': give a tree of "
+                "PartitionSpecs with the parameters' structure, or a prefix of it, as "
+                "shard_map's in_specs."
+            )
+        leaves.append(by_path[prefix])
+        used.add(prefix)
+    unused = sorted(set(by_path) - used)
+    if unused:
         raise ValueError(
-            "riemannian_preconditioner(specs=...) must be a tree of PartitionSpecs (or None) with "
-            f"the parameters' structure, or a prefix of it, as shard_map's in_specs: {e}"
-        ) from None
-    bad = [x for x in leaves if not is_spec(x)]
-    if bad:
-        raise ValueError(
-            f"riemannian_preconditioner(specs=...) holds {bad[0]!r}, not a PartitionSpec."
+            f"riemannian_preconditioner(specs=...) has specs for no parameter: {unused}."
         )
     return leaves
 

@@ -19,7 +19,6 @@ to a mesh.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,13 +26,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_str
-
-# Names under which base weights are stored next to (or above) their LoRA factors: Flax
-# `kernel`, gemma `w`, PyTorch/PEFT `weight` (PEFT keeps it under `base_layer`), embeddings.
-KERNEL_NAMES: tuple[str, ...] = ("kernel", "w", "weight", "embedding")
-_QWIX = re.compile(r"^(.+)_lora_[ab]$")
-_SEARCH_DEPTH = 3
+from rplora_jax.pairing import (
+    LoRAPair,
+    RuleSpec,
+    find_kernel,
+    find_lora_pairs,
+    path_str,
+)
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -100,8 +99,9 @@ def lora_factor_specs(
 def default_kernel_path(pair: LoRAPair, paths: Sequence[str]) -> str | None:
     """Finds the base kernel of ``pair`` among ``paths`` by the common naming conventions.
 
-    Looks for a qwix ``<w>`` sibling of ``<w>_lora_a``, then, from the factor's parent upwards (3
-    levels), for a leaf named one of :data:`KERNEL_NAMES` or ``base_layer/weight`` (PEFT).
+    The search of :func:`rplora_jax.pairing.find_kernel`, which the pairing also uses: a qwix
+    ``<w>`` sibling of ``<w>_lora_a``, then, from the factor's parent upwards (3 levels), a leaf
+    named ``kernel``, ``w``, ``weight``, ``embedding`` or ``base_layer/weight`` (PEFT).
 
     Args:
       pair: the pair, as listed by :func:`rplora_jax.find_lora_pairs`.
@@ -110,20 +110,7 @@ def default_kernel_path(pair: LoRAPair, paths: Sequence[str]) -> str | None:
     Returns:
       The kernel's path, or ``None`` if none was found.
     """
-    present = set(paths)
-    tokens = tuple(pair.a_path.split("/"))
-    found = _QWIX.match(tokens[-1])
-    if found is not None:
-        candidate = "/".join((*tokens[:-1], found.group(1)))
-        if candidate in present:
-            return candidate
-    for depth in range(1, _SEARCH_DEPTH + 1):
-        prefix = tokens[:-depth]
-        for name in (*((n,) for n in KERNEL_NAMES), ("base_layer", "weight")):
-            candidate = "/".join((*prefix, *name))
-            if candidate in present and candidate not in (pair.a_path, pair.b_path):
-                return candidate
-    return None
+    return find_kernel(pair.a_path, pair.b_path, set(paths))
 
 
 def lora_specs(

@@ -249,32 +249,40 @@ def group_ckpt_save(directory: str) -> dict:
 
 def group_ckpt_eval_shape(directory: str) -> dict:
     """Save a fresh optimizer state (optax's count on one device), restore it onto templates from
-    ``jax.eval_shape`` (no sharding on any state leaf) and take a plain ``jax.jit`` step."""
+    ``jax.eval_shape`` and take a plain ``jax.jit`` step, on an Auto and an Explicit mesh (there
+    ``eval_shape`` gives no sharding, here shardings on an abstract mesh)."""
     from script_loader import load_script
 
     TrainCheckpointer = load_script("examples/checkpointing.py").TrainCheckpointer
-
-    _, lora, _, tx, _ = _setup()
-    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    templates = jax.tree.map(sds, lora)
-    with TrainCheckpointer(directory) as ckpt:
-        ckpt.save(0, lora, tx.init(lora))
-        ckpt.wait_until_finished()
-        _, params, opt_state = ckpt.restore(templates, jax.eval_shape(tx.init, templates))
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
-    try:
-        updates = update(jax.tree.map(jnp.ones_like, params), opt_state, params)
-        error = None
-    except ValueError as err:
-        updates, error = None, str(err)[:200]
-    return {
-        "error": error,
-        "finite": updates is not None
-        and all(bool(np.isfinite(np.asarray(u)).all()) for u in jax.tree.leaves(updates)),
-        "n_devices_per_leaf": sorted(
-            {len(x.sharding.device_set) for x in jax.tree.leaves((params, opt_state))}
-        ),
-    }
+    tx = rplora_jax.scaled_adamw(1e-2)
+    result = {}
+    for kind in ("Auto", "Explicit"):
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(AxisType, kind),))
+        lora = {
+            "lora_a": jax.device_put(jnp.ones((8, 2)), NamedSharding(mesh, P("data", None))),
+            "lora_b": jax.device_put(jnp.full((2, 4), 0.1), NamedSharding(mesh, P())),
+        }
+        sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        templates = jax.tree.map(sds, lora)
+        with TrainCheckpointer(os.path.join(directory, kind)) as ckpt:
+            ckpt.save(0, lora, tx.init(lora))
+            ckpt.wait_until_finished()
+            _, params, opt_state = ckpt.restore(templates, jax.eval_shape(tx.init, templates))
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
+        try:
+            updates = update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+            error = None
+        except ValueError as err:
+            updates, error = None, str(err)[:200]
+        result[kind] = {
+            "error": error,
+            "finite": updates is not None
+            and all(bool(np.isfinite(np.asarray(u)).all()) for u in jax.tree.leaves(updates)),
+            "n_devices_per_leaf": sorted(
+                {len(x.sharding.device_set) for x in jax.tree.leaves((params, opt_state))}
+            ),
+        }
+    return result
 
 
 def group_ckpt_resume(directory: str) -> dict:

@@ -280,6 +280,11 @@ def test_nnx_injection_into_an_eval_mode_model_keeps_lora_dropout_off():
     fresh = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
     inject_nnx(fresh, "layers/0", LoRAConfig(rank=2, dropout_rate=0.5), rngs=nnx.Rngs(2))
     assert fresh.layers[0].lora_dropout.deterministic is False  # a training-mode model: as is
+    # A model whose only mode-bearing layer is a BatchNorm says its mode just as well.
+    bn = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.BatchNorm(8, rngs=nnx.Rngs(1)))
+    bn.eval()
+    inject_nnx(bn, "layers/0", LoRAConfig(rank=2, dropout_rate=0.5), rngs=nnx.Rngs(2))
+    assert bn.layers[0].lora_dropout.deterministic is True
 
 
 R2 = LoRAConfig(rank=2)

@@ -175,6 +175,28 @@ def test_merge_and_unmerge_with_flatten_dict_tuple_keys():
     back = rplora_jax.unmerge(merged, adapter, scale=0.5)
     assert sorted(back) == sorted(flat)
     np.testing.assert_array_equal(back[("params", "fc", "kernel")], np.zeros((3, 4)))
+    # nnx lists' int keys stay ints next to their kernels (not '0').
+    listed = traverse_util.flatten_dict({"layers": {0: nested["params"]["fc"]}})
+    back = rplora_jax.unmerge(
+        rplora_jax.merge(listed, scale=0.5),
+        {k: v for k, v in listed.items() if k[-1].startswith("lora")},
+        scale=0.5,
+    )
+    assert set(back) == set(listed)
+
+
+def test_unmerge_reads_ambiguous_shapes_as_merge_did():
+    # One layer with input axes (2, 5) and output axes (2, 7), rank 2: the factors alone also
+    # read as 2 stacked layers; the merged kernel settles it for unmerge as for merge.
+    a = jax.random.normal(jax.random.key(0), (2, 5, 2))
+    b = jax.random.normal(jax.random.key(1), (2, 2, 7))
+    params = {"d": {"kernel": jnp.zeros((2, 5, 2, 7)), "lora_a": a, "lora_b": b}}
+    merged = rplora_jax.merge(params, scale=1.0)
+    back = rplora_jax.unmerge(merged, adapters.extract_adapter(params), scale=1.0)
+    np.testing.assert_allclose(back["d"]["kernel"], np.zeros((2, 5, 2, 7)), atol=1e-5)
+    stacked = rplora_jax.merge({"d": {"lora_a": a, "lora_b": b, "kernel": jnp.zeros((2, 5, 7))}},
+                               scale=1.0, stacked_axes=1)  # fmt: skip
+    assert stacked["d"]["kernel"].shape == (2, 5, 7)
 
 
 def test_merge_and_unmerge_without_pairs_raise():

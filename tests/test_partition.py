@@ -126,3 +126,6 @@ def test_labels_and_mask_refuse_a_tree_without_pairs():
         with pytest.raises(ValueError, match=rf"{fn.__name__} found no LoRA pairs .*'q/lora_A/"):
             fn(params)
     assert partition.lora_labels(params, rules=rplora_jax.PEFT)["q"]["lora_B"]["weight"] == "lora"
+    # No pairs but also_train: something trains, so no error.
+    head = partition.lora_labels({"head": jnp.ones(2), "body": jnp.ones(2)}, also_train="head")
+    assert head == {"head": "lora", "body": "frozen"}

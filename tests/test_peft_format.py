@@ -197,6 +197,7 @@ def test_config_fields_are_allowed_one_by_one(tmp_path):
         {"init_lora_weights": "gaussian"},
         {"init_lora_weights": "orthogonal", "fan_in_fan_out": True},
         {"layers_to_transform": [0], "lora_dropout": 0.1, "qalora_group_size": 32},
+        {"ensure_weight_tying": True, "task_type": "CAUSAL_LM", "layers_pattern": "layers"},
     ):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, **fields}))
         back = load_peft_adapter(tmp_path, jax.tree.map(jnp.zeros_like, params))

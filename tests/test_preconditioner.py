@@ -728,3 +728,19 @@ def test_mismatched_gradient_shape_is_an_error():
     grads = dict(params, q={"lora_a": jnp.ones((6, 3)), "lora_b": params["q"]["lora_b"]})
     with pytest.raises(ValueError, match="'q/lora_a'"):
         precondition(params, grads)
+
+
+def test_specs_are_matched_to_the_parameters_by_path():
+    from jax.sharding import PartitionSpec as P
+
+    params = {"x": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 5))}}
+    for specs, message in (
+        ({"x": {"lora_a": P(), "typo": P()}}, r"no spec for 'x/lora_b'"),
+        ({"x": P(), "y": P()}, r"specs for no parameter: \['y'\]"),
+        ({"x": {"lora_a": P(), "lora_b": "data"}}, r"holds 'data' at 'x/lora_b'"),
+    ):
+        tx = riemannian_preconditioner(specs=specs)
+        with pytest.raises(ValueError, match=message):
+            tx.update(params, tx.init(params), params)
+    tx = riemannian_preconditioner(specs=P())  # a prefix: one spec for every leaf
+    assert tx.update(params, tx.init(params), params)[0]["x"]["lora_a"].shape == (6, 2)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from multidevice import run_multidevice
@@ -167,17 +168,39 @@ def test_lora_specs_skips_absent_parameters():
 
 
 def test_specs_from_an_nnx_state_work_as_specs():
+    # Specs filtered from an nnx.State keep their nnx.Variable wrappers; inside shard_map they
+    # must act exactly like the plain spec tree, and a wrong one must still be caught.
     from flax import nnx
 
     model = nnx.Sequential(nnx.LoRALinear(8, 16, lora_rank=2, rngs=nnx.Rngs(0)))
+    model.layers[0].lora.lora_b[...] = jnp.ones((2, 16)) * 0.3
     state = nnx.state(model, nnx.Param)
-    full = lora_specs(state, jax.tree.map(lambda _: P(), state))
-    specs = nnx.filter_state(full, nnx.LoRAParam)  # still nnx.Variable-wrapped
-    loss = lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2)
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-    opt = nnx.Optimizer(model, rplora_jax.scaled_adamw(1e-3, specs=specs), wrt=nnx.LoRAParam)
-    opt.update(model, grads)
-    assert int(opt.step[...]) == 1
+    given = jax.tree.map(lambda _: P(), state)
+    given["layers"][0]["kernel"] = nnx.Param(P("data", None))
+    wrapped = nnx.filter_state(lora_specs(state, given), nnx.LoRAParam)
+    plain = nnx.to_pure_dict(wrapped)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    grads = jax.tree.map(jnp.ones_like, params)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def run(specs, in_specs):
+        tx = rplora_jax.riemannian_preconditioner(specs=specs)
+        update = lambda g, p: tx.update(g, tx.init(p), p)[0]
+        sharded = jax.shard_map(
+            update, mesh=mesh, in_specs=(in_specs, in_specs), out_specs=in_specs
+        )
+        return jax.jit(sharded)(grads, params)
+
+    expected = run(plain, plain)
+    assert plain["layers"][0]["lora"]["lora_a"] == P("data", None)
+    got = run(wrapped, plain)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), got, expected
+    )
+    wrong = jax.tree.map(lambda x: x, plain)
+    wrong["layers"][0]["lora"]["lora_b"] = P(None, "data")  # claims a split that is not there
+    with pytest.raises(ValueError, match="lora_b"):
+        run(wrong, plain)
 
 
 def test_lora_specs_explicit_kernel_path():

@@ -331,8 +331,9 @@ def inject_nnx(
     layer shared at several paths (tied weights) becomes one LoRA layer at all of them; the
     targets are matched against the one path ``nnx.iter_modules`` gives it. LoRA dropout
     (``lora.dropout_rate > 0``) follows ``model.train()`` / ``model.eval()``; injected into a
-    model already in eval mode (every ``nnx.Dropout`` in it deterministic), it starts
-    deterministic too.
+    model already in eval mode (every ``deterministic`` / ``use_running_average`` flag in it set,
+    as ``model.eval()`` sets them), it starts deterministic too; a model with no such layer
+    cannot say, so call ``model.eval()`` again after injecting.
 
     Args:
       model: the NNX model, modified in place.
@@ -376,9 +377,15 @@ def inject_nnx(
             raise ValueError("inject_nnx cannot replace the root module itself; wrap it first.")
         found.append((path, lora_cls, module))
     is_target.check(sorted(linear))
-    # nnx.Dropout starts in training mode; in a model already put in eval() mode (every Dropout
-    # it has is deterministic) the new LoRA dropout must not be the one layer still dropping.
-    modes = {m.deterministic for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)}
+    # nnx.Dropout starts in training mode; in a model already put in eval() mode the new LoRA
+    # dropout must not be the one layer still dropping. eval() sets `deterministic` (Dropout,
+    # MultiHeadAttention) and `use_running_average` (BatchNorm) to True.
+    modes = {
+        getattr(m, attr)
+        for _, m in nnx.iter_modules(model)
+        for attr in ("deterministic", "use_running_average")
+        if isinstance(getattr(m, attr, None), bool)
+    }
     new_for = {}
     for path, cls, m in found:
         try:
