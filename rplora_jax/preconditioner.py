@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax
@@ -629,34 +629,32 @@ def _leaf_specs(specs, params) -> list[Any]:
             "PartitionSpec."
         )
     is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    paths = [
-        path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
-    ]
-    leaves, used = [], set()
-    for path in paths:
-        tokens = path.split("/")
-        prefix = next(
-            (
-                "/".join(tokens[:n])
-                for n in range(len(tokens), -1, -1)
-                if "/".join(tokens[:n]) in by_path
-            ),
-            None,
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+    prefixes = [_longest_prefix(path_str(p), by_path) for p, _ in flat]
+    missing = [path_str(p) for (p, _), prefix in zip(flat, prefixes, strict=True) if prefix is None]
+    if missing:
+        raise ValueError(
+            f"riemannian_preconditioner(specs=...) has no spec for {missing}: give a tree of "
+            "PartitionSpecs with the parameters' structure, or a prefix of it, as shard_map's "
+            "in_specs."
         )
-        if prefix is None:
-            raise ValueError(
-                f"riemannian_preconditioner(specs=...) has no spec for '{path}': give a tree of "
-                "PartitionSpecs with the parameters' structure, or a prefix of it, as "
-                "shard_map's in_specs."
-            )
-        leaves.append(by_path[prefix])
-        used.add(prefix)
-    unused = sorted(set(by_path) - used)
+    # A None spec may stand for an absent parameter (a None bias); a PartitionSpec may not.
+    used = set(prefixes)
+    unused = sorted(p for p, x in by_path.items() if x is not None and p not in used)
     if unused:
         raise ValueError(
             f"riemannian_preconditioner(specs=...) has specs for no parameter: {unused}."
         )
-    return leaves
+    return [by_path[prefix] for prefix in prefixes]
+
+
+def _longest_prefix(path: str, paths: Collection[str]) -> str | None:
+    """The longest of ``paths`` that is ``path`` or a ``/``-prefix of it ("" is everyone's)."""
+    tokens = path.split("/")
+    return next(
+        ("/".join(tokens[:n]) for n in range(len(tokens), -1, -1) if "/".join(tokens[:n]) in paths),
+        None,
+    )
 
 
 def _no_sum(pair, p_leaves) -> tuple[tuple[str, ...], tuple[str, ...]]:
