@@ -113,6 +113,12 @@ def main(argv=None) -> None:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     auto = jax.sharding.AxisType.Auto
     shape = tuple(int(n) for n in args.mesh.split(","))
+    if shape[0] * shape[1] != jax.device_count():
+        raise SystemExit(
+            f"--mesh {args.mesh} needs {shape[0] * shape[1]} devices, this host has "
+            f"{jax.device_count()}: pass --mesh data,model with that product (e.g. --mesh "
+            f"{jax.device_count()},1)."
+        )
     mesh = jax.make_mesh(shape, ("data", "model"), axis_types=(auto, auto))
     params, specs = init(args.layers, args.width, args.rank)
     lora, base = split(jax.device_put(params, named_shardings(mesh, specs)))

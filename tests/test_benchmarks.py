@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
+import pytest
 from script_loader import load_script
 
 bench = load_script("benchmarks/update_overhead.py")
@@ -104,3 +107,51 @@ def test_ab_variants_take_the_same_step_with_the_choice_flipped():
         # the 8 Gram dots (one per factor) into fewer.
         assert dots["scaled_adamw"] - dots["scaled_adamw[apply flipped]"] == len(grads)
         assert dots["scaled_adamw[grams flipped]"] < dots["scaled_adamw"]
+
+
+def _run_script(*args: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_sharded_overhead_runs_and_prints_its_ratio():
+    out = _run_script(
+        "benchmarks/sharded_overhead.py", "--layers", "2", "--width", "64", "--batch", "32",
+        "--repeats", "3", "--warmup", "1",
+    )  # fmt: skip
+    assert "8 cpu devices" in out
+    ratio = float(re.search(r"ratio scaled_adamw / adamw: ([0-9.]+)x", out).group(1))
+    assert 0.2 < ratio < 20
+
+
+def test_sharded_overhead_names_a_mesh_that_does_not_fit():
+    with pytest.raises(AssertionError, match=r"--mesh 4,2 needs 8 devices, this host has 2"):
+        _run_script("benchmarks/sharded_overhead.py", "--cpu-devices", "2")
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_train_step_overhead_runs_and_prints_its_ratio():
+    from experiments.data.datasets import DatasetNotInstalledError
+    from experiments.models import bert
+
+    try:
+        bert.minilm_dir()
+    except DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+    out = _run_script(
+        "-m", "benchmarks.train_step_overhead", "--repeats", "2", "--batch-size", "2",
+        "--length", "8", "--settings", "rank8_qv",
+    )  # fmt: skip
+    ratio = float(re.search(r"ratio ([0-9.]+)", out).group(1))
+    assert 0.2 < ratio < 20, out
