@@ -395,7 +395,11 @@ def leave_one_seed_out(rows: Sequence[dict], optimizer: str) -> tuple[float, lis
     """
     acc = {(r["lr"], r["seed"]): r["eval_acc"] for r in rows if r["optimizer"] == optimizer}
     lrs, seeds = sorted({lr for lr, _ in acc}), sorted({s for _, s in acc})
-    mean = lambda lr, among: np.mean([acc[(lr, t)] for t in among])
+
+    def mean(lr, among):  # a diverged (NaN) run makes its rate the worst, as in the summary
+        m = np.mean([acc[(lr, t)] for t in among])
+        return m if np.isfinite(m) else -np.inf
+
     picks = [max(lrs, key=lambda lr: mean(lr, [t for t in seeds if t != s])) for s in seeds]
     return float(np.mean([acc[(lr, s)] for lr, s in zip(picks, seeds, strict=True)])), picks
 

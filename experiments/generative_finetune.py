@@ -495,12 +495,18 @@ PAIRED_FIELDS = (
 
 
 def best_rates(runs: Sequence[dict]) -> dict[str, float]:
-    """Per trained optimizer, the rate with the lowest mean held-out loss over seeds."""
+    """Per trained optimizer, the rate with the lowest mean held-out loss over seeds. A rate at
+    which any seed diverged (non-finite loss) counts as the worst: the summary's mean leaves
+    that seed out, which would flatter the rate."""
+    groups: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r["optimizer"] not in BASELINES:
+            groups.setdefault((r["optimizer"], float(r["lr"])), []).append(float(r["valid_loss"]))
     out = {}
-    for s in summarize([r for r in runs if r["optimizer"] not in BASELINES]):
-        loss = s["valid_loss"] if np.isfinite(s["valid_loss"]) else np.inf
-        if s["optimizer"] not in out or loss < out[s["optimizer"]][1]:
-            out[s["optimizer"]] = (s["lr"], loss)
+    for (o, lr), losses in groups.items():
+        loss = float(np.mean(losses)) if np.isfinite(losses).all() else np.inf
+        if o not in out or loss < out[o][1]:
+            out[o] = (lr, loss)
     return {o: lr for o, (lr, _) in out.items()}
 
 
@@ -591,7 +597,10 @@ def compare(
         per_seed = [sign * (score(t, full) - score(c, full)) for t, c in zip(*sides, strict=True)]
         _, s_lo, s_hi = t_interval(per_seed)
     t_name, c_name = (f"{o} {lr:g}" if o not in BASELINES else o for o, lr in (treatment, control))
-    word = "within noise" if lo <= 0 <= hi else (t_name if lo > 0 else c_name) + " better"
+    if not np.isfinite([diff, lo, hi]).all():  # a diverged run's NaN scores
+        word = "no interval (a run diverged)"
+    else:
+        word = "within noise" if lo <= 0 <= hi else (t_name if lo > 0 else c_name) + " better"
     if np.isfinite(s_lo) and s_lo <= 0 <= s_hi and word != "within noise":
         word += " on these verses; within seed noise"
     return {

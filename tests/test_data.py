@@ -202,3 +202,15 @@ def test_from_files_skip_bad_rows_prints_the_count(tmp_path, capsys):
     ds = data.from_files(train, test, label_column="category", skip_bad_rows=True)
     assert ds.label_names == ("a", "b") and len(ds.train_texts) == 2
     assert "skipped 1 malformed or blank rows" in capsys.readouterr().out
+
+
+def test_tab_rows_end_at_newlines_only(tmp_path):
+    # str.splitlines() also broke rows at \u2028 and \x0c inside a document's text.
+    p = _write(
+        tmp_path / "x.tab",
+        TAB_HEADER + "earn\tgreat film\u2028would buy\r\nacq\tdull\x0cmerger\nearn\tfine\n",
+    )
+    rows, skipped = data.read_labelled(p)
+    texts = [(r.line, r.text) for r in rows]
+    assert texts == [(5, "great film\u2028would buy"), (6, "dull\x0cmerger"), (7, "fine")]
+    assert skipped == 0

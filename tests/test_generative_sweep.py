@@ -254,3 +254,30 @@ def test_a_second_command_extends_the_report(tmp_path, fake):
     # Best rate now 1e-2 (the fake's loss falls with the rate): still the top of the grid.
     assert re.search(r"\| adamw \| 0.01 \| [0-9.]+ \| not swept \| no: highest rate \|", summary)
     assert summary.count("| copy_kjv | 0 | 1 |") == 1  # the baseline row once, not per command
+
+
+def test_a_rate_with_a_diverged_seed_is_not_the_best():
+    # The summary's mean leaves the diverged seed out (1.10 at 3e-3); the best rate must not.
+    runs = [
+        {"optimizer": "adamw", "lr": lr, "seed": s, "valid_loss": loss}
+        for lr, losses in ((1e-3, (1.20, 1.20)), (3e-3, (1.10, float("nan"))))
+        for s, loss in enumerate(losses)
+    ]
+    assert gen.best_rates(runs) == {"adamw": 1e-3}
+
+
+def test_a_diverged_run_gives_no_verdict():
+    def verses(nll):
+        return {
+            "valid_refs": ["a", "b"],
+            "nll": np.array(nll),
+            "tokens": np.ones(2),
+            "test_refs": [],
+        }
+
+    data = {
+        ("scaled_adamw", 1e-3, 0): verses([1.0, 1.0]),
+        ("adamw", 1e-3, 0): verses([float("nan"), 2.0]),
+    }
+    row = gen.compare(data, [], ("scaled_adamw", 1e-3), ("adamw", 1e-3), "valid_loss")
+    assert row["verdict"] == "no interval (a run diverged)"  # was "adamw 0.001 better"

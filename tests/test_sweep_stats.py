@@ -180,3 +180,17 @@ def test_leave_one_seed_out_figures_on_the_fine_tuning_page(dataset, optimizer, 
     runs = Path(__file__).resolve().parents[1] / "results" / "finetune" / dataset / "runs.csv"
     acc, _ = ft.leave_one_seed_out(ft._read_runs(runs), optimizer)
     assert 100 * acc == pytest.approx(expected, abs=0.005)
+
+
+def test_leave_one_seed_out_never_picks_a_rate_with_a_diverged_run():
+    rows = [
+        _row("o", lr, s, a)
+        for lr, accs in (
+            (1e-4, (0.60, float("nan"), 0.61)),
+            (1e-3, (0.80, 0.81, 0.79)),
+            (1e-2, (0.70, 0.70, 0.70)),
+        )
+        for s, a in enumerate(accs)
+    ]
+    acc, picks = ft.leave_one_seed_out(rows, "o")
+    assert picks == [1e-3] * 3 and acc == pytest.approx(0.80)

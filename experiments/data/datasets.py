@@ -20,7 +20,7 @@ Example:
   >>> from experiments.data import datasets
   >>> ds = datasets.load("rotten_tomatoes")  # doctest: +SKIP
   >>> ds.label_names, len(ds.train_texts) + len(ds.test_texts)  # doctest: +SKIP
-  (('rotten', 'fresh'), 12808)
+  (('rotten', 'fresh'), 12752)
 """
 
 from __future__ import annotations
@@ -259,7 +259,11 @@ class _Rows:
 def _read_tab(path: Path, text_column: str, label_column: str, rows: _Rows) -> None:
     # Orange .tab: names, types, flags (the class column is flagged "class"), then data rows.
     with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().splitlines()
+        # Rows end at \n (or \r\n) only: str.splitlines() also breaks at \x0c, \x85, \u2028...,
+        # which a document's text may hold.
+        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last row
     if len(lines) < 3:
         raise ValueError(f"{path}: an Orange .tab file needs 3 header lines, got {len(lines)}.")
     names = lines[0].split("\t")
