@@ -466,8 +466,8 @@ SUMMARY_METRICS = ("valid_loss", "bleu", "chrf", "tokens_per_s", "peak_mem_mb")
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
     """Per optimizer and rate, in first-seen order: the number of seeds and, for each of
-    :data:`SUMMARY_METRICS`, the mean and the sample sd (``ddof=1``; NaN for one seed) over
-    seeds."""
+    :data:`SUMMARY_METRICS`, the mean and the sample sd (``ddof=1``; NaN for one seed) over the
+    seeds with a finite value, and how many seeds had none (``<metric>_diverged``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["optimizer"], float(r["lr"])), []).append(r)
@@ -479,6 +479,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
             finite = [v for v in x if np.isfinite(v)]
             entry[m] = float(np.mean(finite)) if finite else float("nan")
             entry[f"{m}_sd"] = sample_sd(x)
+            entry[f"{m}_diverged"] = len(x) - len(finite)
         out.append(entry)
     return out
 
@@ -498,15 +499,11 @@ def best_rates(runs: Sequence[dict]) -> dict[str, float]:
     """Per trained optimizer, the rate with the lowest mean held-out loss over seeds. A rate at
     which any seed diverged (non-finite loss) counts as the worst: the summary's mean leaves
     that seed out, which would flatter the rate."""
-    groups: dict[tuple, list[float]] = {}
-    for r in runs:
-        if r["optimizer"] not in BASELINES:
-            groups.setdefault((r["optimizer"], float(r["lr"])), []).append(float(r["valid_loss"]))
     out = {}
-    for (o, lr), losses in groups.items():
-        loss = float(np.mean(losses)) if np.isfinite(losses).all() else np.inf
-        if o not in out or loss < out[o][1]:
-            out[o] = (lr, loss)
+    for s in summarize([r for r in runs if r["optimizer"] not in BASELINES]):
+        loss = s["valid_loss"] if not s["valid_loss_diverged"] else np.inf
+        if s["optimizer"] not in out or loss < out[s["optimizer"]][1]:
+            out[s["optimizer"]] = (s["lr"], loss)
     return {o: lr for o, (lr, _) in out.items()}
 
 

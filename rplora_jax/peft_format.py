@@ -446,11 +446,15 @@ def peft_config(directory: str | os.PathLike) -> LoRAConfig:
     Returns:
       The config; use it to inject LoRA into the Flax model before :func:`load_peft_adapter`.
     """
+    return _lora_config(_read_config(directory, "peft_config"), "peft_config")
+
+
+def _lora_config(cfg: Mapping[str, Any], where: str) -> LoRAConfig:
+    """The :class:`~rplora_jax.LoRAConfig` of a checked ``adapter_config.json``."""
     from rplora_jax.layers.config import LoRAConfig
 
-    cfg = _read_config(directory, "peft_config")
     if not float(cfg["r"]).is_integer():
-        raise ValueError(f"peft_config: r must be an integer, got {cfg['r']!r}.")
+        raise ValueError(f"{where}: r must be an integer, got {cfg['r']!r}.")
     return LoRAConfig(
         rank=int(cfg["r"]),
         alpha=cfg["lora_alpha"],
@@ -500,19 +504,16 @@ def load_peft_adapter(
 
     where = "load_peft_adapter"
     cfg = _read_config(directory, where)
-    if lora is not None:
-        theirs = peft_config(directory)
-        if lora.rank != theirs.rank or not math.isclose(lora.scale, theirs.scale):
-            raise ValueError(
-                f"{where}: the adapter has r={theirs.rank}, scale {theirs.scale} "
-                f"(lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}) "
-                f"but lora= has rank {lora.rank}, scale {lora.scale}."
-            )
-    if is_nnx_module(into):
-        theirs = f"the adapter (lora_alpha={cfg['lora_alpha']}, r={cfg['r']}, " + (
-            f"use_rslora={cfg.get('use_rslora', False)})"
+    theirs = _lora_config(cfg, where)
+    given = f"lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}"
+    if lora is not None and (
+        lora.rank != theirs.rank or not math.isclose(lora.scale, theirs.scale)
+    ):
+        raise ValueError(
+            f"{where}: the adapter has r={theirs.rank}, scale {theirs.scale} ({given}) "
+            f"but lora= has rank {lora.rank}, scale {lora.scale}."
         )
-        _check_nnx_scales(into, peft_config(directory).scale, theirs, where)
+    _check_nnx_scales(into, theirs.scale, f"the adapter ({given}, r={cfg['r']})", where)
     file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(file):
         hint = ""

@@ -260,6 +260,7 @@ def test_a_rate_with_a_diverged_seed_is_not_the_best():
     # The summary's mean leaves the diverged seed out (1.10 at 3e-3); the best rate must not.
     runs = [
         {"optimizer": "adamw", "lr": lr, "seed": s, "valid_loss": loss}
+        | {m: 1.0 for m in gen.SUMMARY_METRICS if m != "valid_loss"}
         for lr, losses in ((1e-3, (1.20, 1.20)), (3e-3, (1.10, float("nan"))))
         for s, loss in enumerate(losses)
     ]
