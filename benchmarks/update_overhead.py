@@ -7,10 +7,12 @@ both alike), with their ratios measured in this run. The ``compile`` set prints 
 only, for a growing number of small pairs. Runs on any backend (printed first).
 
     python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile] [--flatten] [--ab]
+        [--tuning FIELD=VALUE ...] [--shape PAIRS WIDTH RANK]
 
-``--ab`` adds ``scaled_adamw`` with each backend-dependent choice of the preconditioner flipped
-for the backend it runs on (see ``FLIPS``), so that one run says whether that backend takes the
-faster form.
+``--ab`` adds ``scaled_adamw`` with each choice of form of the preconditioner flipped (see
+``FLIPS``), so that one run says whether the backend it runs on would take another form;
+``--tuning`` adds it with any field of the preconditioner's ``Tuning`` set (chunk sizes,
+thresholds, forms), and ``--shape`` a set of ``PAIRS`` pairs of ``WIDTH x RANK`` factors.
 
 Sets (``--sets``, default all):
   a              48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)
@@ -27,13 +29,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import rplora_jax
-from rplora_jax import preconditioner
+from rplora_jax import _grouping, preconditioner
 
 LLAMA = {  # name: (in, out), rank 64
     "q": (4096, 4096),
@@ -88,6 +91,10 @@ SETS = {
 }
 
 
+def _shape_set(n: int, width: int, rank: int):
+    return lambda seed: make_params(n, width, rank, seed)
+
+
 def make_step(tx: optax.GradientTransformation):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -96,62 +103,70 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def optimizers(flatten: bool = False, ab: bool = False) -> dict:
+def optimizers(flatten: bool = False, ab: bool = False, tuning: Sequence[str] = ()) -> dict:
     """adamw first: the others' ratios are to it. ``flatten`` adds Adam on one flat vector of all
     the parameters (``optax.flatten``), alone and after the preconditioner: one elementwise
     kernel instead of one per leaf, at the price of copying every leaf in and out of it. ``ab``
-    adds :func:`ab_variants`."""
+    adds :func:`ab_variants`, ``tuning`` :func:`tuned` for each ``FIELD=VALUE``."""
     txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
     if flatten:
         txs["flat_adamw"] = optax.flatten(optax.adamw(1e-3))
         txs["scaled_flat_adamw"] = optax.chain(
             rplora_jax.riemannian_preconditioner(), optax.flatten(optax.adamw(1e-3))
         )
-    return txs | (ab_variants() if ab else {})
+    return txs | (ab_variants() if ab else {}) | {f"scaled_adamw[{t}]": tuned(t) for t in tuning}
 
 
-# The preconditioner's backend-dependent choices: for the backends in each tuple, the form
-# measured best on CPU; for the others, the alternative.
+# The preconditioner's choices of form (fields of its Tuning), each flipped to its alternative.
 FLIPS = {
-    "apply": "_MATMUL_APPLY_BACKENDS",  # rank-first gradients: matmul, else r multiply-adds
-    "grams": "_SEPARATE_GRAMS_BACKENDS",  # large factors: a Gram dot each, else stacked
-    "inverse": "_GAUSS_JORDAN_BACKENDS",  # Gauss-Jordan in XLA ops, else batched Cholesky
+    "apply": "rank_first_apply",  # large rank-first gradients: matmul, else r multiply-adds
+    "grams": "large_grams",  # large factors: a Gram dot each, else one over them stacked
+    "inverse": "inverse",  # Gauss-Jordan in XLA ops, else batched Cholesky
 }
-# On CPU the batched LAPACK Cholesky of jaxlib 0.10 can hang (see _safe_inverse): not flipped.
+_OTHER_FORM = {
+    "matmul": "unrolled",
+    "unrolled": "matmul",
+    "separate": "stacked",
+    "stacked": "separate",
+    "gauss_jordan": "cholesky",
+    "cholesky": "gauss_jordan",
+}
+# On CPU the batched LAPACK Cholesky of jaxlib 0.10 can hang (docs/numerics.md): not flipped.
 NO_FLIP = {"cpu": ("inverse",)}
 
 
 def lowering_platform() -> str:
-    """The default backend as ``lax.platform_dependent`` names it: 'cuda' or 'rocm' for 'gpu'
-    (it refuses 'gpu'), read from the platform version as jax itself does."""
+    """The default backend as ``lax.platform_dependent`` names it: 'cuda' or 'rocm' for 'gpu',
+    read from the platform version as jax itself does."""
     backend = jax.default_backend()
     if backend != "gpu":
         return backend
     return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
 
 
-def flipped(tx: optax.GradientTransformation, choice: str) -> optax.GradientTransformation:
-    """``tx`` traced with the preconditioner's ``choice`` flipped for the default backend."""
-    attr, backend = FLIPS[choice], lowering_platform()
+def flipped(choice: str) -> optax.GradientTransformation:
+    """``scaled_adamw`` with the preconditioner's ``choice`` flipped for the default backend."""
+    field, tuning = FLIPS[choice], _grouping.DEFAULT
+    # The inverse is the one backend-dependent form: Cholesky except on CPU.
+    form = getattr(tuning, field) or "cholesky"
+    tuning = tuning._replace(**{field: _OTHER_FORM[form]})
+    return optax.chain(preconditioner._transformation(tuning=tuning), optax.adamw(1e-3))
 
-    def update_fn(updates, state, params=None):
-        current = getattr(preconditioner, attr)
-        setattr(preconditioner, attr, tuple(set(current) ^ {backend}))
-        try:
-            return tx.update(updates, state, params)
-        finally:
-            setattr(preconditioner, attr, current)
 
-    return optax.GradientTransformation(tx.init, update_fn)
+def tuned(setting: str) -> optax.GradientTransformation:
+    """``scaled_adamw`` with one field of the preconditioner's Tuning set: ``"chunk=16"``."""
+    field, _, value = setting.partition("=")
+    if field not in _grouping.Tuning._fields:
+        raise SystemExit(f"--tuning {setting}: fields are {_grouping.Tuning._fields}")
+    tuning = _grouping.DEFAULT._replace(**{field: int(value) if value.isdigit() else value})
+    return optax.chain(preconditioner._transformation(tuning=tuning), optax.adamw(1e-3))
 
 
 def ab_variants() -> dict:
     """``scaled_adamw`` with each choice flipped that may be on this backend."""
     skip = NO_FLIP.get(lowering_platform(), ())
     return {
-        f"scaled_adamw[{choice} flipped]": flipped(rplora_jax.scaled_adamw(1e-3), choice)
-        for choice in FLIPS
-        if choice not in skip
+        f"scaled_adamw[{choice} flipped]": flipped(choice) for choice in FLIPS if choice not in skip
     }
 
 
@@ -221,29 +236,48 @@ def time_updates(txs: dict, params, grads, repeats: int) -> tuple[dict, dict, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--sets", nargs="+", choices=[*SETS, "compile"], default=[*SETS, "compile"])
+    parser.add_argument("--sets", nargs="*", choices=[*SETS, "compile"], default=[*SETS, "compile"])
     parser.add_argument(
         "--flatten", action="store_true", help="also time Adam on one flat vector (optax.flatten)"
     )
+    parser.add_argument("--ab", action="store_true", help="also time each choice of form flipped")
     parser.add_argument(
-        "--ab", action="store_true", help="also time each backend-dependent choice flipped"
+        "--tuning",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="also time scaled_adamw with each of these preconditioner settings (chunk=16 ...)",
+    )
+    parser.add_argument(
+        "--shape",
+        nargs=3,
+        type=int,
+        action="append",
+        default=[],
+        metavar=("PAIRS", "WIDTH", "RANK"),
+        help="also time PAIRS separate pairs of WIDTH x RANK / RANK x WIDTH (repeatable)",
     )
     args = parser.parse_args()
+    for setting in args.tuning:
+        tuned(setting)  # a misspelt field fails before anything is timed
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
         f"device(s): {jax.devices()[0].device_kind}"
     )
-    for key in (k for k in args.sets if k in SETS):
-        title, make = SETS[key]
+    shapes = {
+        f"shape{n}x{w}x{r}": (f"{n} pairs {w}x{r} / {r}x{w}", _shape_set(n, w, r))
+        for n, w, r in args.shape
+    }
+    for title, make in [SETS[k] for k in args.sets if k in SETS] + list(shapes.values()):
         params, grads = make(0), make(1)
-        txs = optimizers(args.flatten, args.ab)
+        txs = optimizers(args.flatten, args.ab, args.tuning)
         compile_s, step_s, temp = time_updates(txs, params, grads, args.repeats)
         del params, grads
         print(report(title, compile_s, step_s, temp), flush=True)
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)
-            txs = optimizers(args.flatten, args.ab)
+            txs = optimizers(args.flatten, args.ab, args.tuning)
             times = {name: compile_step(tx, params, params)[1] for name, tx in txs.items()}
             print(report(f"compile, {n} pairs of 64x4", times), flush=True)
 

@@ -9,7 +9,7 @@ Run::
 
     python examples/lora_transformer.py
 
-The tests (``tests/test_inject.py``) import this file for its models and training loops.
+The tests (``tests/layers/test_inject.py``) import this file for its models and training loops.
 """
 
 from __future__ import annotations

@@ -4,24 +4,26 @@ Architecture (file -> job):
 
 * Core, needs only ``jax``, ``optax`` and ``numpy``:
 
-  - ``preconditioner.py``: :func:`riemannian_preconditioner` (the ``r x r`` solve, an optax
-    transformation), :func:`scaled_sgd`, :func:`scaled_adamw`.
-  - ``pairing.py``: finding the A/B pairs in any parameter tree by path
-    (:func:`find_lora_pairs`, :class:`PairingRule`, the rules for each layout).
-  - ``partition.py``: training only the factors (:func:`freeze_base`, :func:`lora_labels`,
-    :func:`count_parameters`).
-  - ``merge.py``: folding LoRA into the base weights and back (:func:`merge`, :func:`unmerge`).
-  - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (:func:`lora_specs`).
+  - ``preconditioner.py``: ``riemannian_preconditioner`` (the ``r x r`` solve, an optax
+    transformation), ``scaled_sgd``, ``scaled_adamw``; private modules hold what it uses: the
+    linear algebra (``_linalg.py``), the grouping of pairs and the choice of forms
+    (``_grouping.py``), meshes (``_mesh.py``).
+  - ``pairing.py``: finding the A/B pairs in any parameter tree by path (``find_lora_pairs``,
+    ``PairingRule``, the rules for each layout); ``_trees.py``: paths and Flax containers.
+  - ``partition.py``: training only the factors (``freeze_base``, ``lora_labels``,
+    ``count_parameters``).
+  - ``merge.py``: folding LoRA into the base weights and back (``merge``, ``unmerge``).
+  - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (``lora_specs``).
   - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
-  - ``loraplus.py``: :func:`loraplus_adamw`, the LoRA+ baseline (Hayou et al. 2024).
+  - ``loraplus.py``: ``loraplus_adamw``, the LoRA+ baseline (Hayou et al. 2024).
   - ``peft_format.py``: adapters in HuggingFace PEFT's format (``PeftModel.from_pretrained``
     loads them) and PEFT adapters loaded into this library's parameters (file I/O needs the
     ``adapters`` extra).
 
-* ``layers/``: :class:`LoRAConfig` (``layers/config.py``, no Flax needed), and, needing ``flax``
-  (the ``flax`` extra), the linen and NNX LoRA layers and :func:`inject_linen` /
-  :func:`inject_nnx` to add LoRA to an existing model. These names load on first use, so
-  ``import rplora_jax`` does not import Flax.
+* ``layers/``: ``LoRAConfig`` (``layers/config.py``, no Flax needed), and, needing ``flax`` (the
+  ``flax`` extra), the linen and NNX LoRA layers and ``inject_linen`` / ``inject_nnx`` to add
+  LoRA to an existing model. These names load on first use, so ``import rplora_jax`` does not
+  import Flax.
 
 The public API is ``__all__`` plus the module-level names documented in the API reference
 (``docs/api.md``); anything else may change between versions.

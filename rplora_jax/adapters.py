@@ -1,8 +1,8 @@
 """Saving and loading adapters: only the LoRA factors, as a safetensors file.
 
 An adapter is a flat ``{path: array}`` dict of the factors the pairing finds
-(:func:`rplora_jax.find_lora_pairs`), addressed by ``/``-joined path tokens such as
-``"params/block_0/attn/query/lora_a"``.
+([`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs]), addressed by ``/``-joined path tokens
+such as ``"params/block_0/attn/query/lora_a"``.
 
 File format: **safetensors**, not orbax-checkpoint. An adapter is a small, flat set of named
 tensors, which is what safetensors stores: one file, no pickle (safe to load from untrusted
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rplora_jax.pairing import RuleSpec, path_str
-from rplora_jax.partition import as_param_tree, factor_paths
+from rplora_jax._trees import as_param_tree, path_str
+from rplora_jax.pairing import RuleSpec, _factor_paths
 
 
 def extract_adapter(
@@ -37,7 +37,7 @@ def extract_adapter(
       ``{"params/block_0/query/lora_a": array, ...}``.
     """
     tree = as_param_tree(tree)
-    factors = factor_paths(tree, rules=rules)
+    factors = _factor_paths(tree, rules=rules)
     if not factors:
         raise ValueError("extract_adapter: no LoRA factors found in the tree.")
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -59,13 +59,14 @@ def apply_adapter(
     Args:
       tree: parameters with LoRA factors (their values are ignored), e.g. from ``init`` or
         ``nnx.state(model, nnx.LoRAParam)``.
-      adapter: ``{path: array}`` from :func:`extract_adapter` / :func:`load_adapter`.
+      adapter: ``{path: array}`` from [`extract_adapter`][rplora_jax.adapters.extract_adapter] /
+        [`load_adapter`][rplora_jax.adapters.load_adapter].
       rules: pairing rules.
 
     Returns:
       The updated tree (for NNX: ``nnx.update(model, apply_adapter(state, adapter))``).
     """
-    factors = factor_paths(tree, rules=rules)
+    factors = _factor_paths(tree, rules=rules)
     missing = sorted(factors - adapter.keys())
     unexpected = sorted(adapter.keys() - factors)
     if missing or unexpected:
@@ -106,7 +107,7 @@ def save_adapter(
     Args:
       file: destination path (conventionally ``*.safetensors``).
       tree: parameters, ``nnx.State`` or ``nnx.Module`` with factors, or an adapter dict from
-        :func:`extract_adapter`.
+        [`extract_adapter`][rplora_jax.adapters.extract_adapter].
       metadata: strings to store with it (rank, alpha, targets...).
       rules: pairing rules.
 
@@ -139,11 +140,12 @@ def save_adapter(
 def load_adapter(
     file: str, into: Any = None, *, rules: RuleSpec | Sequence[RuleSpec] | None = None
 ) -> Any:
-    """Loads an adapter saved by :func:`save_adapter`.
+    """Loads an adapter saved by [`save_adapter`][rplora_jax.adapters.save_adapter].
 
     Args:
       file: the safetensors file.
-      into: optional parameters to load it into (see :func:`apply_adapter`).
+      into: optional parameters to load it into (see
+        [`apply_adapter`][rplora_jax.adapters.apply_adapter]).
       rules: pairing rules, used with ``into``.
 
     Returns:
@@ -156,7 +158,7 @@ def load_adapter(
 
 
 def read_adapter_metadata(file: str) -> dict[str, str]:
-    """The string metadata stored by :func:`save_adapter`."""
+    """The string metadata stored by [`save_adapter`][rplora_jax.adapters.save_adapter]."""
     from safetensors import safe_open
 
     with safe_open(file, framework="flax") as f:

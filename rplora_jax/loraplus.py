@@ -1,9 +1,9 @@
 """LoRA+: AdamW with a larger learning rate for the ``b`` factors (Hayou et al., 2024).
 
 A baseline to compare the Riemannian preconditioner against. The factors are found by the same
-pairing as the preconditioner (:func:`rplora_jax.find_lora_pairs`), so whatever
-:func:`rplora_jax.scaled_adamw` preconditions is what LoRA+ splits into ``a`` and ``b``. Needs
-only JAX and Optax.
+pairing as the preconditioner ([`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs]), so whatever
+[`scaled_adamw`][rplora_jax.preconditioner.scaled_adamw] preconditions is what LoRA+ splits into
+``a`` and ``b``. Needs only JAX and Optax.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import jax
 import optax
 
-from rplora_jax.pairing import RuleSpec, find_lora_pairs, no_pairs_error, path_str
+from rplora_jax._trees import path_str
+from rplora_jax.pairing import RuleSpec, _no_pairs_error, find_lora_pairs
 
-B_FACTOR = "lora_b"
-OTHER = "other"
+_B_FACTOR = "lora_b"
+_OTHER = "other"
 
 
 def loraplus_labels(
@@ -30,7 +31,7 @@ def loraplus_labels(
 
     Args:
       tree: parameters or updates (any pytree; ``optax.MaskedNode`` subtrees are kept).
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
       allow_no_pairs: return all ``"other"`` for a tree without pairs instead of raising.
 
     Returns:
@@ -49,10 +50,10 @@ def loraplus_labels(
     """
     pairs = find_lora_pairs(tree, rules=rules)
     if not pairs and not allow_no_pairs:
-        raise no_pairs_error(tree, "loraplus_adamw")
+        raise _no_pairs_error(tree, "loraplus_adamw")
     b_paths = {p.b_path for p in pairs}
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: B_FACTOR if path_str(p) in b_paths else OTHER, tree
+        lambda p, _: _B_FACTOR if path_str(p) in b_paths else _OTHER, tree
     )
 
 
@@ -82,10 +83,11 @@ def loraplus_adamw(
     per leaf, the update equals that of ``optax.adamw`` at the leaf's rate, as in PEFT's
     ``create_loraplus_optimizer`` (without its separate rate for embedding layers). Built as
     ``optax.chain(optax.scale_by_adam(...), optax.add_decayed_weights(weight_decay, mask),
-    optax.partition(...))`` with the partition choosing the rate by :func:`loraplus_labels`, so
-    ``mask`` works exactly as in ``optax.adamw``. With ``lr_ratio=1`` it *is* ``optax.adamw``.
-    Arguments are explicit (no ``**kwargs``) so ``optax.inject_hyperparams(loraplus_adamw)``
-    works, with ``learning_rate`` and ``lr_ratio`` as injected hyperparameters.
+    optax.partition(...))`` with the partition choosing the rate by
+    [`loraplus_labels`][rplora_jax.loraplus.loraplus_labels], so ``mask`` works exactly as in
+    ``optax.adamw``. With ``lr_ratio=1`` it *is* ``optax.adamw``. Arguments are explicit (no
+    ``**kwargs``) so ``optax.inject_hyperparams(loraplus_adamw)`` works, with ``learning_rate`` and
+    ``lr_ratio`` as injected hyperparameters.
 
     Args:
       learning_rate: a float or an optax schedule; a schedule for the ``b`` factors is this
@@ -98,7 +100,7 @@ def loraplus_adamw(
       weight_decay: decoupled weight decay, as in ``optax.adamw`` (multiplied by each leaf's
         own learning rate).
       mask: weight-decay mask, as in ``optax.adamw``.
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
       allow_no_pairs: allow a tree without LoRA pairs (then this is plain AdamW) instead of
         raising.
 
@@ -107,8 +109,8 @@ def loraplus_adamw(
       the path of a factor without its partner.
 
     References:
-      Hayou, Ghosh & Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
-      <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
+      Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024,
+      https://arxiv.org/abs/2402.12354
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -128,8 +130,8 @@ def loraplus_adamw(
         optax.add_decayed_weights(weight_decay, mask),
         optax.partition(
             {
-                OTHER: optax.scale_by_learning_rate(learning_rate),
-                B_FACTOR: optax.scale_by_learning_rate(_times(learning_rate, lr_ratio)),
+                _OTHER: optax.scale_by_learning_rate(learning_rate),
+                _B_FACTOR: optax.scale_by_learning_rate(_times(learning_rate, lr_ratio)),
             },
             labels,
         ),

@@ -1,10 +1,10 @@
 """Folding LoRA into the base weights (``W0 <- W0 + s * a @ b``) and back.
 
-One entry point, :func:`merge`, for both kinds of model: a nested dict of parameters (linen
-variables, ``nnx.to_pure_dict(state)``, any hand-written model), or an ``nnx.Module`` (its LoRA
-layers become plain layers). An NNX LoRA layer stores its scale; a dict does not, so ``scale`` is
-required there. Folding runs in float32 (or wider) and is cast to the kernel's dtype; an integer
-(quantized) kernel is refused rather than silently truncated.
+One entry point, [`merge`][rplora_jax.merge.merge], for both kinds of model: a nested dict of
+parameters (linen variables, ``nnx.to_pure_dict(state)``, any hand-written model), or an
+``nnx.Module`` (its LoRA layers become plain layers). An NNX LoRA layer stores its scale; a dict
+does not, so ``scale`` is required there. Folding runs in float32 (or wider) and is cast to the
+kernel's dtype; an integer (quantized) kernel is refused rather than silently truncated.
 """
 
 from __future__ import annotations
@@ -17,36 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rplora_jax.pairing import (
-    NNX,
-    QWIX,
-    LoRAPair,
-    RuleSpec,
-    find_lora_pairs,
-    no_pairs_error,
-    path_str,
-    path_tokens,
-)
-from rplora_jax.partition import is_nnx_module
-
-Scale = float | Callable[[str], float]
-
-
-def fold_delta(a: jax.Array, b: jax.Array, n_batch: int, precision=jax.lax.Precision.HIGHEST):
-    """``a @ b`` over the rank axis, batched over ``n_batch`` leading axes, in float32 or wider.
-
-    With ``a: (*batch, *in, r)`` and ``b: (*batch, r, *out)`` the result is
-    ``(*batch, *in, *out)``: the kernel layout of every layer in this library.
-    """
-    dtype = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-    batch = tuple(range(n_batch))
-    return jax.lax.dot_general(
-        a.astype(dtype),
-        b.astype(dtype),
-        (((a.ndim - 1,), (n_batch,)), (batch, batch)),
-        precision=precision,
-        preferred_element_type=dtype,
-    )
+from rplora_jax._linalg import fold_delta
+from rplora_jax._trees import is_nnx_module, path_str, path_tokens
+from rplora_jax.pairing import NNX, QWIX, LoRAPair, RuleSpec, _no_pairs_error, find_lora_pairs
 
 
 def _flatten(tree: Any) -> tuple[dict[tuple, Any], dict[str, tuple]]:
@@ -84,7 +57,7 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...]:
     """The token path of the base kernel that ``pair`` adapts. Stricter than the pairing's
-    :func:`~rplora_jax.pairing.find_kernel`: merge writes into it, so only the layouts whose
+    `rplora_jax.pairing.find_kernel`: merge writes into it, so only the layouts whose
     kernel it knows (a ``kernel`` next to ``lora_a`` or to ``nnx.LoRALinear``'s ``lora``;
     qwix's ``<w>``)."""
     a = tuple(pair.a_path.split("/"))
@@ -127,7 +100,9 @@ def _factor_key(kernel_key: tuple, n_kernel_tokens: int, path: str) -> tuple:
     return (*parent, re.findall(r"[./]", str(last))[-1].join(tail))
 
 
-def _fold(flat, index, pairs: Sequence[LoRAPair], scale: Scale, sign: float) -> None:
+def _fold(
+    flat, index, pairs: Sequence[LoRAPair], scale: float | Callable[[str], float], sign: float
+) -> None:
     for pair in pairs:
         kkey = index["/".join(_kernel_tokens(pair, index))]
         kernel_path = "/".join(map(str, kkey))
@@ -173,7 +148,7 @@ def _need_scale(scale: Any, fn: str) -> None:
 def merge(
     tree: Any,
     *,
-    scale: Scale | None = None,
+    scale: float | Callable[[str], float] | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
     stacked_axes: int | None = None,
     keep_factors: bool = False,
@@ -182,19 +157,19 @@ def merge(
 
     Given an ``nnx.Module``, returns a copy whose LoRA layers (this library's, and Flax's
     ``nnx.LoRALinear``) are the plain layers they extend, with their stored scale; ``scale`` must
-    not be given. Given a nested dict, returns the dict of the model *without* LoRA (factors
-    removed unless ``keep_factors``), e.g. the original model's variables for
-    :func:`rplora_jax.inject_linen` (its ``LinenLoRA.merge`` passes the scale for you). Either
-    way the input is not changed, and a LoRA factor that cannot be folded is a ``ValueError``
-    naming it, never a silently unmerged result.
+    not be given. Given a nested dict, returns the dict of the model *without* LoRA (factors removed
+    unless ``keep_factors``), e.g. the original model's variables for
+    [`inject_linen`][rplora_jax.layers.inject.inject_linen] (its ``LinenLoRA.merge`` passes the
+    scale for you). Either way the input is not changed, and a LoRA factor that cannot be folded is
+    a ``ValueError`` naming it, never a silently unmerged result.
 
     Args:
       tree: a nested dict of parameters, or an ``nnx.Module``.
       scale: for a dict: the LoRA scale ``s`` (``LoRAConfig.scale``), or a callable
         ``a_path -> s``. Required for dicts.
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs` (dicts).
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs] (dicts).
       stacked_axes: leading stacked-layer axes of every pair, as for
-        :func:`rplora_jax.find_lora_pairs` (dicts); ``None`` infers them.
+        [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs] (dicts); ``None`` infers them.
       keep_factors: keep the factors in the result (dicts); zero ``lora_b`` yourself before
         using it with a LoRA model, or the term is counted twice.
 
@@ -215,14 +190,14 @@ def merge(
                 "merge(nnx.Module) takes no scale/rules/stacked_axes/keep_factors: each LoRA "
                 "layer stores its own scale and layout."
             )
-        from rplora_jax.layers.lora_nnx import merge_module
+        from rplora_jax.layers.lora_nnx import _merge_module
 
-        return merge_module(tree)
+        return _merge_module(tree)
     _need_scale(scale, "merge")
     flat, index = _flatten(tree)
     pairs = find_lora_pairs(tree, rules=rules, stacked_axes=stacked_axes)
     if not pairs:
-        raise no_pairs_error(tree, "merge", hint=_FOLDS)
+        raise _no_pairs_error(tree, "merge", hint=_FOLDS)
     _fold(flat, index, pairs, scale, 1.0)
     if not keep_factors:
         for pair in pairs:
@@ -234,22 +209,24 @@ def unmerge(
     merged: Any,
     adapter: Mapping[str, Any],
     *,
-    scale: Scale | None = None,
+    scale: float | Callable[[str], float] | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
     stacked_axes: int | None = None,
 ) -> dict:
-    """Undoes :func:`merge` on a dict: puts the factors back, subtracts ``s * a @ b``.
+    """Undoes [`merge`][rplora_jax.merge.merge] on a dict: puts the factors back, subtracts ``s * a
+    @ b``.
 
     The kernels come back up to float rounding (one add and one subtract); keep the unmerged
     parameters if you need them bit-exact.
 
     Args:
       merged: merged nested dict (factors removed), e.g. ``nnx.to_pure_dict`` of a state.
-      adapter: ``{path: array}`` as returned by :func:`rplora_jax.adapters.extract_adapter`
-        or :func:`rplora_jax.load_adapter`.
+      adapter: ``{path: array}`` as returned by
+        [`extract_adapter`][rplora_jax.adapters.extract_adapter] or
+        [`load_adapter`][rplora_jax.adapters.load_adapter].
       scale: the LoRA scale, or a callable ``a_path -> s``. Required.
       rules: pairing rules.
-      stacked_axes: as for :func:`merge`.
+      stacked_axes: as for [`merge`][rplora_jax.merge.merge].
 
     Returns:
       The nested dict with the factors and the base kernels.
@@ -276,7 +253,7 @@ def unmerge(
         if p.a_path in leaves
     ]
     if not pairs:
-        raise no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
+        raise _no_pairs_error(adapter, "unmerge (in the adapter)", hint=_FOLDS)
     for pair in pairs:
         kernel = _kernel_tokens(pair, index)
         for path in (pair.a_path, pair.b_path):

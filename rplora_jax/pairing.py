@@ -1,62 +1,45 @@
-"""Finding LoRA factor pairs in a parameter pytree, by path.
+"""Finding LoRA factor pairs in a parameter pytree, by path: the one rule, in one place.
 
-The one rule, in one place
---------------------------
-Every leaf path is turned into a tuple of string *tokens*: dict keys, attribute names and sequence
-indices, with string keys also split on ``.`` and ``/`` (so flat checkpoints such as
-``{"layers.0.q_proj.lora_A.weight": ...}`` work), and a trailing ``value`` attribute of an
-``nnx.Variable`` dropped. Each :class:`PairingRule`, in order, looks at the tokens and says whether
-the leaf is the ``a`` or the ``b`` factor of some pair, and under which group key; leaves with equal
-(rule, group key) form one pair. The default rules (:data:`DEFAULT_RULES`) find, with no
-configuration:
+Every leaf path becomes a tuple of string *tokens* (dict keys, attribute names, sequence indices;
+string keys also split on ``.`` and ``/``; an ``nnx.Variable``'s trailing ``value`` dropped).
+Each [`PairingRule`][rplora_jax.pairing.PairingRule], in order, says whether a leaf is the ``a``
+or the ``b`` factor of some pair, and under which group key; leaves with equal (rule, group key)
+form one pair. [`DEFAULT_RULES`][rplora_jax.pairing.DEFAULT_RULES] find ``.../lora_a`` and
+``.../lora_b`` (Flax NNX, this library's layers), qwix's ``.../<w>_lora_a`` and gemma's
+``.../lora/a``, all in *Flax layout*; [`PEFT`][rplora_jax.pairing.PEFT] finds ``lora_A`` /
+``lora_B`` in *PyTorch layout*::
 
-* ``.../lora_a`` and ``.../lora_b`` siblings: Flax NNX ``nnx.LoRA``, ``nnx.LoRALinear`` (under its
-  ``lora`` submodule) and this library's layers;
-* ``.../<w>_lora_a`` and ``.../<w>_lora_b`` siblings: qwix;
-* ``.../lora/a`` and ``.../lora/b``: gemma's ``peft`` layers.
-
-All of these store factors in *Flax layout*, ``y = x @ (W0 + s * a @ b)``::
-
-    a: (*stack, *in_axes, r)      b: (*stack, r, *out_axes)
-
-:data:`PEFT` matches ``lora_A`` / ``lora_B`` path tokens (PEFT and PyTorch checkpoints, anywhere in
-the path, e.g. ``q_proj/lora_A/weight``) in *PyTorch layout*, ``W = W0 + s * B @ A``::
-
-    A: (*stack, r, *in_axes)      B: (*stack, *out_axes, r)
-
-:data:`LORAX` matches lorax's ``LoraWeight`` fields, whose ``a``/``b`` names are swapped with
-respect to ours. :func:`names` builds a rule from two leaf names, and :class:`PairingRule` wraps any
-callable.
+    Flax:     a: (*stack, *in_axes, r)      b: (*stack, r, *out_axes)
+    PyTorch:  A: (*stack, r, *in_axes)      B: (*stack, *out_axes, r)
 
 ``*stack`` are leading axes shared by both factors: independent stacked layers (``nn.scan``,
 ``nnx.vmap``). Unless ``stacked_axes`` is given, their number is the largest ``k`` for which both
-factors share their first ``k`` axes and the partner factor has the rank ``r`` at axis ``k`` while
-each factor keeps at least one non-rank axis. Two readings can fit the same shapes: ``L`` stacked
-layers of rank ``r = L`` (``a: (L, in, r)``, ``b: (L, r, out)``) also read as one layer with two
-input and two output axes. Then the base kernel next to the factors, when the tree has it
-(see :func:`find_kernel`), decides; without it the stacked reading is taken,
-and ``stacked_axes=0`` gives the other. The Gram matrices contract every axis that is neither
-stacked nor the rank axis, so einsum LoRA with several feature axes
-(``a: (heads, head_dim, r)``, ``b: (r, d_model)``) works as is.
+factors share their first ``k`` axes and the partner factor has the rank ``r`` at axis ``k``
+while each factor keeps a feature axis; where two readings fit, the base kernel next to the
+factors decides, and without it the stacked reading is taken. The Grams contract every axis that
+is neither stacked nor the rank, so einsum LoRA with several feature axes works as is. The
+``docs/pairing.md`` has the details.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from rplora_jax._trees import QWIX_FACTOR, find_kernel, is_masked, path_str, path_tokens
 
 Layout = Literal["flax", "torch"]
-Role = Literal["a", "b"]
-MatchFn = Callable[[tuple[str, ...]], tuple[Role, Hashable] | None]
+"""How a pair's factors are laid out: ``"flax"`` (``a: (in, r)``, ``b: (r, out)``) or ``"torch"``
+(``A: (r, in)``, ``B: (out, r)``)."""
+MatchFn = Callable[[tuple[str, ...]], tuple[Literal["a", "b"], Hashable] | None]
+"""A rule's match function: a leaf's path tokens to ``("a" | "b", group_key)`` or ``None``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +51,7 @@ class PairingRule:
         that is not a factor of this rule. The two factors of one pair share their group key.
       layout: ``"flax"`` (``a: (..., in, r)``, ``b: (..., r, out)``) or ``"torch"``
         (``A: (..., r, in)``, ``B: (..., out, r)``).
-      name: shown in error messages and in :class:`LoRAPair`.
+      name: shown in error messages and in [`LoRAPair`][rplora_jax.pairing.LoRAPair].
     """
 
     match: MatchFn
@@ -112,7 +95,7 @@ def names(a_name: str, b_name: str, *, layout: Layout = "flax") -> PairingRule:
       layout: storage layout of both factors.
 
     Returns:
-      A :class:`PairingRule`.
+      A [`PairingRule`][rplora_jax.pairing.PairingRule].
     """
     if a_name == b_name:
         raise ValueError(f"names() needs two different names, got {a_name!r} twice.")
@@ -128,11 +111,8 @@ def names(a_name: str, b_name: str, *, layout: Layout = "flax") -> PairingRule:
     return PairingRule(match, layout, f"names({a_name!r}, {b_name!r})")
 
 
-_QWIX = re.compile(r"^(.+)_lora_([ab])$")
-
-
 def _match_qwix(tokens):
-    found = _QWIX.match(tokens[-1]) if tokens else None
+    found = QWIX_FACTOR.match(tokens[-1]) if tokens else None
     if found is None:
         return None
     return found.group(2), (*tokens[:-1], found.group(1))
@@ -153,13 +133,14 @@ def _match_lorax(tokens):
 
 NNX: PairingRule = dataclasses.replace(names("lora_a", "lora_b"), name="lora_a/lora_b")
 """Siblings ``.../lora_a``, ``.../lora_b`` (Flax layout): ``nnx.LoRA``, ``nnx.LoRALinear``
-(``lora/lora_a``) and this library's layers. In :data:`DEFAULT_RULES`."""
+(``lora/lora_a``) and this library's layers. In [`DEFAULT_RULES`][rplora_jax.pairing.DEFAULT_RULES].
+"""
 QWIX: PairingRule = PairingRule(_match_qwix, "flax", "<w>_lora_a/<w>_lora_b")
 """Siblings ``.../<w>_lora_a``, ``.../<w>_lora_b`` next to a weight ``<w>`` (qwix; Flax layout).
-In :data:`DEFAULT_RULES`."""
+In [`DEFAULT_RULES`][rplora_jax.pairing.DEFAULT_RULES]."""
 GEMMA: PairingRule = PairingRule(_match_gemma, "flax", "lora/a, lora/b")
 """``.../lora/a``, ``.../lora/b`` (gemma's ``peft`` layers; Flax layout). In
-:data:`DEFAULT_RULES`."""
+[`DEFAULT_RULES`][rplora_jax.pairing.DEFAULT_RULES]."""
 PEFT: PairingRule = dataclasses.replace(
     names("lora_A", "lora_B", layout="torch"), name="lora_A/lora_B (torch layout)"
 )
@@ -169,16 +150,21 @@ LORAX: PairingRule = PairingRule(_match_lorax, "flax", "lorax LoraWeight b/a")
 """lorax's ``LoraWeight`` fields ``.../a``, ``.../b``, whose names are swapped with respect to
 this library's (lorax's ``b: (in, r)`` is our ``a``). Not a default: pass ``rules=``."""
 DEFAULT_RULES: tuple[PairingRule, ...] = (NNX, QWIX, GEMMA)
-"""The rules used when ``rules=None``: :data:`NNX`, :data:`QWIX`, :data:`GEMMA`, in that order."""
+"""The rules used when ``rules=None``: [`NNX`][rplora_jax.pairing.NNX],
+[`QWIX`][rplora_jax.pairing.QWIX], [`GEMMA`][rplora_jax.pairing.GEMMA], in that order."""
 
 RuleSpec = PairingRule | tuple[str, str] | MatchFn
+"""What ``rules=`` takes, alone or in a sequence: a
+[`PairingRule`][rplora_jax.pairing.PairingRule], an ``(a_name, b_name)`` tuple (see
+[`names`][rplora_jax.pairing.names]) or a bare [`MatchFn`][rplora_jax.pairing.MatchFn] (Flax
+layout)."""
 
 
 def _is_name_pair(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and all(isinstance(n, str) for n in x)
 
 
-def as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, ...]:
+def _as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, ...]:
     """Normalises the ``rules`` argument accepted across the library."""
     if rules is None:
         return DEFAULT_RULES
@@ -207,44 +193,10 @@ def as_rules(rules: RuleSpec | Sequence[RuleSpec] | None) -> tuple[PairingRule, 
     return tuple(out)
 
 
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
+_ALLOW_NO_PAIRS_HINT = ", or allow_no_pairs=True if a tree without LoRA factors is intended"
 
 
-_VALUE_ATTRS = ("value", "raw_value")
-
-
-def path_tokens(path: tuple[Any, ...]) -> tuple[str, ...]:
-    """Turns a JAX key path into the string tokens the rules see."""
-    tokens: list[str] = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            # flax.traverse_util.flatten_dict's keys are tuples of names.
-            parts = key.key if isinstance(key.key, tuple) else (key.key,)
-            tokens.extend(t for part in parts for t in re.split(r"[./]", str(part)) if t)
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            tokens.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            tokens.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            tokens.append(str(key.key))
-        else:
-            tokens.append(str(key))
-    # nnx.Variable leaves add a `.value` attribute that is not part of the module path.
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in _VALUE_ATTRS:
-        tokens.pop()
-    return tuple(tokens)
-
-
-def path_str(keypath: tuple[Any, ...]) -> str:
-    """The ``/``-joined path tokens of a JAX key path, as the pairing and errors name leaves."""
-    return "/".join(path_tokens(keypath))
-
-
-ALLOW_NO_PAIRS_HINT = ", or allow_no_pairs=True if a tree without LoRA factors is intended"
-
-
-def no_pairs_error(tree: Any, where: str, hint: str = ALLOW_NO_PAIRS_HINT) -> ValueError:
+def _no_pairs_error(tree: Any, where: str, hint: str = _ALLOW_NO_PAIRS_HINT) -> ValueError:
     """The error for a tree in which ``where`` found no LoRA pair, showing its first paths;
     ``hint`` ends the advice (by default: ``where`` takes ``allow_no_pairs``)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -281,33 +233,6 @@ def _check_factor(path: str, role: str, leaf: Any) -> None:
         )
     if 0 in shape:
         raise ValueError(f"LoRA factor {role!r} at '{path}' is empty: shape {shape}.")
-
-
-# Names under which base weights are stored next to (or above) their LoRA factors: Flax and this
-# library's layers, gemma's "w", PyTorch/PEFT's "weight", embeddings.
-KERNEL_NAMES: tuple[str, ...] = ("kernel", "w", "weight", "embedding")
-_SEARCH_DEPTH = 3
-
-
-def find_kernel(a_path: str, b_path: str, paths: Collection[str]) -> str | None:
-    """The path of the base kernel of the pair ``a_path`` / ``b_path`` among ``paths``.
-
-    Looks for a qwix ``<w>`` sibling of ``<w>_lora_a``, then, from the factor's parent upwards (3
-    levels), for a leaf named one of :data:`KERNEL_NAMES` or ``base_layer/weight`` (PEFT).
-    """
-    tokens = tuple(a_path.split("/"))
-    found = _QWIX.match(tokens[-1])
-    if found is not None:
-        candidate = "/".join((*tokens[:-1], found.group(1)))
-        if candidate in paths:
-            return candidate
-    for depth in range(1, _SEARCH_DEPTH + 1):
-        prefix = tokens[:-depth]
-        for name in (*((n,) for n in KERNEL_NAMES), ("base_layer", "weight")):
-            candidate = "/".join((*prefix, *name))
-            if candidate in paths and candidate not in (a_path, b_path):
-                return candidate
-    return None
 
 
 def _check_match(found: Any, rule: PairingRule, path: str) -> None:
@@ -373,7 +298,7 @@ def _build_pair(
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
     kernel = find_kernel(a_path, b_path, index)
     kernel_shape = None
-    if kernel is not None and not _is_masked(leaves[index[kernel]]):
+    if kernel is not None and not is_masked(leaves[index[kernel]]):
         kernel_shape = np.shape(leaves[index[kernel]])
     k = _stacked_count(a_shape, b_shape, rule.layout, stacked_axes, (a_path, b_path), kernel_shape)
     if rule.layout == "flax":
@@ -421,7 +346,7 @@ def _check_stacked_axes(stacked_axes) -> None:
         )
 
 
-def match_pairs(
+def _match_pairs(
     tree: Any,
     *,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
@@ -432,9 +357,9 @@ def match_pairs(
     ``optax.MaskedNode`` leaves are kept (so a pair split by a partition is reported); a pair whose
     factors are both masked belongs to another branch and is skipped.
     """
-    rules = as_rules(rules)
+    rules = _as_rules(rules)
     _check_stacked_axes(stacked_axes)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
     leaves = [leaf for _, leaf in flat]
     tokens = [path_tokens(p) for p, _ in flat]
     paths = ["/".join(t) for t in tokens]
@@ -458,7 +383,7 @@ def match_pairs(
     index = {path: i for i, path in enumerate(paths)}
     for (r_idx, _), slot in groups.items():
         rule = rules[r_idx]
-        masked = {role: _is_masked(leaves[i]) for role, i in slot.items()}
+        masked = {role: is_masked(leaves[i]) for role, i in slot.items()}
         if all(masked.values()):
             continue
         if len(slot) == 1 or any(masked.values()):
@@ -477,17 +402,20 @@ def find_lora_pairs(
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
     stacked_axes: int | None = None,
 ) -> list[LoRAPair]:
-    """Lists the LoRA pairs that :func:`riemannian_preconditioner` will precondition.
+    """Lists the LoRA pairs that
+    [`riemannian_preconditioner`][rplora_jax.preconditioner.riemannian_preconditioner] will
+    precondition.
 
     Args:
       params: a parameter pytree (dicts, Flax variables, ``nnx.State``, dataclasses...).
-      rules: how factors are named; ``None`` for :data:`DEFAULT_RULES`. Also accepts a
-        :class:`PairingRule`, an ``(a_name, b_name)`` tuple, a callable
+      rules: how factors are named; ``None`` for
+        [`DEFAULT_RULES`][rplora_jax.pairing.DEFAULT_RULES]. Also accepts a
+        [`PairingRule`][rplora_jax.pairing.PairingRule], an ``(a_name, b_name)`` tuple, a callable
         ``tokens -> (role, group_key) | None``, or a sequence of those.
       stacked_axes: number of leading stacked-layer axes; ``None`` infers it per pair.
 
     Returns:
-      A list of :class:`LoRAPair`, in tree order.
+      A list of [`LoRAPair`][rplora_jax.pairing.LoRAPair], in tree order.
 
     Raises:
       ValueError: naming the leaf path, for a factor without its partner, mismatched ranks,
@@ -501,5 +429,11 @@ def find_lora_pairs(
       >>> [(p.a_path, p.b_path, p.rank) for p in rplora_jax.find_lora_pairs(params)]
       [('q/lora_a', 'q/lora_b', 2)]
     """
-    pairs, _, _ = match_pairs(params, rules=rules, stacked_axes=stacked_axes)
+    pairs, _, _ = _match_pairs(params, rules=rules, stacked_axes=stacked_axes)
     return [p.info for p in pairs]
+
+
+def _factor_paths(tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = None) -> set[str]:
+    """Paths of every LoRA factor (``a`` and ``b``) the pairing finds in ``tree``."""
+    pairs = find_lora_pairs(tree, rules=rules)
+    return {p.a_path for p in pairs} | {p.b_path for p in pairs}

@@ -1,15 +1,14 @@
 """Training only the LoRA factors: labels and masks for optax, ``freeze_base``, parameter counts.
 
 Everything here finds the factors with the same pairing as the preconditioner
-(:func:`rplora_jax.find_lora_pairs`), so whatever ``scaled_adamw`` preconditions is exactly what
-these functions treat as trainable. Leaves are addressed by their ``/``-joined path tokens, e.g.
-``"params/block_0/attn/query/lora_a"``. Needs only JAX and Optax.
+([`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs]), so whatever ``scaled_adamw``
+preconditions is exactly what these functions treat as trainable. Leaves are addressed by their
+``/``-joined path tokens, e.g. ``"params/block_0/attn/query/lora_a"``. Needs only JAX and Optax.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,47 +16,14 @@ import jax
 import numpy as np
 import optax
 
-from rplora_jax.pairing import RuleSpec, find_lora_pairs, no_pairs_error, path_str
+from rplora_jax._trees import as_param_tree, path_str
+from rplora_jax.pairing import RuleSpec, _factor_paths, _no_pairs_error
 
-TRAINABLE = "lora"
-FROZEN = "frozen"
-
-
-Targets = str | Sequence[str]
+_TRAINABLE = "lora"
+_FROZEN = "frozen"
 
 
-def is_nnx_module(tree: Any) -> bool:
-    """Whether ``tree`` is an ``nnx.Module`` (without importing Flax)."""
-    # Without flax imported, nothing can be an nnx.Module: no need to import it here.
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(tree, nnx.Module)
-
-
-def unwrap_variables(tree: Any) -> Any:
-    """``tree`` with each ``nnx.Variable`` replaced by its value (without importing Flax)."""
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is None:
-        return tree
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
-
-
-def as_param_tree(tree: Any) -> Any:
-    """``tree``, or for an ``nnx.Module`` its ``nnx.Param`` state (LoRA factors included)."""
-    if is_nnx_module(tree):
-        from flax import nnx
-
-        return nnx.state(tree, nnx.Param)
-    return tree
-
-
-def factor_paths(tree: Any, *, rules: RuleSpec | Sequence[RuleSpec] | None = None) -> set[str]:
-    """Paths of every LoRA factor (``a`` and ``b``) the pairing finds in ``tree``."""
-    pairs = find_lora_pairs(tree, rules=rules)
-    return {p.a_path for p in pairs} | {p.b_path for p in pairs}
-
-
-def _patterns(also_train: Targets | None) -> list[str]:
+def _patterns(also_train: str | Sequence[str] | None) -> list[str]:
     """``also_train`` as a list of regexes, checked (so a bad value fails where it is given)."""
     if also_train is None:
         return []
@@ -75,10 +41,10 @@ def _patterns(also_train: Targets | None) -> list[str]:
 def _trainable_paths(tree, rules, also_train, require_pairs: str | None = None) -> set[str]:
     """The factors' and ``also_train``'s paths; ``require_pairs``: the caller, for which a tree
     with nothing to train (no factors, no ``also_train``) is an error."""
-    factors = factor_paths(tree, rules=rules)
+    factors = _factor_paths(tree, rules=rules)
     patterns = _patterns(also_train)
     if require_pairs and not factors and not patterns:
-        raise no_pairs_error(tree, require_pairs, hint="")
+        raise _no_pairs_error(tree, require_pairs, hint="")
     if not patterns:
         return factors
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -96,13 +62,13 @@ def lora_labels(
     tree: Any,
     *,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
-    also_train: Targets | None = None,
+    also_train: str | Sequence[str] | None = None,
 ) -> Any:
     """Labels every leaf ``"lora"`` (trained) or ``"frozen"``, for ``optax.partition``.
 
     Args:
       tree: parameters (any pytree: linen variables, ``nnx.State``...).
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
       also_train: regex (or list) of further leaves to train, matching the whole ``/``-joined
         leaf path, e.g. ``r"params/classifier/.*"`` for a new head (PEFT's
         ``modules_to_save``).
@@ -126,7 +92,7 @@ def lora_labels(
 
 def _labels(tree: Any, trained: set[str]) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: TRAINABLE if path_str(p) in trained else FROZEN, tree
+        lambda p, _: _TRAINABLE if path_str(p) in trained else _FROZEN, tree
     )
 
 
@@ -134,9 +100,10 @@ def trainable_mask(
     tree: Any,
     *,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
-    also_train: Targets | None = None,
+    also_train: str | Sequence[str] | None = None,
 ) -> Any:
-    """``True`` where :func:`lora_labels` says ``"lora"`` (for ``optax.masked`` and friends)."""
+    """``True`` where [`lora_labels`][rplora_jax.partition.lora_labels] says ``"lora"`` (for
+    ``optax.masked`` and friends)."""
     trained = _trainable_paths(tree, rules, also_train, "trainable_mask")
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in trained, tree)
 
@@ -145,7 +112,7 @@ def freeze_base(
     tx: optax.GradientTransformation,
     *,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
-    also_train: Targets | None = None,
+    also_train: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformation:
     """Wraps ``tx`` so only the LoRA factors (and ``also_train``) train; the rest gets zero.
 
@@ -156,8 +123,8 @@ def freeze_base(
     ``wrt=nnx.LoRAParam`` to ``nnx.Optimizer``.
 
     Args:
-      tx: any optimizer, e.g. :func:`rplora_jax.scaled_adamw`.
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      tx: any optimizer, e.g. [`scaled_adamw`][rplora_jax.preconditioner.scaled_adamw].
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
       also_train: regex (or list) of further leaves to train with ``tx``, matching the whole
         ``/``-joined leaf path (e.g. a classification head, ``r"params/classifier/.*"``). A
         pattern that matches no leaf is an error.
@@ -186,7 +153,7 @@ def freeze_base(
         # naming no path, since its branch is all masked): say so, naming the tree's paths.
         return _labels(params, _trainable_paths(params, rules, also_train, "freeze_base"))
 
-    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+    return optax.partition({_TRAINABLE: tx, _FROZEN: optax.set_to_zero()}, labels)
 
 
 class ParamCount(NamedTuple):
@@ -207,10 +174,10 @@ def count_parameters(
 
     Args:
       tree: parameters, or an ``nnx.Module`` (its ``nnx.Param`` state is counted).
-      rules: pairing rules, as for :func:`rplora_jax.find_lora_pairs`.
+      rules: pairing rules, as for [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
 
     Returns:
-      A :class:`ParamCount`.
+      A [`ParamCount`][rplora_jax.partition.ParamCount].
 
     Examples:
       >>> import jax.numpy as jnp
@@ -221,7 +188,7 @@ def count_parameters(
       (12, 48, 25.0)
     """
     tree = as_param_tree(tree)
-    factors = factor_paths(tree, rules=rules)
+    factors = _factor_paths(tree, rules=rules)
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     total = trainable = 0
     for p, leaf in flat:

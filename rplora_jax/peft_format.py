@@ -10,14 +10,14 @@ A PEFT LoRA adapter is a directory with two files:
 * ``adapter_config.json``: ``peft_type="LORA"``, ``r``, ``lora_alpha``, ``use_rslora``,
   ``target_modules``, ``lora_dropout`` and the rest of PEFT's ``LoraConfig``. PEFT's scale is
   ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), the same definition as
-  :attr:`rplora_jax.LoRAConfig.scale`.
+  `rplora_jax.LoRAConfig.scale`.
 
 The PyTorch module name of each pair comes from ``module_names``: by default its Flax module path
 without a leading ``params``, joined with ``.`` (``params/encoder/layer_0/query`` ->
 ``encoder.layer_0.query``; an ``nnx.List`` index stays a number, as in a
 ``torch.nn.ModuleList``: ``blocks/0/query`` -> ``blocks.0.query``). For other names pass a
 dict ``{flax_module_path: torch_name}`` or a callable ``flax_module_path -> torch_name``, for
-example built on :func:`default_module_name`.
+example built on [`default_module_name`][rplora_jax.peft_format.default_module_name].
 
 What has no PEFT equivalent is refused with a ``ValueError`` naming the path: factors with several
 input or output axes (``DenseGeneral`` / ``Einsum`` LoRA, e.g. ``a: (heads, head_dim, r)``), ranks
@@ -33,150 +33,31 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rplora_jax._peft import (
+    CONFIG_NAME,
+    Module,
+    ModuleNames,
+    lora_config,
+    plan,
+    read_config,
+)
+from rplora_jax._peft import default_module_name as default_module_name
+from rplora_jax._trees import as_param_tree, is_nnx_module
 from rplora_jax.adapters import apply_adapter
-from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs, path_str
-from rplora_jax.partition import as_param_tree, is_nnx_module
+from rplora_jax.pairing import RuleSpec
 
 if TYPE_CHECKING:
     from rplora_jax.layers.config import LoRAConfig
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-
-ModuleNames = Mapping[str, str] | Callable[..., str] | None
-
-
-def default_module_name(path: str) -> str:
-    """The default PyTorch module name of a Flax module path: drop ``params``, join with ``.``.
-
-    A leading ``base_model/model`` (PEFT's own prefix, in a tree read from a PEFT file) is
-    dropped too, since the adapter file adds it to every name.
-
-    Args:
-      path: the ``/``-joined module path, e.g. ``"params/encoder/layer_0/query"``.
-
-    Returns:
-      The dotted name, e.g. ``"encoder.layer_0.query"``.
-
-    Examples:
-      >>> default_module_name("params/encoder/layer_0/query")
-      'encoder.layer_0.query'
-      >>> import re  # Flax's "layer_0" is PyTorch's "layers.0":
-      >>> re.sub(r"layer_(\\d+)", r"layers.\\1", default_module_name("params/layer_3/attn/query"))
-      'layers.3.attn.query'
-      >>> default_module_name("base_model/model/fc1")
-      'fc1'
-    """
-    tokens = [t for t in path.split("/") if t]
-    if tokens and tokens[0] == "params":
-        tokens = tokens[1:]
-    if tokens[:2] == ["base_model", "model"]:  # a tree with PEFT's own names: not added twice
-        tokens = tokens[2:]
-    return ".".join(tokens)
-
-
-class _Module(NamedTuple):
-    """One PEFT module: a pair, or one layer of a stacked pair."""
-
-    name: str
-    path: str
-    index: tuple[int, ...]
-    pair: LoRAPair
-
-
-def _module_path(pair: LoRAPair) -> str:
-    """The module holding a pair: the common prefix of its factors' paths, minus a ``lora``."""
-    a, b = pair.a_path.split("/"), pair.b_path.split("/")
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    tokens = a[:n]
-    if tokens and tokens[-1] == "lora":  # nnx.LoRALinear's `lora` submodule, gemma's `lora/a`
-        tokens = tokens[:-1]
-    return "/".join(tokens)
-
-
-def _torch_name(
-    module_names: ModuleNames, path: str, index: tuple[int, ...], pair: LoRAPair, where: str
-) -> str:
-    if index:
-        if module_names is None or isinstance(module_names, Mapping):
-            raise ValueError(
-                f"{where}: the pair at '{path}' is stacked: {pair.stacked_shape} layers "
-                "(nn.scan / nnx.vmap); PEFT stores one module per layer. Pass "
-                "module_names=callable(path, index) -> torch name, e.g. "
-                "lambda path, i: f'layers.{i[0]}.attn.query'."
-            )
-        name = module_names(path, index)
-    elif module_names is None:
-        name = default_module_name(path)
-    elif isinstance(module_names, Mapping):
-        short = path[len("params/") :] if path.startswith("params/") else path
-        name = module_names.get(path, module_names.get(short))
-        if name is None:
-            raise ValueError(
-                f"{where}: module_names has no entry for the LoRA module '{path}' (keys are "
-                f"Flax module paths such as {path!r} or {short!r}); it has "
-                f"{sorted(module_names)}."
-            )
-    else:
-        name = module_names(path)
-    if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
-        raise ValueError(
-            f"{where}: module_names gave {name!r} for '{path}'{f' {index}' if index else ''}; "
-            "expected a dotted PyTorch module name such as 'encoder.layer.0.attention.query'."
-        )
-    return name
-
-
-def _plan(
-    tree: Any, module_names: ModuleNames, rules, rank: int | None, where: str
-) -> tuple[list[_Module], dict[str, Any]]:
-    """The PEFT modules of ``tree``'s pairs, and ``tree``'s leaves by path."""
-    pairs = find_lora_pairs(tree, rules=rules)
-    if not pairs:
-        raise ValueError(f"{where}: no LoRA factors found in the parameters.")
-    leaves = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    modules: list[_Module] = []
-    for pair in pairs:
-        a_shape, b_shape = np.shape(leaves[pair.a_path]), np.shape(leaves[pair.b_path])
-        n_stack = len(pair.stacked_shape)
-        if len(a_shape) - n_stack != 2 or len(b_shape) - n_stack != 2:
-            raise ValueError(
-                f"{where}: the pair '{pair.a_path}' {tuple(a_shape)} / '{pair.b_path}' "
-                f"{tuple(b_shape)} has several input or output axes (DenseGeneral / Einsum "
-                "LoRA); PEFT's LoRA wraps a torch.nn.Linear, A: (r, in) and B: (out, r), so it "
-                "has no PEFT equivalent. Use LoRA on 2-D kernels (nn.Dense / nnx.Linear) for "
-                "adapters PEFT should load."
-            )
-        if rank is not None and pair.rank != rank:
-            raise ValueError(
-                f"{where}: the pair at '{pair.a_path}' has rank {pair.rank} but the LoRAConfig's "
-                f"rank is {rank}; a PEFT adapter has one rank r."
-            )
-        path = _module_path(pair)
-        for index in np.ndindex(*pair.stacked_shape) if n_stack else [()]:
-            index = tuple(int(i) for i in index)
-            name = _torch_name(module_names, path, index, pair, where)
-            modules.append(_Module(name, path, index, pair))
-    seen: dict[str, _Module] = {}
-    for m in modules:
-        if m.name in seen:
-            other = seen[m.name]
-            raise ValueError(
-                f"{where}: '{m.path}'{m.index or ''} and '{other.path}'{other.index or ''} both "
-                f"map to the PyTorch module '{m.name}'; module_names must give distinct names."
-            )
-        seen[m.name] = m
-    return modules, leaves
+_WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY_PREFIX = "base_model.model."
 
 
 def _check_nnx_scales(params: Any, scale: float, theirs: str, where: str) -> None:
@@ -184,9 +65,9 @@ def _check_nnx_scales(params: Any, scale: float, theirs: str, where: str) -> Non
     one ``lora_alpha / r`` for every module, and a mismatch would silently give another model."""
     if not is_nnx_module(params):
         return
-    from rplora_jax.layers.lora_nnx import layer_scales
+    from rplora_jax.layers.lora_nnx import _layer_scales
 
-    wrong = {p: s for p, s in layer_scales(params).items() if not math.isclose(s, scale)}
+    wrong = {p: s for p, s in _layer_scales(params).items() if not math.isclose(s, scale)}
     if wrong:
         raise ValueError(
             f"{where}: the model's LoRA layers {_preview(sorted(wrong))} have scale "
@@ -200,7 +81,7 @@ def _swap(x: Any) -> Any:
     return jnp.swapaxes(jnp.asarray(x), -1, -2)
 
 
-def _auto_targets(modules: list[_Module], leaves: Mapping[str, Any]) -> list[str]:
+def _auto_targets(modules: list[Module], leaves: Mapping[str, Any]) -> list[str]:
     """PEFT's usual suffix names (``["query", "value"]``) when they select exactly the adapted
     layers among the 2-D kernels in the tree; otherwise the full module names."""
     names = sorted({m.name for m in modules})
@@ -251,17 +132,16 @@ def save_peft_adapter(
         and ``adapter_config.json``.
       params: parameters with LoRA factors (linen variables or their ``params``, ``nnx.State``,
         an ``nnx.Module``); only 2-D factors per layer (``a: (in, r)``, ``b: (r, out)``).
-      lora: the :class:`~rplora_jax.LoRAConfig` the factors were trained with: ``rank`` is
-        PEFT's ``r``, ``alpha`` its ``lora_alpha`` (``None``, scale 1, is written as
-        ``lora_alpha = r``), ``rslora`` its ``use_rslora``, ``dropout_rate`` its
-        ``lora_dropout``.
+      lora: the [`LoRAConfig`][rplora_jax.layers.config.LoRAConfig] the factors were trained with:
+        ``rank`` is PEFT's ``r``, ``alpha`` its ``lora_alpha`` (``None``, scale 1, is written as
+        ``lora_alpha = r``), ``rslora`` its ``use_rslora``, ``dropout_rate`` its ``lora_dropout``.
       module_names: the PyTorch module name of each pair's Flax module path: ``None`` for
-        :func:`default_module_name`, a dict ``{flax_path: torch_name}`` (with or without the
-        leading ``params/``), or a callable ``flax_path -> torch_name``. Stacked pairs
-        (``nn.scan`` / ``nnx.vmap``, ``a: (L, in, r)``) need a callable
-        ``(flax_path, index) -> torch_name`` with ``index`` a tuple of ints, e.g.
-        ``lambda p, i: f"layers.{i[0]}.{p.rsplit('/', 1)[-1]}"``; it is called with one
-        argument for the unstacked pairs.
+        [`default_module_name`][rplora_jax.peft_format.default_module_name], a dict ``{flax_path:
+        torch_name}`` (with or without the leading ``params/``), or a callable ``flax_path ->
+        torch_name``. Stacked pairs (``nn.scan`` / ``nnx.vmap``, ``a: (L, in, r)``) need a callable
+        ``(flax_path, index) -> torch_name`` with ``index`` a tuple of ints, e.g. ``lambda p, i:
+        f"layers.{i[0]}.{p.rsplit('/', 1)[-1]}"``; it is called with one argument for the unstacked
+        pairs.
       target_modules: PEFT's ``target_modules`` as written; ``None`` writes the modules' last
         name components (``["query", "value"]``, as PEFT users write them) when no other 2-D
         kernel in ``params`` has the same last name, else the full module names. PEFT adds
@@ -270,7 +150,7 @@ def save_peft_adapter(
       base_model_name_or_path: written to the config (the Hub id or path of the base model).
       task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); ``None`` for a plain
         ``PeftModel``.
-      rules: pairing rules (see :func:`rplora_jax.find_lora_pairs`).
+      rules: pairing rules (see [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs]).
 
     Returns:
       The saved tensors, ``{"base_model.model.<name>.lora_A.weight": array, ...}``.
@@ -300,20 +180,22 @@ def save_peft_adapter(
     from safetensors.flax import save_file
 
     where = "save_peft_adapter"
-    from rplora_jax.layers.config import check_lora
+    from rplora_jax.layers.config import _check_lora
 
-    check_lora(lora, where)
+    _check_lora(lora, where)
     _check_nnx_scales(params, lora.scale, "lora=", where)
     tree = as_param_tree(params)
-    modules, leaves = _plan(tree, module_names, rules, lora.rank, where)
+    modules, leaves = plan(
+        tree, module_names, rules, (lora.rank, "the LoRAConfig's rank is"), where
+    )
     tensors: dict[str, jax.Array] = {}
     for m in modules:
         a, b = leaves[m.pair.a_path], leaves[m.pair.b_path]
         a, b = jnp.asarray(a)[m.index], jnp.asarray(b)[m.index]
         if m.pair.layout == "flax":
             a, b = _swap(a), _swap(b)
-        tensors[f"{KEY_PREFIX}{m.name}.lora_A.weight"] = jnp.asarray(a)
-        tensors[f"{KEY_PREFIX}{m.name}.lora_B.weight"] = jnp.asarray(b)
+        tensors[f"{_KEY_PREFIX}{m.name}.lora_A.weight"] = jnp.asarray(a)
+        tensors[f"{_KEY_PREFIX}{m.name}.lora_B.weight"] = jnp.asarray(b)
 
     if target_modules is None:
         targets: str | list[str] = _auto_targets(modules, leaves)
@@ -346,92 +228,15 @@ def save_peft_adapter(
     }
     os.makedirs(directory, exist_ok=True)
     # "format": "pt" is what PyTorch writers store; transformers checks it on some paths.
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(directory, _WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(peft_json, f, indent=2, sort_keys=True)
         f.write("\n")
     return tensors
 
 
-# PEFT LoraConfig fields that do not change what a loaded adapter computes: bookkeeping, which
-# modules get LoRA, dropout, data for initialisations (checked through init_lora_weights), a
-# backward-only variant (VeLoRA), tying the adapters of tied layers (each module's factors are
-# still in the file, and a missing one is an error), and the base weight's layout
-# (fan_in_fan_out: GPT-2's Conv1D
-# stores W0 as (in, out), a Flax kernel's layout; its lora_A / lora_B are ordinary (r, in) /
-# (out, r) factors).
-_ANY_VALUE = frozenset({
-    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "r", "lora_alpha", "use_rslora", "lora_dropout",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-    "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config", "velora_config",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying",
-})  # fmt: skip
-# (field, values this library loads exactly, what another value means)
-_RESTRICTED = (
-    ("use_dora", (False, None), "DoRA's magnitude vectors"),
-    ("bias", ("none", None), "trained biases"),
-    ("lora_bias", (False, None), "a bias on lora_B"),
-    ("rank_pattern", ({}, None), "per-module ranks"),
-    ("alpha_pattern", ({}, None), "per-module alphas"),
-    ("modules_to_save", (None, []), "fully trained extra modules"),
-    ("layer_replication", (None, []), "replicated layers"),
-    ("target_parameters", (None, []), "LoRA on nn.Parameters"),
-    (
-        "init_lora_weights",
-        (True, False, None, "gaussian", "eva", "orthogonal"),
-        "an initialisation that PEFT runs again when it loads the adapter and that changes the "
-        "base weight (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) or the layer (MiCA); convert the "
-        "adapter to plain LoRA in PEFT first (save_pretrained(..., "
-        "path_initial_model_for_weight_conversion=...))",
-    ),
-)
-# Any other field must hold one of these (PEFT's defaults for "off"): a field this library does
-# not know (aLoRA's alora_invocation_tokens, KaSA, QALoRA, a later PEFT's options) may change
-# the model.
-_OFF = (None, False, {}, [], "", "none")
-
-
-def _check_fields(cfg: Mapping[str, Any], file: str, where: str) -> None:
-    restricted = {field: (allowed, meaning) for field, allowed, meaning in _RESTRICTED}
-    for field, value in cfg.items():
-        if field in _ANY_VALUE:
-            continue
-        if field in restricted:
-            allowed, meaning = restricted[field]
-            if value not in allowed:
-                raise ValueError(
-                    f"{where}: '{file}' has {field}={value!r} ({meaning}), which this "
-                    f"library's LoRA does not have; supported: {field}={allowed[0]!r}."
-                )
-        elif not any(value == off and type(value) is type(off) for off in _OFF):
-            raise ValueError(
-                f"{where}: '{file}' has {field}={value!r}, a PEFT option this library does not "
-                "know and so cannot load exactly; it loads plain LoRA adapters (this field "
-                f"unset: one of {list(_OFF)})."
-            )
-
-
-def _read_config(directory: str | os.PathLike, where: str) -> dict[str, Any]:
-    file = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{where}: no {CONFIG_NAME} in '{directory}'.")
-    with open(file) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{where}: '{file}' has peft_type={cfg.get('peft_type')!r}; only LoRA ('LORA') "
-            "adapters can be loaded."
-        )
-    _check_fields(cfg, file, where)
-    for field in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool):
-            raise ValueError(f"{where}: '{file}' needs a number '{field}', got {cfg.get(field)!r}.")
-    return cfg
-
-
 def peft_config(directory: str | os.PathLike) -> LoRAConfig:
-    """The :class:`~rplora_jax.LoRAConfig` of a PEFT LoRA adapter directory.
+    """The [`LoRAConfig`][rplora_jax.layers.config.LoRAConfig] of a PEFT LoRA adapter directory.
 
     ``r`` -> ``rank``, ``lora_alpha`` -> ``alpha``, ``use_rslora`` -> ``rslora``,
     ``lora_dropout`` -> ``dropout_rate``, so ``.scale`` is PEFT's scaling. Options this library's
@@ -441,26 +246,14 @@ def peft_config(directory: str | os.PathLike) -> LoRAConfig:
     transposes only the base weight, which a Flax kernel already stores as ``(in, out)``.
 
     Args:
-      directory: a directory written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+      directory: a directory written by PEFT's ``save_pretrained`` or
+        [`save_peft_adapter`][rplora_jax.peft_format.save_peft_adapter].
 
     Returns:
-      The config; use it to inject LoRA into the Flax model before :func:`load_peft_adapter`.
+      The config; use it to inject LoRA into the Flax model before
+      [`load_peft_adapter`][rplora_jax.peft_format.load_peft_adapter].
     """
-    return _lora_config(_read_config(directory, "peft_config"), "peft_config")
-
-
-def _lora_config(cfg: Mapping[str, Any], where: str) -> LoRAConfig:
-    """The :class:`~rplora_jax.LoRAConfig` of a checked ``adapter_config.json``."""
-    from rplora_jax.layers.config import LoRAConfig
-
-    if not float(cfg["r"]).is_integer():
-        raise ValueError(f"{where}: r must be an integer, got {cfg['r']!r}.")
-    return LoRAConfig(
-        rank=int(cfg["r"]),
-        alpha=cfg["lora_alpha"],
-        rslora=bool(cfg.get("use_rslora", False)),
-        dropout_rate=float(cfg.get("lora_dropout") or 0.0),
-    )
+    return lora_config(read_config(directory, "peft_config"), "peft_config")
 
 
 def load_peft_adapter(
@@ -480,10 +273,12 @@ def load_peft_adapter(
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
         (PEFT's default; a pickled ``adapter_model.bin`` is not read).
-      into: parameters with LoRA factors of the right shapes (their values are ignored), e.g.
-        from ``init`` of a model with LoRA injected with :func:`peft_config`'s config, or
-        ``nnx.state(model, nnx.LoRAParam)``.
-      module_names: the same mapping as for :func:`save_peft_adapter`.
+      into: parameters with LoRA factors of the right shapes (their values are ignored), e.g. from
+        ``init`` of a model with LoRA injected with
+        [`peft_config`][rplora_jax.peft_format.peft_config]'s config, or ``nnx.state(model,
+        nnx.LoRAParam)``.
+      module_names: the same mapping as for
+        [`save_peft_adapter`][rplora_jax.peft_format.save_peft_adapter].
       lora: if given, its rank and scale must equal the adapter's. An ``nnx.Module`` ``into``
         is checked without it (its LoRA layers store their scales); linen variables, plain
         dicts and ``nnx.State`` do not record the scale, so pass ``lora=`` (or the module) to
@@ -503,8 +298,8 @@ def load_peft_adapter(
     from safetensors.flax import load_file
 
     where = "load_peft_adapter"
-    cfg = _read_config(directory, where)
-    theirs = _lora_config(cfg, where)
+    cfg = read_config(directory, where)
+    theirs = lora_config(cfg, where)
     given = f"lora_alpha={cfg['lora_alpha']}, use_rslora={cfg.get('use_rslora', False)}"
     if lora is not None and (
         lora.rank != theirs.rank or not math.isclose(lora.scale, theirs.scale)
@@ -514,7 +309,7 @@ def load_peft_adapter(
             f"but lora= has rank {lora.rank}, scale {lora.scale}."
         )
     _check_nnx_scales(into, theirs.scale, f"the adapter ({given}, r={cfg['r']})", where)
-    file = os.path.join(directory, WEIGHTS_NAME)
+    file = os.path.join(directory, _WEIGHTS_NAME)
     if not os.path.isfile(file):
         hint = ""
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
@@ -523,16 +318,22 @@ def load_peft_adapter(
                 "safetensors.torch.save_file(torch.load('adapter_model.bin'), "
                 "'adapter_model.safetensors')."
             )
-        raise FileNotFoundError(f"{where}: no {WEIGHTS_NAME} in '{directory}'.{hint}")
+        raise FileNotFoundError(f"{where}: no {_WEIGHTS_NAME} in '{directory}'.{hint}")
     tensors = load_file(file)
 
     tree = as_param_tree(into)
-    modules, leaves = _plan(tree, module_names, rules, None, where)
+    modules, leaves = plan(
+        tree,
+        module_names,
+        rules,
+        (theirs.rank, f"'{os.path.join(directory, CONFIG_NAME)}' has r ="),
+        where,
+    )
     missing: list[str] = []
     parts: dict[str, dict[tuple[int, ...], Any]] = {}
     for m in modules:
         for role, path in (("A", m.pair.a_path), ("B", m.pair.b_path)):
-            key = f"{KEY_PREFIX}{m.name}.lora_{role}.weight"
+            key = f"{_KEY_PREFIX}{m.name}.lora_{role}.weight"
             if key not in tensors:
                 missing.append(key)
                 continue
@@ -548,7 +349,7 @@ def load_peft_adapter(
                     f"{tuple(reversed(want)) if m.pair.layout == 'flax' else want})."
                 )
             parts.setdefault(path, {})[m.index] = value.astype(jnp.result_type(leaf))
-    used = {f"{KEY_PREFIX}{m.name}.lora_{r}.weight" for m in modules for r in "AB"}
+    used = {f"{_KEY_PREFIX}{m.name}.lora_{r}.weight" for m in modules for r in "AB"}
     unexpected = sorted(set(tensors) - used)
     if missing or unexpected:
         raise ValueError(

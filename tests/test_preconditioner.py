@@ -13,8 +13,9 @@ import pytest
 from reference import AdamW, factorisation_grads, precondition_flax, precondition_torch
 
 import rplora_jax
+from rplora_jax import _linalg, riemannian_preconditioner, scaled_adamw, scaled_sgd
 from rplora_jax import preconditioner as P
-from rplora_jax import riemannian_preconditioner, scaled_adamw, scaled_sgd
+from rplora_jax._grouping import DEFAULT, Tuning
 
 
 def rand(seed, shape, dtype=jnp.float32, scale=1.0):
@@ -24,9 +25,10 @@ def rand(seed, shape, dtype=jnp.float32, scale=1.0):
     return jnp.asarray(x.astype(np.float32).astype(dtype))
 
 
-def precondition(params, grads, reg=1e-3, **kw):
-    """One update of the preconditioner, jitted (eagerly it is several times slower)."""
-    tx = riemannian_preconditioner(reg, **kw)
+def precondition(params, grads, reg=1e-3, tuning=DEFAULT, **kw):
+    """One update of the preconditioner, jitted (eagerly it is several times slower); ``tuning``
+    sets its performance choices."""
+    tx = P._transformation(reg, tuning=tuning, **kw)
 
     @jax.jit
     def update(grads, params):
@@ -69,12 +71,12 @@ def test_stacked_layers_are_independent():
     assert pair.stacked_shape == (4,) and pair.rank == 3
 
 
-def check_flax_pair(a_shape, b_shape, stacked, reg, *, rtol):
+def check_flax_pair(a_shape, b_shape, stacked, reg, *, rtol, tuning=DEFAULT):
     """Preconditions one Flax-layout pair of random factors and gradients, checks it against the
     NumPy reference, and returns ``(params, grads, want_a, want_b)``."""
     params = {"lora_a": rand(1, a_shape), "lora_b": rand(2, b_shape)}
     grads = {"lora_a": rand(3, a_shape), "lora_b": rand(4, b_shape)}
-    updates = precondition(params, grads, reg)
+    updates = precondition(params, grads, reg, tuning)
     want_a, want_b = precondition_flax(
         grads["lora_a"], grads["lora_b"], params["lora_a"], params["lora_b"], reg, stacked
     )
@@ -117,39 +119,48 @@ def test_large_rank_uses_the_matmul_path(stacked):
 
 
 @pytest.mark.usefixtures("strict_promotion")
-@pytest.mark.parametrize("form", ["unrolled", "sum", "matmul"])
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        Tuning(unroll_min_size=0),  # unrolled, but a dot for the rank-first b
+        Tuning(unroll_min_size=0, rank_first_apply="unrolled"),  # unrolled on both sides
+        Tuning(unroll_min_size=1 << 30),  # summed over the rank
+        Tuning(unroll_max_rank=0),  # a dot
+        Tuning(unroll_min_size=0, large_grams="stacked"),  # stacked Grams of large factors
+        Tuning(inverse="cholesky"),  # the inverse of other backends than the CPU
+        Tuning(unroll_min_size=0, rank_first_apply="unrolled", large_grams="stacked"),
+    ],
+    ids=["unrolled", "unrolled-both", "summed", "matmul", "stacked-grams", "cholesky", "all-other"],
+)
 @pytest.mark.parametrize(
     ("a_shape", "b_shape", "stacked"),
     [((70, 3), (3, 90), 0), ((2, 6, 5, 4), (2, 4, 30), 1)],
 )
-def test_every_apply_form_matches_numpy(monkeypatch, form, a_shape, b_shape, stacked):
-    # Which form _apply takes depends on the rank and the gradient's size; all must agree.
-    monkeypatch.setattr(P, "_UNROLL_MIN_SIZE", 0 if form == "unrolled" else 1 << 30)
-    monkeypatch.setattr(P, "_UNROLL_MAX_RANK", 0 if form == "matmul" else 32)
-    check_flax_pair(a_shape, b_shape, stacked, 1e-2, rtol=5e-5)
+def test_every_form_matches_numpy(tuning, a_shape, b_shape, stacked):
+    # Which forms the update takes depends on the backend, the rank and the gradient's size;
+    # all must give the same result.
+    check_flax_pair(a_shape, b_shape, stacked, 1e-2, rtol=5e-5, tuning=tuning)
 
 
 @pytest.mark.parametrize("stacked", [0, 1])
 def test_unrolled_form_with_the_rank_axis_first(stacked):
-    # On CPU such gradients take the matmul, so the pair tests never reach this form; other
-    # backends use it. Checked here directly against NumPy (inv is symmetric, like every inverse).
+    # The unrolled apply of rank-first gradients, which are otherwise dots, directly against
+    # NumPy (inv is symmetric, like every inverse).
     lead = (2,) * stacked
     g = rand(0, (*lead, 3, 7))
     m = rand(1, (*lead, 3, 3))
     inv = m + jnp.swapaxes(m, -1, -2)
-    got = P._apply_unrolled(g, inv, rank_axis=stacked, stacked=stacked)
+    got = _linalg.apply_unrolled(g, inv, rank_axis=stacked, stacked=stacked)
     want = np.einsum("...jk,...kc->...jc", np.asarray(inv, np.float64), np.asarray(g, np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.usefixtures("strict_promotion")
-def test_many_pairs_of_mixed_kinds_are_each_preconditioned(monkeypatch):
+def test_many_pairs_of_mixed_kinds_are_each_preconditioned():
     # Pairs are batched by kind (shapes, dtypes, stacking) in chunks: interleaved kinds, several
     # chunks of one kind and a partial chunk must each get their own Grams. With these sizes the
     # first kind takes the summed apply and the others the unrolled one.
-    monkeypatch.setattr(P, "_CHUNK", 2)
-    monkeypatch.setattr(P, "_UNROLLED_CHUNK", 3)
-    monkeypatch.setattr(P, "_UNROLL_MIN_SIZE", 20)
+    tuning = DEFAULT._replace(chunk=2, unrolled_chunk=3, unroll_min_size=20)
     shapes = [((6, 2), (2, 5), 0), ((4, 3, 2), (4, 2, 5), 1), ((7, 3), (3, 4), 0)]
     params, grads, kinds = {}, {}, {}
     for i in range(11):
@@ -159,7 +170,7 @@ def test_many_pairs_of_mixed_kinds_are_each_preconditioned(monkeypatch):
         params[name] = {"lora_a": rand(4 * i, a_shape), "lora_b": rand(4 * i + 1, b_shape)}
         grads[name] = {"lora_a": rand(4 * i + 2, a_shape), "lora_b": rand(4 * i + 3, b_shape)}
     params["layer_1"]["lora_b"] = jnp.zeros((4, 2, 5))  # a zero factor among nonzero ones
-    updates = precondition(params, grads, 1e-2)
+    updates = precondition(params, grads, 1e-2, tuning)
     for name, stacked in kinds.items():
         p, g = params[name], grads[name]
         want_a, want_b = precondition_flax(
@@ -593,8 +604,8 @@ def test_cpu_and_cholesky_inverses_agree(rank):
     singular = np.zeros((1, rank, rank), np.float32)
     m = np.concatenate([x @ np.swapaxes(x, -1, -2), singular])
     eye = np.broadcast_to(np.eye(rank, dtype=np.float32), m.shape)
-    gj = np.asarray(jax.jit(P._gauss_jordan_inverse)(m + np.float32(1e-3) * eye, eye))
-    chol = np.asarray(jax.jit(P._cholesky_inverse)(m + np.float32(1e-3) * eye, eye))
+    gj = np.asarray(jax.jit(_linalg.gauss_jordan_inverse)(m + np.float32(1e-3) * eye, eye))
+    chol = np.asarray(jax.jit(_linalg.cholesky_inverse)(m + np.float32(1e-3) * eye, eye))
     m64 = np.asarray(m[:4], np.float64) + 1e-3 * np.eye(rank)
     want = np.linalg.inv(m64)
     if rank == 3:
@@ -611,18 +622,18 @@ def test_cpu_and_cholesky_inverses_agree(rank):
             err = np.asarray(got, np.float64) - want
             rel = np.linalg.norm(err, 2, axis=(-2, -1)) / np.linalg.norm(want, 2, axis=(-2, -1))
             assert np.all(rel < bound), (rel, bound)
-    gj0 = jax.jit(P._gauss_jordan_inverse)(m, eye)
+    gj0 = jax.jit(_linalg.gauss_jordan_inverse)(m, eye)
     np.testing.assert_array_equal(gj0[4], np.eye(rank))
-    np.testing.assert_array_equal(jax.jit(P._cholesky_inverse)(m, eye)[4], np.eye(rank))
+    np.testing.assert_array_equal(jax.jit(_linalg.cholesky_inverse)(m, eye)[4], np.eye(rank))
 
 
 _MANY_PAIRS = """
 import jax, jax.numpy as jnp, numpy as np, rplora_jax
-from rplora_jax import preconditioner
-preconditioner._CHUNK = 4  # inverses in batches of 8 Grams, which hung; one batch of 32 did not
+from rplora_jax import preconditioner, _grouping
 p = {f"l{i}": {"lora_a": jnp.full((384, 64), 0.01 + i), "lora_b": jnp.full((64, 384), 0.01)}
      for i in range(16)}
-tx = rplora_jax.riemannian_preconditioner(1e-2)
+# Inverses in batches of 8 Grams, which hung; one batch of 32 did not.
+tx = preconditioner._transformation(1e-2, tuning=_grouping.DEFAULT._replace(chunk=4))
 u, _ = jax.jit(tx.update)(p, tx.init(p), p)
 a, b = (np.asarray(p["l3"][n], np.float64) for n in ("lora_a", "lora_b"))
 want = a @ np.linalg.inv(b @ b.T + 1e-2 * np.eye(64))

@@ -1,13 +1,14 @@
 """Flax LoRA layers and injection (needs ``flax``: ``pip install rplora_jax[flax]``).
 
-* :mod:`~rplora_jax.layers.config`: :class:`LoRAConfig`, the one set of LoRA options, and what the
-  layers share (initialisers, the einsum split). Imports no Flax.
-* :mod:`~rplora_jax.layers.lora_linen`: ``LoRADense``, ``LoRADenseGeneral``, ``LoRAEinsum``
+* `rplora_jax.layers.config`: [`LoRAConfig`][rplora_jax.layers.config.LoRAConfig], the one set of
+  LoRA options, and what the layers share (initialisers, the einsum split). Imports no Flax.
+* `rplora_jax.layers.lora_linen`: ``LoRADense``, ``LoRADenseGeneral``, ``LoRAEinsum``
   (subclasses of ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``).
-* :mod:`~rplora_jax.layers.lora_nnx`: ``LoRALinear``, ``LoRALinearGeneral``, ``LoRAEinsum``
+* `rplora_jax.layers.lora_nnx`: ``LoRALinear``, ``LoRALinearGeneral``, ``LoRAEinsum``
   (subclasses of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``).
-* :mod:`~rplora_jax.layers.inject`: :func:`inject_linen`, :func:`inject_nnx`: LoRA added to an
-  existing model by regex on module paths.
+* `rplora_jax.layers.inject`: [`inject_linen`][rplora_jax.layers.inject.inject_linen],
+  [`inject_nnx`][rplora_jax.layers.inject.inject_nnx]: LoRA added to an existing model by regex
+  on module paths.
 
 Nothing is imported here, so ``rplora_jax.layers.config`` stays free of Flax.
 """

@@ -15,16 +15,16 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-Initializer = Callable[..., jax.Array]
-AInit = Literal["kaiming_uniform", "gaussian"] | Initializer
+_Initializer = Callable[..., jax.Array]
+_AInit = Literal["kaiming_uniform", "gaussian"] | _Initializer
 # Default for `b`: zero, so a fresh LoRA layer computes exactly what its base layer does.
-ZEROS: Initializer = jax.nn.initializers.zeros
+_ZEROS: _Initializer = jax.nn.initializers.zeros
 
 # Letters jnp.einsum accepts; the rank letter is picked among those the equation does not use.
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def per_layer(init: Initializer, n_stack: int) -> Initializer:
+def _per_layer(init: _Initializer, n_stack: int) -> _Initializer:
     """``init`` applied to each of the stacked layers in the ``n_stack`` leading axes, with its
     own key: a fan-in-based initializer then sees one layer's shape, not the stack's."""
     if not n_stack:
@@ -70,8 +70,8 @@ class LoRAConfig:
     alpha: float | None = None
     rslora: bool = False
     dropout_rate: float = 0.0
-    a_init: AInit = "kaiming_uniform"
-    b_init: Initializer = ZEROS
+    a_init: _AInit = "kaiming_uniform"
+    b_init: _Initializer = _ZEROS
     param_dtype: Any = None
 
     def __post_init__(self):
@@ -106,11 +106,11 @@ class LoRAConfig:
         """The factors' dtype for a base layer whose parameters have ``base_param_dtype``."""
         return base_param_dtype if self.param_dtype is None else self.param_dtype
 
-    def b_initializer(self, n_stack: int = 0) -> Initializer:
+    def b_initializer(self, n_stack: int = 0) -> _Initializer:
         """The initializer of ``b: (*stack, r, *out)``: ``b_init`` per stacked layer."""
-        return per_layer(self.b_init, n_stack)
+        return _per_layer(self.b_init, n_stack)
 
-    def a_initializer(self, n_stack: int = 0) -> Initializer:
+    def a_initializer(self, n_stack: int = 0) -> _Initializer:
         """The initializer of ``a: (*stack, *in, r)``: fan-in is the product of the input axes.
 
         Args:
@@ -120,7 +120,7 @@ class LoRAConfig:
           An initializer ``(key, shape, dtype) -> array``.
         """
         if callable(self.a_init):
-            return per_layer(self.a_init, n_stack)
+            return _per_layer(self.a_init, n_stack)
         if self.a_init == "gaussian":
             return jax.nn.initializers.normal(stddev=1.0 / self.rank)
         if self.a_init == "kaiming_uniform":
@@ -143,8 +143,9 @@ class LoRAConfig:
         )
 
 
-def check_lora(lora: Any, where: str) -> LoRAConfig:
-    """``lora`` itself, or a ``TypeError`` saying that ``where`` needs a :class:`LoRAConfig`."""
+def _check_lora(lora: Any, where: str) -> LoRAConfig:
+    """``lora`` itself, or a ``TypeError`` saying that ``where`` needs a
+    [`LoRAConfig`][rplora_jax.layers.config.LoRAConfig]."""
     if not isinstance(lora, LoRAConfig):
         raise TypeError(
             f"{where}: expected a rplora_jax.LoRAConfig (e.g. LoRAConfig(rank=8, alpha=16.0)), "
@@ -154,15 +155,15 @@ def check_lora(lora: Any, where: str) -> LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EinsumSplit:
+class _EinsumSplit:
     """How ``x, kernel -> y`` becomes ``x, a -> h`` then ``h, b -> y``.
 
-    The kernel's axes must be ordered ``[shared][contracted][output]``: shared axes appear in
-    the input, the kernel and the output (e.g. experts), contracted ones only in the input and
-    kernel, output ones only in the kernel and output. Then ``a: (*shared, *contracted, r)``,
-    ``b: (*shared, r, *output)`` and ``tensordot(a, b)`` over ``r`` (batched over the shared axes)
-    has exactly the kernel's shape and axis order, which is what :func:`rplora_jax.merge` relies
-    on, and the pairing sees the shared axes as stacked layers.
+    The kernel's axes must be ordered ``[shared][contracted][output]``: shared axes appear in the
+    input, the kernel and the output (e.g. experts), contracted ones only in the input and kernel,
+    output ones only in the kernel and output. Then ``a: (*shared, *contracted, r)``, ``b: (*shared,
+    r, *output)`` and ``tensordot(a, b)`` over ``r`` (batched over the shared axes) has exactly the
+    kernel's shape and axis order, which is what [`merge`][rplora_jax.merge.merge] relies on, and
+    the pairing sees the shared axes as stacked layers.
     """
 
     a_shape: tuple[int, ...]
@@ -172,7 +173,7 @@ class EinsumSplit:
     n_shared: int
 
 
-def split_einsum(einsum_str: str, kernel_shape: Sequence[int], rank: int, where: str):
+def _split_einsum(einsum_str: str, kernel_shape: Sequence[int], rank: int, where: str):
     """Splits a two-operand einsum ``inputs, kernel -> out`` into the two LoRA einsums.
 
     Args:
@@ -182,7 +183,7 @@ def split_einsum(einsum_str: str, kernel_shape: Sequence[int], rank: int, where:
       where: module path or class name for error messages.
 
     Returns:
-      An :class:`EinsumSplit`.
+      An `_EinsumSplit`.
     """
     eq = einsum_str.replace(" ", "")
     if "->" not in eq or eq.count(",") != 1:
@@ -229,7 +230,7 @@ def split_einsum(einsum_str: str, kernel_shape: Sequence[int], rank: int, where:
     )
     h_spec = "".join(c for c in x_spec if c not in contracted) + r
     shape = tuple(int(d) for d in kernel_shape)
-    return EinsumSplit(
+    return _EinsumSplit(
         a_shape=(*shape[: n_shared + n_contract], rank),
         b_shape=(*shape[:n_shared], rank, *shape[n_shared + n_contract :]),
         x_a=f"{x_spec},{shared}{contracted}{r}->{h_spec}",

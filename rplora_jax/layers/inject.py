@@ -5,13 +5,14 @@ Target layers are chosen by a regular expression on their module path, which mus
 matches a path if any one does. Paths are ``/``-joined module names, e.g.
 ``"blocks_0/attn/query"`` in linen or ``"blocks/0/attn/query"`` in NNX.
 
-* Linen (:func:`inject_linen`): the model's ``__call__`` runs under ``nn.intercept_methods``; every
-  matching ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` call gets ``s * x @ a @ b`` added and
-  ``lora_a``/``lora_b`` created next to its ``kernel``. The model's code and parameter names are
-  untouched, so pretrained variables load as they are (:meth:`LinenLoRA.init_from`).
-* NNX (:func:`inject_nnx`): matching ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``
-  submodules are replaced in place by the layers of :mod:`rplora_jax.layers.lora_nnx`, sharing
-  the original ``kernel``/``bias`` variables.
+* Linen ([`inject_linen`][rplora_jax.layers.inject.inject_linen]): the model's ``__call__`` runs
+  under ``nn.intercept_methods``; every matching ``nn.Dense`` / ``nn.DenseGeneral`` /
+  ``nn.Einsum`` call gets ``s * x @ a @ b`` added and ``lora_a``/``lora_b`` created next to its
+  ``kernel``. The model's code and parameter names are untouched, so pretrained variables load
+  as they are (``LinenLoRA.init_from``).
+* NNX ([`inject_nnx`][rplora_jax.layers.inject.inject_nnx]): matching ``nnx.Linear`` /
+  ``nnx.LinearGeneral`` / ``nnx.Einsum`` submodules are replaced in place by the layers of
+  ``rplora_jax.layers.lora_nnx``, sharing the original ``kernel``/``bias`` variables.
 
 ``b`` starts at zero, so the injected model's outputs equal the original's exactly at
 initialisation. A pattern that matches no layer, a match that is not a linear layer, and a layer
@@ -32,19 +33,17 @@ from flax import linen as nn
 from flax import nnx, traverse_util
 
 from rplora_jax.layers import lora_nnx
-from rplora_jax.layers.config import LoRAConfig, check_lora
-from rplora_jax.layers.lora_linen import LINEN_LINEAR, LINEN_LORA, lora_delta
-
-Targets = str | Sequence[str]
+from rplora_jax.layers.config import LoRAConfig, _check_lora
+from rplora_jax.layers.lora_linen import _LINEN_LINEAR, _LINEN_LORA, _lora_delta
 
 # Modules that already carry LoRA factors: this library's and Flax's own.
-ANY_NNX_LORA = (*lora_nnx.NNX_LORA, nnx.LoRALinear, nnx.LoRA)
+_ANY_NNX_LORA = (*lora_nnx._NNX_LORA, nnx.LoRALinear, nnx.LoRA)
 
 
 class _TargetMatcher:
     """A regex or list of regexes, full-matched against module paths; remembers what matched."""
 
-    def __init__(self, targets: Targets):
+    def __init__(self, targets: str | Sequence[str]):
         patterns = [targets] if isinstance(targets, str) else list(targets)
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise ValueError(
@@ -79,12 +78,12 @@ class _TargetMatcher:
 
 
 def _not_linear_error(path: str, module: Any, kinds: str) -> ValueError:
-    if isinstance(module, (*LINEN_LORA, *ANY_NNX_LORA)):
+    if isinstance(module, (*_LINEN_LORA, *_ANY_NNX_LORA)):
         return ValueError(
             f"LoRA target rule matches '{path}', a {type(module).__name__}, which already has "
             "LoRA factors."
         )
-    bases = [b for b, _ in lora_nnx.LORA_FOR_BASE if isinstance(module, b)]
+    bases = [b for b, _ in lora_nnx._LORA_FOR_BASE if isinstance(module, b)]
     if bases:  # NNX replaces the layer: a subclass's own behaviour would be lost
         return ValueError(
             f"LoRA target rule matches '{path}', a {type(module).__name__}, a subclass of "
@@ -113,7 +112,7 @@ def _interceptor(
         if context.method_name != "__call__" or module.scope is None:
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
-        is_linear = isinstance(module, LINEN_LINEAR) and not isinstance(module, LINEN_LORA)
+        is_linear = isinstance(module, _LINEN_LINEAR) and not isinstance(module, _LINEN_LORA)
         if is_linear and linear is not None:
             linear.append(path)
         if not is_target(path):
@@ -123,7 +122,7 @@ def _interceptor(
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-        delta = lora_delta(module, x, lora, deterministic=deterministic, einsum_str=eq)
+        delta = _lora_delta(module, x, lora, deterministic=deterministic, einsum_str=eq)
         if matched is not None:
             matched.append(path)
         return y + delta.astype(y.dtype)
@@ -133,7 +132,8 @@ def _interceptor(
 
 @dataclasses.dataclass(frozen=True)
 class LinenLoRA:
-    """A linen model with LoRA injected; made by :func:`inject_linen`.
+    """A linen model with LoRA injected; made by
+    [`inject_linen`][rplora_jax.layers.inject.inject_linen].
 
     Mirrors the ``init``/``apply`` of the wrapped module. Variables are the module's own plus
     ``lora_a``/``lora_b`` next to each targeted kernel.
@@ -145,7 +145,7 @@ class LinenLoRA:
     """
 
     module: nn.Module
-    targets: Targets
+    targets: str | Sequence[str]
     lora: LoRAConfig
 
     def _run(self, fn, deterministic, matched=None, linear=None):
@@ -157,7 +157,7 @@ class LinenLoRA:
         return out
 
     def init_with_paths(self, rngs: Any, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
-        """Like :meth:`init`, also returning the sorted module paths that received LoRA."""
+        """Like `init`, also returning the sorted module paths that received LoRA."""
         matched: list[str] = []
         # One compiled init, not hundreds of eagerly dispatched ops; a bad rule fails while
         # tracing, before anything is compiled.
@@ -173,7 +173,7 @@ class LinenLoRA:
           **kwargs: keyword arguments of ``init``.
 
         Returns:
-          The paths; raises ``ValueError`` as :meth:`init` does for bad rules.
+          The paths; raises ``ValueError`` as `init` does for bad rules.
         """
         matched: list[str] = []
         init = lambda key: self.module.init(key, *args, **kwargs)
@@ -190,7 +190,7 @@ class LinenLoRA:
         """``module.apply`` with LoRA.
 
         Args:
-          variables: variables with the LoRA factors (from :meth:`init` or :meth:`init_from`).
+          variables: variables with the LoRA factors (from `init` or `init_from`).
           *args: positional arguments of ``module.apply``.
           deterministic_lora: set False to apply the LoRA dropout (pass a ``"dropout"`` rng).
           **kwargs: keyword arguments of ``module.apply`` (``rngs``, ``mutable``, ``method``...).
@@ -276,7 +276,7 @@ def _check_same_leaves(given: dict, expected: dict) -> None:
             )
 
 
-def inject_linen(module: nn.Module, targets: Targets, lora: LoRAConfig) -> LinenLoRA:
+def inject_linen(module: nn.Module, targets: str | Sequence[str], lora: LoRAConfig) -> LinenLoRA:
     """Adds LoRA to the ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` layers a regex names.
 
     Args:
@@ -286,7 +286,8 @@ def inject_linen(module: nn.Module, targets: Targets, lora: LoRAConfig) -> Linen
       lora: the LoRA options.
 
     Returns:
-      A :class:`LinenLoRA` with ``init``, ``init_from`` (pretrained weights), ``apply``, ``merge``.
+      A [`LinenLoRA`][rplora_jax.layers.inject.LinenLoRA] with ``init``, ``init_from`` (pretrained
+      weights), ``apply``, ``merge``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -302,7 +303,7 @@ def inject_linen(module: nn.Module, targets: Targets, lora: LoRAConfig) -> Linen
       >>> [p.a_path for p in rplora_jax.find_lora_pairs(variables)]
       ['params/layers_0/lora_a']
     """
-    check_lora(lora, "inject_linen")
+    _check_lora(lora, "inject_linen")
     if not isinstance(module, nn.Module):
         raise TypeError(f"inject_linen needs a linen Module, got {type(module).__name__}.")
     _TargetMatcher(targets)  # validates the patterns now
@@ -314,17 +315,17 @@ def _nnx_path(path: tuple[Any, ...]) -> str:
 
 
 def _lora_class(module: nnx.Module) -> type | None:
-    if isinstance(module, ANY_NNX_LORA):
+    if isinstance(module, _ANY_NNX_LORA):
         return None
-    return next((lora for base, lora in lora_nnx.LORA_FOR_BASE if type(module) is base), None)
+    return next((lora for base, lora in lora_nnx._LORA_FOR_BASE if type(module) is base), None)
 
 
 def inject_nnx(
-    model: nnx.Module, targets: Targets, lora: LoRAConfig, *, rngs: nnx.Rngs
+    model: nnx.Module, targets: str | Sequence[str], lora: LoRAConfig, *, rngs: nnx.Rngs
 ) -> list[str]:
     """Replaces, in place, the ``nnx.Linear``/``LinearGeneral``/``Einsum`` layers a regex names.
 
-    Each becomes the matching layer of :mod:`rplora_jax.layers.lora_nnx` (``LoRALinear``,
+    Each becomes the matching layer of `rplora_jax.layers.lora_nnx` (``LoRALinear``,
     ``LoRALinearGeneral``, ``LoRAEinsum``), sharing the original ``kernel``/``bias`` variables
     and adding ``lora_a``/``lora_b`` (``nnx.LoRAParam``). Layers stacked by ``nnx.vmap`` get
     stacked factors; ``nnx.MultiHeadAttention``'s projections are ``LinearGeneral`` layers. A
@@ -357,7 +358,7 @@ def inject_nnx(
       >>> bool((model(jnp.ones((1, 4))) == y0).all())
       True
     """
-    check_lora(lora, "inject_nnx")
+    _check_lora(lora, "inject_nnx")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"inject_nnx needs an nnx.Module, got {type(model).__name__}.")
     is_target = _TargetMatcher(targets)
@@ -395,5 +396,5 @@ def inject_nnx(
         if new.lora_dropout is not None and modes == {True}:
             new.lora_dropout.deterministic = True
     # A layer shared at several paths (tied weights) gets the same LoRA layer at each of them.
-    replaced = lora_nnx.replace_all(model, [(path, m) for path, _, m in found], new_for)
+    replaced = lora_nnx._replace_all(model, [(path, m) for path, _, m in found], new_for)
     return sorted(_nnx_path(path) for path in replaced)

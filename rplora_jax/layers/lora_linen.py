@@ -3,12 +3,14 @@
 Each layer subclasses the Flax layer it extends and adds ``s * dropout(x) @ a @ b`` to its output,
 so ``kernel`` and ``bias`` keep their names, shapes and initial values (a pretrained checkpoint
 loads unchanged) and ``lora_a``/``lora_b`` sit next to them, where the default pairing of
-:func:`rplora_jax.riemannian_preconditioner` finds them, also under ``nn.scan``. Factor layout::
+[`riemannian_preconditioner`][rplora_jax.preconditioner.riemannian_preconditioner] finds them, also
+under ``nn.scan``. Factor layout::
 
     a: (*in_axes, r)      b: (r, *out_axes)
 
-:func:`lora_delta` computes the LoRA term of any of the three Flax layers; the layers here and
-:func:`rplora_jax.inject_linen` both use it. The options are one :class:`rplora_jax.LoRAConfig`.
+`_lora_delta` computes the LoRA term of any of the three Flax layers; the layers here and
+[`inject_linen`][rplora_jax.layers.inject.inject_linen] both use it. The options are one
+[`LoRAConfig`][rplora_jax.layers.config.LoRAConfig].
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from rplora_jax.layers.config import LoRAConfig, check_lora, split_einsum
+from rplora_jax.layers.config import LoRAConfig, _check_lora, _split_einsum
 
-LINEN_LINEAR = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+_LINEN_LINEAR = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
 def _dropout(module: nn.Module, x: jax.Array, config: LoRAConfig, deterministic: bool):
@@ -37,7 +39,7 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
-def module_path(module: nn.Module) -> str:
+def _module_path(module: nn.Module) -> str:
     """A bound module's ``/``-joined path, or its class name at the top level."""
     path = "/".join(module.scope.path) if module.scope is not None else ""
     return path or type(module).__name__
@@ -51,7 +53,7 @@ def _factors(module: nn.Module, config: LoRAConfig, a_shape, b_shape, n_stack: i
     except flax.errors.NameInUseError as err:
         # Flax raises this when a second LoRA term is added within the same call.
         raise ValueError(
-            f"'{module_path(module)}' already has LoRA factors (lora_a/lora_b): LoRA was added "
+            f"'{_module_path(module)}' already has LoRA factors (lora_a/lora_b): LoRA was added "
             "to it twice (a LoRA layer matched by inject_linen, or a model injected again). Inject "
             "into the original model, or narrow the target regex."
         ) from err
@@ -59,7 +61,7 @@ def _factors(module: nn.Module, config: LoRAConfig, a_shape, b_shape, n_stack: i
     return a, b
 
 
-def lora_delta(
+def _lora_delta(
     module: nn.Module,
     inputs: jax.Array,
     config: LoRAConfig,
@@ -88,14 +90,14 @@ def lora_delta(
     elif isinstance(module, nn.DenseGeneral):
         if _as_tuple(module.batch_dims):
             raise ValueError(
-                f"LoRA on '{module_path(module)}': nn.DenseGeneral with batch_dims="
+                f"LoRA on '{_module_path(module)}': nn.DenseGeneral with batch_dims="
                 f"{module.batch_dims} is not supported."
             )
         axis = tuple(sorted(ax % inputs.ndim for ax in _as_tuple(module.axis)))
         features = _as_tuple(module.features)
     else:
         raise TypeError(
-            f"LoRA on '{module_path(module)}': expected nn.Dense, nn.DenseGeneral or nn.Einsum, "
+            f"LoRA on '{_module_path(module)}': expected nn.Dense, nn.DenseGeneral or nn.Einsum, "
             f"got {type(module).__name__}."
         )
     in_shape = tuple(inputs.shape[ax] for ax in axis)
@@ -112,8 +114,8 @@ def lora_delta(
 def _einsum_delta(module, inputs, config, deterministic, einsum_str):
     eq = module.einsum_str if module.einsum_str is not None else einsum_str
     if eq is None:
-        raise ValueError(f"LoRA on '{module_path(module)}': the nn.Einsum has no einsum_str.")
-    split = split_einsum(eq, module.shape, config.rank, f"LoRA on '{module_path(module)}'")
+        raise ValueError(f"LoRA on '{_module_path(module)}': the nn.Einsum has no einsum_str.")
+    split = _split_einsum(eq, module.shape, config.rank, f"LoRA on '{_module_path(module)}'")
     a, b = _factors(module, config, split.a_shape, split.b_shape, split.n_shared)
     x = _dropout(module, inputs, config, deterministic)
     x, a, b = promote_dtype(x, a, b, dtype=module.dtype)
@@ -128,11 +130,11 @@ class _LoRAMixin:
 
     def _add_lora(self, y: jax.Array, inputs: jax.Array, deterministic: bool | None, **kw):
         """``y`` (the base layer's output) plus the LoRA term, in y's dtype."""
-        check_lora(self.lora, f"{type(self).__name__} '{module_path(self)}' (lora=)")
+        _check_lora(self.lora, f"{type(self).__name__} '{_module_path(self)}' (lora=)")
         det = self.lora.dropout_rate == 0.0 or nn.merge_param(
             "deterministic", self.deterministic, deterministic
         )
-        return y + lora_delta(self, inputs, self.lora, deterministic=det, **kw).astype(y.dtype)
+        return y + _lora_delta(self, inputs, self.lora, deterministic=det, **kw).astype(y.dtype)
 
 
 class LoRADense(_LoRAMixin, nn.Dense):
@@ -236,4 +238,4 @@ class LoRAEinsum(_LoRAMixin, nn.Einsum):
         return self._add_lora(y, inputs, deterministic, einsum_str=einsum_str)
 
 
-LINEN_LORA = (LoRADense, LoRADenseGeneral, LoRAEinsum)
+_LINEN_LORA = (LoRADense, LoRADenseGeneral, LoRAEinsum)

@@ -1,10 +1,12 @@
 """Flax NNX LoRA layers: ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Einsum`` plus a LoRA term.
 
-``nnx.LoRA`` / ``nnx.LoRALinear`` already work with :func:`rplora_jax.riemannian_preconditioner`;
-these add what they lack: the ``alpha / r`` (or ``alpha / sqrt(r)``) scale, dropout on the LoRA
-path, PEFT's initialisers, ``LinearGeneral`` and ``Einsum`` variants, construction around an
-existing layer (sharing its weights, see :func:`rplora_jax.inject_nnx`) and folding back into
-the plain layer (:func:`rplora_jax.merge`). The options are one :class:`rplora_jax.LoRAConfig`.
+``nnx.LoRA`` / ``nnx.LoRALinear`` already work with
+[`riemannian_preconditioner`][rplora_jax.preconditioner.riemannian_preconditioner]; these add what
+they lack: the ``alpha / r`` (or ``alpha / sqrt(r)``) scale, dropout on the LoRA path, PEFT's
+initialisers, ``LinearGeneral`` and ``Einsum`` variants, construction around an existing layer
+(sharing its weights, see [`inject_nnx`][rplora_jax.layers.inject.inject_nnx]) and folding back into
+the plain layer ([`merge`][rplora_jax.merge.merge]). The options are one
+[`LoRAConfig`][rplora_jax.layers.config.LoRAConfig].
 
 Each layer subclasses the NNX layer it extends, so ``kernel``/``bias`` keep their paths, and the
 factors sit next to them as ``lora_a``/``lora_b`` (``nnx.LoRAParam``): ``wrt=nnx.LoRAParam`` trains
@@ -20,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rplora_jax.layers.config import ZEROS, LoRAConfig, check_lora, split_einsum
-from rplora_jax.merge import fold_delta
-from rplora_jax.pairing import find_lora_pairs
+from rplora_jax._linalg import fold_delta
+from rplora_jax.layers.config import _ZEROS, LoRAConfig, _check_lora, _split_einsum
+from rplora_jax.pairing import QWIX, find_lora_pairs
 
 
 class _LoRAMixin:
@@ -72,7 +74,7 @@ class _LoRAMixin:
         """The plain layer with the LoRA term folded into its kernel (for serving)."""
         base_cls = next(c for c in type(self).__mro__ if c in _BASES)
         args, kwargs = self._base_args()
-        out = base_cls(*args, kernel_init=ZEROS, bias_init=ZEROS, rngs=nnx.Rngs(0), **kwargs)
+        out = base_cls(*args, kernel_init=_ZEROS, bias_init=_ZEROS, rngs=nnx.Rngs(0), **kwargs)
         out.kernel = nnx.clone(self.kernel)
         out.kernel[...] = self.merged_kernel()
         if self.bias is not None:
@@ -95,7 +97,7 @@ class _LoRAMixin:
           A LoRA layer whose output equals ``base``'s while ``b = 0``.
         """
         args, kwargs = cls._base_args(base)
-        new = cls(*args, lora=lora, kernel_init=ZEROS, bias_init=ZEROS, rngs=rngs, **kwargs)
+        new = cls(*args, lora=lora, kernel_init=_ZEROS, bias_init=_ZEROS, rngs=rngs, **kwargs)
         # Axes of base's kernel beyond the layer's own: layers stacked by nnx.vmap.
         stack = base.kernel.shape[: base.kernel.ndim - new.kernel.ndim]
         # Share the Variable objects themselves: their metadata (sharding...) is kept.
@@ -157,7 +159,7 @@ class LoRALinear(_LoRAMixin, nnx.Linear):
         rngs: nnx.Rngs,
         **linear_kwargs: Any,
     ):
-        check_lora(lora, type(self).__name__)
+        _check_lora(lora, type(self).__name__)
         super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
         self._init_lora(lora, (in_features, lora.rank), (lora.rank, out_features), 0, rngs)
 
@@ -205,7 +207,7 @@ class LoRALinearGeneral(_LoRAMixin, nnx.LinearGeneral):
         rngs: nnx.Rngs,
         **kwargs: Any,
     ):
-        check_lora(lora, type(self).__name__)
+        _check_lora(lora, type(self).__name__)
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         if self.batch_axis:
             raise ValueError("LoRALinearGeneral does not support batch_axis.")
@@ -272,10 +274,10 @@ class LoRAEinsum(_LoRAMixin, nnx.Einsum):
         rngs: nnx.Rngs,
         **einsum_kwargs: Any,
     ):
-        split = split_einsum(
+        split = _split_einsum(
             einsum_str,
             kernel_shape,
-            check_lora(lora, type(self).__name__).rank,
+            _check_lora(lora, type(self).__name__).rank,
             type(self).__name__,
         )
         super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **einsum_kwargs)
@@ -305,15 +307,15 @@ class LoRAEinsum(_LoRAMixin, nnx.Einsum):
 
 _BASES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 # The LoRA layer for each base layer, most specific first.
-LORA_FOR_BASE: tuple[tuple[type, type], ...] = (
+_LORA_FOR_BASE: tuple[tuple[type, type], ...] = (
     (nnx.Linear, LoRALinear),
     (nnx.LinearGeneral, LoRALinearGeneral),
     (nnx.Einsum, LoRAEinsum),
 )
-NNX_LORA = (LoRALinear, LoRALinearGeneral, LoRAEinsum)
+_NNX_LORA = (LoRALinear, LoRALinearGeneral, LoRAEinsum)
 
 
-def layer_scales(model: nnx.Module) -> dict[str, float]:
+def _layer_scales(model: nnx.Module) -> dict[str, float]:
     """The LoRA scale of each LoRA layer of ``model``, by ``/``-joined module path.
 
     This library's layers store theirs (``lora.scale``); Flax's ``nnx.LoRALinear`` and
@@ -321,21 +323,21 @@ def layer_scales(model: nnx.Module) -> dict[str, float]:
     """
     scales = {}
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, NNX_LORA):
+        if isinstance(module, _NNX_LORA):
             scales["/".join(map(str, path))] = float(module.lora.scale)
         elif isinstance(module, (nnx.LoRALinear, nnx.LoRA)):
             scales["/".join(map(str, path))] = 1.0
     return scales
 
 
-def get_child(parent: Any, key: Any) -> Any:
+def _get_child(parent: Any, key: Any) -> Any:
     """``parent.key`` or ``parent[key]``, as NNX paths index modules, lists and dicts."""
     if isinstance(parent, (Mapping, Sequence)) and not isinstance(parent, str):
         return parent[key]
     return getattr(parent, key)
 
 
-def set_child(parent: Any, key: Any, value: Any) -> None:
+def _set_child(parent: Any, key: Any, value: Any) -> None:
     """Sets ``parent.key`` or ``parent[key]`` in place."""
     if isinstance(parent, (Mapping, MutableSequence)):
         parent[key] = value
@@ -343,15 +345,15 @@ def set_child(parent: Any, key: Any, value: Any) -> None:
         setattr(parent, key, value)
 
 
-def replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
+def _replace_module(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
     """Puts ``new`` at ``path`` (as ``nnx.iter_modules`` gives it) inside ``root``, in place."""
     parent = root
     for key in path[:-1]:
-        parent = get_child(parent, key)
-    set_child(parent, path[-1], new)
+        parent = _get_child(parent, key)
+    _set_child(parent, path[-1], new)
 
 
-def replace_all(
+def _replace_all(
     root: nnx.Module, found: list[tuple[tuple, nnx.Module]], new_for: Mapping[int, nnx.Module]
 ) -> list[tuple]:
     """Puts ``new_for[id(m)]`` at each ``(path, m)`` of ``found`` in ``root``, in place, and
@@ -366,7 +368,7 @@ def replace_all(
     replaced = []
     while todo:
         for path, new in todo:
-            replace_module(root, path, new)
+            _replace_module(root, path, new)
             replaced.append(path)
         todo = [
             (path, new_for[id(m)])
@@ -385,8 +387,8 @@ def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
     out = nnx.Linear(
         layer.in_features,
         layer.out_features,
-        kernel_init=ZEROS,
-        bias_init=ZEROS,
+        kernel_init=_ZEROS,
+        bias_init=_ZEROS,
         rngs=nnx.Rngs(0),
         dot_general=layer.dot_general,
         **_common_kwargs(layer),
@@ -399,7 +401,7 @@ def _fold_flax_lora_linear(layer: nnx.LoRALinear) -> nnx.Linear:
 
 def _folded(module: nnx.Module, path: str) -> nnx.Module | None:
     try:
-        if isinstance(module, NNX_LORA):
+        if isinstance(module, _NNX_LORA):
             return module.to_base()
         if isinstance(module, nnx.LoRALinear):
             return _fold_flax_lora_linear(module)
@@ -408,7 +410,7 @@ def _folded(module: nnx.Module, path: str) -> nnx.Module | None:
     return None
 
 
-def merge_module(model: nnx.Module) -> nnx.Module:
+def _merge_module(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with every LoRA layer folded into its plain layer.
 
     Folds this library's layers (their scale is stored with them) and Flax's own
@@ -426,12 +428,19 @@ def merge_module(model: nnx.Module) -> nnx.Module:
         if new is not None:
             found.append((path, module))
             new_for[id(module)] = new
-    replace_all(out, found, new_for)  # a tied layer becomes one merged layer at every path
+    _replace_all(out, found, new_for)  # a tied layer becomes one merged layer at every path
     left = find_lora_pairs(nnx.state(out))
-    if left:
-        raise ValueError(
-            "merge: these LoRA factors are not in a layer merge knows how to fold (this "
-            "library's LoRA layers, nnx.LoRALinear): "
-            f"{[p.a_path for p in left]}. Fold them yourself, or use this library's layers."
-        )
-    return out
+    if not left:
+        return out
+    # qwix's factors are parameters next to their weight <w>: a dict merge finds the kernel.
+    how = (
+        "Factors stored as parameters, as qwix's <w>_lora_a / <w>_lora_b, fold as a parameter "
+        "dict with their scale: rplora_jax.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)), "
+        "scale=alpha / rank) gives the parameters without LoRA, LoRA folded into each <w>."
+        if any(p.rule == QWIX.name for p in left)
+        else "Fold them yourself, or use this library's layers."
+    )
+    raise ValueError(
+        "merge: these LoRA factors are not in a layer merge knows how to fold (this library's "
+        f"LoRA layers, nnx.LoRALinear): {[p.a_path for p in left]}. {how}"
+    )

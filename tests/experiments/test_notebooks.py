@@ -21,7 +21,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SMOKE_ENV = "RPLORA_NOTEBOOK_SMOKE"
 FORMATS = "ipynb,py:percent"
 # How to bring the .ipynb files up to date with their sources (CONTRIBUTING.md, "Notebooks").

@@ -1,5 +1,7 @@
 """NNX LoRA layers: wrapping existing layers, the scaled term, stacking, merge, LoRAParam grads."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,6 +193,28 @@ def test_merge_refuses_what_it_cannot_fold():
         merge(model)
     with pytest.raises(ValueError, match="stores its own scale"):
         merge(LoRALinear(4, 3, lora=LoRAConfig(rank=2), rngs=nnx.Rngs(0)), scale=2.0)
+
+
+def test_merge_of_a_model_with_qwix_factors_shows_the_call_that_folds_them():
+    # qwix adds <w>_lora_a / <w>_lora_b parameters next to <w>; merge(module) cannot turn such a
+    # layer into a plain one, but the parameter dict folds with the scale, as the error says.
+    class QwixLike(nnx.Module):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.w = nnx.Param(jnp.asarray(rng.standard_normal((4, 3)), jnp.float32))
+            self.w_lora_a = nnx.LoRAParam(jnp.asarray(rng.standard_normal((4, 2)), jnp.float32))
+            self.w_lora_b = nnx.LoRAParam(jnp.asarray(rng.standard_normal((2, 3)), jnp.float32))
+
+    model = QwixLike()
+    call = "rplora_jax.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)), scale=alpha / rank)"
+    with pytest.raises(
+        ValueError, match=r"\['w_lora_a'\]\. Factors stored as .*" + re.escape(call)
+    ):
+        merge(model)
+    merged = merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)), scale=0.5)
+    want = model.w[...] + 0.5 * model.w_lora_a[...] @ model.w_lora_b[...]
+    assert sorted(merged) == ["w"]
+    np.testing.assert_allclose(merged["w"], want, rtol=1e-6, atol=1e-6)
 
 
 def test_merge_refuses_integer_kernel():

@@ -177,7 +177,7 @@ def test_leave_one_seed_out_picks_each_seeds_rate_from_the_others():
 def test_leave_one_seed_out_figures_on_the_fine_tuning_page(dataset, optimizer, expected):
     from pathlib import Path
 
-    runs = Path(__file__).resolve().parents[1] / "results" / "finetune" / dataset / "runs.csv"
+    runs = Path(__file__).resolve().parents[2] / "results" / "finetune" / dataset / "runs.csv"
     acc, _ = ft.leave_one_seed_out(ft._read_runs(runs), optimizer)
     assert 100 * acc == pytest.approx(expected, abs=0.005)
 
