@@ -129,7 +129,7 @@ def varying(x: Any) -> frozenset:
     return frozenset(axes or ())
 
 
-def _manual_axes(names, where: str, hint: str = "") -> frozenset:
+def _manual_axes(names, who: str, where: str, hint: str = "") -> frozenset:
     """Those of ``names`` that are manual axes here; a name that is not a mesh axis is an error
     (it would never match a varying axis and be skipped silently). An Auto/Explicit axis holds
     global values that XLA reduces itself."""
@@ -142,7 +142,7 @@ def _manual_axes(names, where: str, hint: str = "") -> frozenset:
             else "there is no mesh here (not inside jax.shard_map)"
         )
         raise ValueError(
-            f"riemannian_preconditioner({where}): {', '.join(map(repr, unknown))} is not a mesh "
+            f"{who}({where}): {', '.join(map(repr, unknown))} is not a mesh "
             f"axis: {here}. Name the shard_map mesh axes the factors are sharded over{hint}."
         )
     return frozenset(n for n in names if n in mesh.manual_axes)
@@ -154,27 +154,28 @@ def _tracks_varying(axis: str) -> bool:
     return axis in varying(jax.lax.axis_index(axis))
 
 
-def sum_axes(axis_names: tuple[str, ...] | None, specs: Any, params: Any) -> SumAxes:
+def sum_axes(axis_names: tuple[str, ...] | None, specs: Any, params: Any, who: str) -> SumAxes:
     """How the update finds, per pair, the manual axes to sum its Grams over: by name, by spec,
     or none (global arrays under ``jax.jit``)."""
     if axis_names is not None:
-        return _sum_axes_by_name(axis_names)
+        return _sum_axes_by_name(axis_names, who)
     if specs is not None:
-        return _sum_axes_by_spec(leaf_specs(specs, params))
+        return _sum_axes_by_spec(leaf_specs(specs, params, who), who)
     return lambda pair, p_leaves: ((), ())
 
 
-def _sum_axes_by_name(names: tuple[str, ...]) -> SumAxes:
+def _sum_axes_by_name(names: tuple[str, ...], who: str) -> SumAxes:
     """Per factor, the named manual axes it varies along."""
     manual = _manual_axes(
         names,
+        who,
         f"axis_name={names!r}",
         "; under jax.jit leave axis_name=None (XLA sums sharded Grams itself)",
     )
     for n in sorted(manual):
         if not _tracks_varying(n):
             raise ValueError(
-                f"riemannian_preconditioner(axis_name={names!r}) needs shard_map's varying-axes "
+                f"{who}(axis_name={names!r}) needs shard_map's varying-axes "
                 f"types to know which factors are sharded over {n!r}, and they are off here "
                 "(jax.shard_map(..., check_vma=False), or jax.pmap). Use check_vma=True (the "
                 "default), pass specs= (the factors' PartitionSpecs), or run the update under "
@@ -191,7 +192,7 @@ def _sum_axes_by_name(names: tuple[str, ...]) -> SumAxes:
     return pair_axes
 
 
-def _sum_axes_by_spec(leaf_specs: list[Any]) -> SumAxes:
+def _sum_axes_by_spec(leaf_specs: list[Any], who: str) -> SumAxes:
     """Per factor, the manual axes its feature axes are sharded over by its PartitionSpec; its
     stacked axes hold whole layers, and a rank axis split inside shard_map is an error."""
     manual_here = jax.sharding.get_abstract_mesh().manual_axes
@@ -206,10 +207,10 @@ def _sum_axes_by_spec(leaf_specs: list[Any]) -> SumAxes:
 
         feature = set().union(*(names(i) for i in range(stacked, np.ndim(x)) if i != rank_axis))
         rank = names(rank_axis)
-        manual = _manual_axes(feature | rank, f"specs: '{path}' has spec {spec}")
+        manual = _manual_axes(feature | rank, who, f"specs: '{path}' has spec {spec}")
         if manual & rank:
             raise ValueError(
-                f"riemannian_preconditioner(specs=...): '{path}' has its rank axis sharded over "
+                f"{who}(specs=...): '{path}' has its rank axis sharded over "
                 f"{sorted(manual & rank)} (spec {spec}) inside shard_map, where each device would "
                 "invert the Gram of a block of the rank. Leave the rank axis unsharded, or run the "
                 "update under jax.jit on the global arrays."
@@ -218,7 +219,7 @@ def _sum_axes_by_spec(leaf_specs: list[Any]) -> SumAxes:
         missing = [n for n in axes if n in tracked and n not in varying(x)]
         if missing:
             raise ValueError(
-                f"riemannian_preconditioner(specs=...): the spec of '{path}', {spec}, shards it "
+                f"{who}(specs=...): the spec of '{path}', {spec}, shards it "
                 f"over {missing}, but inside this shard_map it does not vary along them: pass the "
                 "same PartitionSpecs as shard_map's in_specs."
             )
@@ -238,7 +239,7 @@ def _sum_axes_by_spec(leaf_specs: list[Any]) -> SumAxes:
     return pair_axes
 
 
-def leaf_specs(specs, params) -> list[Any]:
+def leaf_specs(specs, params, who: str) -> list[Any]:
     """One PartitionSpec (or None) per leaf of ``params``, from a tree of them or a prefix of one,
     as ``shard_map``'s ``in_specs`` takes them. Matched by path, so the container types may
     differ (an ``nnx.State`` of ``nnx.Variable``-wrapped specs for plain dicts of arrays)."""
@@ -252,16 +253,13 @@ def leaf_specs(specs, params) -> list[Any]:
     }
     bad = next(((p, x) for p, x in by_path.items() if not is_spec(x)), None)
     if bad is not None:
-        raise ValueError(
-            f"riemannian_preconditioner(specs=...) holds {bad[1]!r} at '{bad[0]}', not a "
-            "PartitionSpec."
-        )
+        raise ValueError(f"{who}(specs=...) holds {bad[1]!r} at '{bad[0]}', not a PartitionSpec.")
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
     prefixes = [_longest_prefix(path_str(p), by_path) for p, _ in flat]
     missing = [path_str(p) for (p, _), prefix in zip(flat, prefixes, strict=True) if prefix is None]
     if missing:
         raise ValueError(
-            f"riemannian_preconditioner(specs=...) has no spec for {missing}: give a tree of "
+            f"{who}(specs=...) has no spec for {missing}: give a tree of "
             "PartitionSpecs with the parameters' structure, or a prefix of it, as shard_map's "
             "in_specs."
         )
@@ -269,9 +267,7 @@ def leaf_specs(specs, params) -> list[Any]:
     used = set(prefixes)
     unused = sorted(p for p, x in by_path.items() if x is not None and p not in used)
     if unused:
-        raise ValueError(
-            f"riemannian_preconditioner(specs=...) has specs for no parameter: {unused}."
-        )
+        raise ValueError(f"{who}(specs=...) has specs for no parameter: {unused}.")
     return [by_path[prefix] for prefix in prefixes]
 
 

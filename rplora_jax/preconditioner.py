@@ -1,12 +1,14 @@
 """The Riemannian preconditioner for LoRA (Zhang & Pilanci, ICML 2024) as optax transformations.
 
-``_precondition`` is the whole rule, for a chunk of pairs of one kind. How pairs are grouped and
-which form each operation takes is in ``_grouping.py``, the linear algebra in ``_linalg.py``,
-the handling of meshes in ``_mesh.py``.
+``_precondition`` is the whole rule, for a chunk of pairs of one kind. What every optimizer over
+LoRA pairs does around its rule is in ``_pairwise.py``; how pairs are grouped and which form
+each operation takes in ``_grouping.py``, the linear algebra in ``_linalg.py``, meshes in
+``_mesh.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rplora_jax import _grouping, _mesh
-from rplora_jax._trees import is_masked
-from rplora_jax.pairing import RuleSpec, _match_pairs, _no_pairs_error
+from rplora_jax import _grouping, _mesh, _pairwise
+from rplora_jax.pairing import RuleSpec
 
 DEFAULT_REG = 1e-2
 """The default ``reg``, PEFT's value; the paper's code uses 1e-6. LoRA starts with ``b = 0``, so
@@ -157,61 +158,15 @@ def _transformation(
 ) -> optax.GradientTransformation:
     """``riemannian_preconditioner`` with its performance choices set by ``tuning``."""
     _check_reg(reg)
-    axis_names = _mesh.check_axis_name(axis_name)
-    if axis_names is not None and specs is not None:
-        raise ValueError(
-            "riemannian_preconditioner: pass axis_name or specs, not both (specs says which "
-            "axes each factor is sharded over, axis_name only which axes to sum over)."
-        )
-
-    def find(tree):
-        pairs, leaves, treedef = _match_pairs(tree, rules=rules, stacked_axes=stacked_axes)
-        if not pairs and not allow_no_pairs:
-            raise _no_pairs_error(tree, "riemannian_preconditioner")
-        return pairs, leaves, treedef
-
-    def init_fn(params):
-        find(params)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "riemannian_preconditioner needs the current parameters: call "
-                "update(updates, state, params)."
-            )
-        # Paired on the parameters, so a gradient of the wrong shape is named as such.
-        pairs, p_leaves, treedef = find(params)
-        g_leaves, g_treedef = jax.tree_util.tree_flatten(updates, is_leaf=is_masked)
-        if g_treedef != treedef:
-            raise ValueError(
-                "params and updates have different tree structures:\n"
-                f"  updates: {g_treedef}\n  params:  {treedef}"
-            )
-        _check_shapes(pairs, p_leaves, g_leaves)
-        if not pairs:
-            return updates, state
-        sum_axes = _mesh.sum_axes(axis_names, specs, params)
-        out = list(g_leaves)
-        for chunk, kind in _grouping.chunks(pairs, p_leaves, g_leaves, sum_axes, tuning):
-            a, b = [p_leaves[p.a_index] for p in chunk], [p_leaves[p.b_index] for p in chunk]
-            g_a, g_b = [g_leaves[p.a_index] for p in chunk], [g_leaves[p.b_index] for p in chunk]
-            new_a, new_b = _precondition(a, b, g_a, g_b, reg=reg, kind=kind, tuning=tuning)
-            for pair, x, y in zip(chunk, new_a, new_b, strict=True):
-                out[pair.a_index], out[pair.b_index] = x, y
-        return treedef.unflatten(out), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_shapes(pairs, p_leaves, g_leaves) -> None:
-    for pair in pairs:
-        for path, i in ((pair.info.a_path, pair.a_index), (pair.info.b_path, pair.b_index)):
-            if np.shape(p_leaves[i]) != np.shape(g_leaves[i]):
-                raise ValueError(
-                    f"Gradient at '{path}' has shape {np.shape(g_leaves[i])} but its parameter "
-                    f"has shape {np.shape(p_leaves[i])}."
-                )
+    setup = _pairwise.setup(
+        "riemannian_preconditioner",
+        rules=rules,
+        stacked_axes=stacked_axes,
+        allow_no_pairs=allow_no_pairs,
+        axis_name=axis_name,
+        specs=specs,
+    )
+    return _pairwise.transformation(setup, functools.partial(_precondition, reg=reg), tuning)
 
 
 def _check_reg(reg) -> None:
