@@ -16,6 +16,9 @@ Architecture (file -> job):
   - ``sharding.py``: ``PartitionSpec``\\ s for the factors from their kernels' (``lora_specs``).
   - ``adapters.py``: saving/loading only the factors (safetensors, the ``adapters`` extra).
   - ``loraplus.py``: ``loraplus_adamw``, the LoRA+ baseline (Hayou et al. 2024).
+  - ``lora_rite.py``: ``scale_by_lora_rite``, ``lora_rite`` (LoRA-RITE, Yen et al. 2025);
+    ``reflora.py``: ``reflora_preconditioner``, ``reflora_adamw`` (RefLoRA, Zhang et al.
+    2025): the paper's successors.
   - ``peft_format.py``: adapters in HuggingFace PEFT's format (``PeftModel.from_pretrained``
     loads them) and PEFT adapters loaded into this library's parameters (file I/O needs the
     ``adapters`` extra).
@@ -33,6 +36,7 @@ import importlib
 from typing import Any
 
 from rplora_jax.adapters import load_adapter, save_adapter
+from rplora_jax.lora_rite import lora_rite, scale_by_lora_rite
 from rplora_jax.loraplus import loraplus_adamw
 from rplora_jax.merge import merge, unmerge
 from rplora_jax.pairing import (
@@ -54,6 +58,7 @@ from rplora_jax.preconditioner import (
     scaled_adamw,
     scaled_sgd,
 )
+from rplora_jax.reflora import reflora_adamw, reflora_preconditioner
 from rplora_jax.sharding import lora_specs
 
 __version__ = "0.2.0"
@@ -99,13 +104,17 @@ __all__ = [
     "load_adapter",
     "load_peft_adapter",
     "lora_labels",
+    "lora_rite",
     "lora_specs",
     "loraplus_adamw",
     "merge",
     "peft_config",
+    "reflora_adamw",
+    "reflora_preconditioner",
     "riemannian_preconditioner",
     "save_adapter",
     "save_peft_adapter",
+    "scale_by_lora_rite",
     "scaled_adamw",
     "scaled_sgd",
     "unmerge",

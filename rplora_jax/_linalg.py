@@ -157,3 +157,47 @@ def fold_delta(a: jax.Array, b: jax.Array, n_batch: int, precision=HIGHEST) -> j
         precision=precision,
         preferred_element_type=dtype,
     )
+
+
+def mm(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Batched ``x @ y`` in full precision on every backend."""
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def t(x: jax.Array) -> jax.Array:
+    """Batched transpose of the last two axes."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def sym(x: jax.Array) -> jax.Array:
+    """The symmetric part of a batch of square matrices."""
+    return (x + t(x)) / 2
+
+
+def psd_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues (ascending, rounding's negatives clipped to 0) and eigenvectors of PSD ``m``."""
+    w, v = jnp.linalg.eigh(sym(m))
+    return jnp.maximum(w, 0.0), v
+
+
+def geometric_mean_factors(ata: jax.Array, bbt: jax.Array, eps) -> tuple[jax.Array, jax.Array]:
+    """``(S, inv(S))`` for ``S = inv(ata) # bbt``, the matrix geometric mean, which solves
+    ``S @ ata @ S = bbt`` (RefLoRA's refactoring). As in the authors' code, from two eigen
+    decompositions, with ``eps`` added to each singular value that is inverted; batched. Where
+    either Gram is numerically singular (``b = 0``), both are the identity."""
+    lam_a, v_a = psd_eigh(ata)
+    s_a = jnp.sqrt(lam_a)
+    # M^T M for M = b^T V_a diag(s_a): its eigenvectors and singular values.
+    mtm = s_a[..., :, None] * mm(mm(t(v_a), bbt), v_a) * s_a[..., None, :]
+    lam_m, v_m = psd_eigh(mtm)
+    s_m = jnp.sqrt(lam_m)
+    left = mm(v_a / (s_a[..., None, :] + eps), v_m)
+    s = mm(left * s_m[..., None, :], t(left))
+    right = mm(v_a * s_a[..., None, :], v_m)
+    s_inv = mm(right / (s_m[..., None, :] + eps), t(right))
+    # An eigenvalue at most r * eps of the largest is rounding noise in a float32 Gram.
+    tol = ata.shape[-1] * jnp.finfo(ata.dtype).eps
+    singular = (lam_a[..., 0] <= tol * lam_a[..., -1]) | (lam_m[..., 0] <= tol * lam_m[..., -1])
+    eye = jnp.broadcast_to(jnp.eye(ata.shape[-1], dtype=ata.dtype), ata.shape)
+    pick = lambda x: jnp.where(singular[..., None, None], eye, x)
+    return pick(s), pick(s_inv)

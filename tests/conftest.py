@@ -19,4 +19,26 @@ def strict_promotion():
 
 # Scripts run in their own processes (they configure JAX's device count at import), not modules
 # to import for doctests.
-collect_ignore = ["multidevice_checks.py", "shard_map_checks.py"]
+collect_ignore = ["multidevice_checks.py", "shard_map_checks.py", "successor_checks.py"]
+
+
+@pytest.fixture(scope="session")
+def successor_report(tmp_path_factory):
+    """tests/successor_checks.py's report: LoRA-RITE and RefLoRA on 8 devices, run once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("successors") / "report.json"
+    script = Path(__file__).resolve().parent / "successor_checks.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())

@@ -222,3 +222,25 @@ def test_merge_refuses_integer_kernel():
     layer.kernel = nnx.Param(jnp.full((4, 3), 7, jnp.int8))  # a quantized base
     with pytest.raises(ValueError, match="int8 kernel"):
         merge(layer)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [rplora_jax.scaled_adamw, rplora_jax.lora_rite, rplora_jax.reflora_adamw],
+    ids=["scaled_adamw", "lora_rite", "reflora_adamw"],
+)
+def test_every_lora_optimizer_trains_an_nnx_model_through_lorap_params(make):
+    # nnx.Optimizer(..., wrt=nnx.LoRAParam) hands the optimizer the factors only.
+    model = _Two(nnx.Rngs(0))
+    base = model.layers[1]
+    model.layers[1] = LoRALinear.from_base(base, LoRAConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+    opt = nnx.Optimizer(model, make(1e-2), wrt=nnx.LoRAParam)
+    x, y = jnp.ones((4, 4)), jnp.zeros((4, 3))
+    loss = lambda m: jnp.mean((m(x) - y) ** 2)
+    kernel = model.layers[1].kernel[...]
+    first = float(loss(model))
+    for _ in range(5):
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        opt.update(model, grads)
+    assert float(loss(model)) < first
+    np.testing.assert_array_equal(model.layers[1].kernel[...], kernel)
