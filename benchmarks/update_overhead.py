@@ -7,12 +7,14 @@ both alike), with their ratios measured in this run. The ``compile`` set prints 
 only, for a growing number of small pairs. Runs on any backend (printed first).
 
     python benchmarks/update_overhead.py [--repeats 20] [--sets a b compile] [--flatten] [--ab]
-        [--tuning FIELD=VALUE ...] [--shape PAIRS WIDTH RANK]
+        [--successors] [--tuning FIELD=VALUE ...] [--shape PAIRS WIDTH RANK]
 
 ``--ab`` adds ``scaled_adamw`` with each choice of form of the preconditioner flipped (see
 ``FLIPS``), so that one run says whether the backend it runs on would take another form;
 ``--tuning`` adds it with any field of the preconditioner's ``Tuning`` set (chunk sizes,
 thresholds, forms), and ``--shape`` a set of ``PAIRS`` pairs of ``WIDTH x RANK`` factors.
+``--successors`` adds ``lora_rite`` and ``reflora_adamw``. Each set's line is followed by the
+size of each optimizer's state per parameter element.
 
 Sets (``--sets``, default all):
   a              48 pairs 1024x4 / 4x1024 (GPT-2-medium q,v)
@@ -103,12 +105,18 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def optimizers(flatten: bool = False, ab: bool = False, tuning: Sequence[str] = ()) -> dict:
+def optimizers(
+    flatten: bool = False, ab: bool = False, tuning: Sequence[str] = (), successors: bool = False
+) -> dict:
     """adamw first: the others' ratios are to it. ``flatten`` adds Adam on one flat vector of all
     the parameters (``optax.flatten``), alone and after the preconditioner: one elementwise
     kernel instead of one per leaf, at the price of copying every leaf in and out of it. ``ab``
-    adds :func:`ab_variants`, ``tuning`` :func:`tuned` for each ``FIELD=VALUE``."""
+    adds :func:`ab_variants`, ``tuning`` :func:`tuned` for each ``FIELD=VALUE``,
+    ``successors`` LoRA-RITE and RefLoRA with AdamW."""
     txs = {"adamw": optax.adamw(1e-3), "scaled_adamw": rplora_jax.scaled_adamw(1e-3)}
+    if successors:
+        txs["lora_rite"] = rplora_jax.lora_rite(1e-3)
+        txs["reflora_adamw"] = rplora_jax.reflora_adamw(1e-3)
     if flatten:
         txs["flat_adamw"] = optax.flatten(optax.adamw(1e-3))
         txs["scaled_flat_adamw"] = optax.chain(
@@ -191,6 +199,17 @@ def report(
     return f"{title}: " + "; ".join(parts)
 
 
+def state_bytes(txs: dict, params) -> str:
+    """Each optimizer's state, in bytes per parameter element (float32 parameters: 4 bytes)."""
+    n = sum(x.size for x in jax.tree.leaves(params))
+    nbytes = lambda tx: sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(tx.init, params))
+    )
+    return "state bytes per parameter: " + ", ".join(
+        f"{k} {nbytes(tx) / n:.2f}" for k, tx in txs.items()
+    )
+
+
 def temp_bytes(compiled) -> int | None:
     """Bytes of temporary buffers XLA allocates for each run of ``compiled`` (None if the
     backend does not say). On CPU, glibc's malloc maps blocks above 32 MiB (33.55 MB) afresh on
@@ -242,6 +261,9 @@ def main() -> None:
     )
     parser.add_argument("--ab", action="store_true", help="also time each choice of form flipped")
     parser.add_argument(
+        "--successors", action="store_true", help="also time lora_rite and reflora_adamw"
+    )
+    parser.add_argument(
         "--tuning",
         nargs="+",
         default=[],
@@ -270,14 +292,15 @@ def main() -> None:
     }
     for title, make in [SETS[k] for k in args.sets if k in SETS] + list(shapes.values()):
         params, grads = make(0), make(1)
-        txs = optimizers(args.flatten, args.ab, args.tuning)
+        txs = optimizers(args.flatten, args.ab, args.tuning, args.successors)
         compile_s, step_s, temp = time_updates(txs, params, grads, args.repeats)
-        del params, grads
         print(report(title, compile_s, step_s, temp), flush=True)
+        print(f"  {state_bytes(txs, params)}", flush=True)
+        del params, grads
     if "compile" in args.sets:
         for n in (32, 128, 512):
             params = make_params(n, 64, 4)
-            txs = optimizers(args.flatten, args.ab, args.tuning)
+            txs = optimizers(args.flatten, args.ab, args.tuning, args.successors)
             times = {name: compile_step(tx, params, params)[1] for name, tx in txs.items()}
             print(report(f"compile, {n} pairs of 64x4", times), flush=True)
 

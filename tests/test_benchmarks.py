@@ -130,6 +130,20 @@ def test_tuned_variants_take_the_same_step_and_name_a_bad_field():
         bench.tuned("chunks=2")
 
 
+def test_successors_and_the_state_line():
+    params = bench.make_params(2, 8, 2, seed=0)
+    txs = bench.optimizers(successors=True)
+    assert list(txs) == ["adamw", "scaled_adamw", "lora_rite", "reflora_adamw"]
+    line = bench.state_bytes(txs, params)
+    # 64 float32 elements. Adam: two moments (512 bytes) and a step count (4): 8.06.
+    # LoRA-RITE: a first moment and a basis like the factors (512), a 2 x 2 second moment (64)
+    # and an escaped mass (16) for the 4 factors, a count (4): 9.31. RefLoRA adds a count: 8.12.
+    assert line == (
+        "state bytes per parameter: adamw 8.06, scaled_adamw 8.06, lora_rite 9.31, "
+        "reflora_adamw 8.12"
+    )
+
+
 def _run_script(*args: str) -> str:
     import subprocess
     import sys
