@@ -53,6 +53,22 @@ def _sum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
+def _inner(x, y, axes):
+    """``x.T @ y`` over the rows of tall ``(..., rows, r)`` arrays, summed over the devices that
+    split the rows; on Explicit axes the ``r x r`` result is replicated."""
+    batch = tuple(range(x.ndim - 2))
+    sharding = _mesh.gram_sharding(x, x.ndim - 2)
+    out = jax.lax.dot_general(
+        x,
+        y,
+        (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
+        precision=_linalg.HIGHEST,
+        preferred_element_type=x.dtype,
+        **({} if sharding is None else {"out_sharding": sharding}),
+    )
+    return _sum(out, axes)
+
+
 def _tall(xs, rank_axis: int, stacked: int, dtype) -> jax.Array:
     """``(n, *stack, rows, r)``: the chunk's factors with the rank axis last, features flat."""
     moved = [jnp.moveaxis(jnp.asarray(x, dtype), rank_axis, -1) for x in xs]
@@ -67,7 +83,7 @@ def _untall(x: jax.Array, like, rank_axis: int) -> jax.Array:
 def _factorize(x, axes):
     """``(Q, pinv(R))`` with ``x = Q @ R``: ``R = (x.T x)^(1/2)``, any basis serving (the rule
     is invariant to it); directions below ``r * eps`` of the largest eigenvalue are dropped."""
-    lam, v = _linalg.psd_eigh(_sum(mm(t(x), x), axes))
+    lam, v = _linalg.psd_eigh(_inner(x, x, axes))
     keep = lam > x.shape[-1] * jnp.finfo(x.dtype).eps * lam[..., -1:]
     root = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
     r_pinv = mm(v * root[..., None, :], t(v))
@@ -97,10 +113,10 @@ def _escape(v_old, v_moved, rho, beta2):
 def _side(g, q_other, q_other_old, r_pinv_other, nu, mu, rho, axes, other_axes, c):
     """One factor's step in the other's basis: ``(update, nu, mu, rho)``, all tall."""
     rows = _sum(g.shape[-2], axes)
-    p = _sum(mm(t(q_other), q_other_old), other_axes)  # the change of basis, r x r
+    p = _inner(q_other, q_other_old, other_axes)  # the change of basis, r x r
     moved = jnp.nan_to_num(sym(mm(mm(p, nu), t(p))))
     rho = _escape(nu, moved, rho, c["b2"]) if c["escaped_mass"] else jnp.zeros_like(rho)
-    nu = sym((1 - c["b2"]) * sym(_sum(mm(t(g), g), axes)) / rows + c["b2"] * moved)
+    nu = sym((1 - c["b2"]) * sym(_inner(g, g, axes)) / rows + c["b2"] * moved)
     lam, e = _linalg.psd_eigh(nu)
     inv_root = 1 / (jnp.sqrt(lam + rho[..., None]) + c["eps"])
     u = jnp.nan_to_num(mm(g, sym(mm(e * inv_root[..., None, :], t(e)))))

@@ -85,8 +85,8 @@ def shard_map_case(name, layout, how):
     return {"rel": rel(got, want)}
 
 
-def jit_case(name):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def jit_case(name, axis_type=AxisType.Auto):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
     params, grads = start("features")
     want = jax.jit(lambda p, g: steps(OPTIMIZERS[name](), p, g))(params, grads)
     shardings = {
@@ -101,7 +101,16 @@ def jit_case(name):
         updates, state = update(put(g), state, p)
         p = optax.apply_updates(p, updates)
     kept = all(updates[k].sharding.is_equivalent_to(shardings[k], 2) for k in shardings)
-    return {"rel": rel(p, want), "kept": kept}
+    # The state: arrays shaped like a factor sharded like it, r x r blocks replicated.
+    by_shape = {params[k].shape: shardings[k] for k in shardings}
+    leaves = [x for x in jax.tree.leaves(state) if x.ndim]
+    state_kept = all(
+        x.sharding.is_equivalent_to(by_shape[x.shape], 2)
+        if x.shape in by_shape
+        else x.sharding.is_fully_replicated
+        for x in leaves
+    )
+    return {"rel": rel(p, want), "kept": kept and state_kept and bool(leaves)}
 
 
 def main(out: str) -> None:
@@ -116,10 +125,14 @@ def main(out: str) -> None:
                     report[key] = shard_map_case(name, layout, how)
                 except Exception as e:  # reported, asserted on by the tests
                     report[key] = {"error": f"{type(e).__name__}: {e}"}
-        try:
-            report[f"{name}/jit"] = jit_case(name)
-        except Exception as e:
-            report[f"{name}/jit"] = {"error": f"{type(e).__name__}: {e}"}
+        for key, axis_type in (("jit", AxisType.Auto), ("jit-explicit", AxisType.Explicit)):
+            try:
+                with jax.set_mesh(
+                    jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+                ):
+                    report[f"{name}/{key}"] = jit_case(name, axis_type)
+            except Exception as e:
+                report[f"{name}/{key}"] = {"error": f"{type(e).__name__}: {e}"}
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 

@@ -132,11 +132,13 @@ def test_other_leaves_pass_through_and_dtypes_are_kept():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["features/axis_name", "features/specs", "stacked/specs", "jit"])
+@pytest.mark.parametrize(
+    "case", ["features/axis_name", "features/specs", "stacked/specs", "jit", "jit-explicit"]
+)
 def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
     # 8 virtual devices: inside shard_map every sum over a factor's features (and, for the
     # global norm, over layers split across devices) is completed; under jax.jit on sharded
-    # arrays the updates keep their sharding.
+    # arrays (Auto or Explicit axes) the updates and the state keep the factors' sharding.
     got = successor_report[f"reflora/{case}"]
     assert "error" not in got, got
     assert got["rel"] < 2e-5, got
