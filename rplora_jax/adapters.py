@@ -66,7 +66,11 @@ def apply_adapter(
     Returns:
       The updated tree (for NNX: ``nnx.update(model, apply_adapter(state, adapter))``).
     """
-    factors = _factor_paths(tree, rules=rules)
+    return _replace_factors(tree, adapter, _factor_paths(tree, rules=rules))
+
+
+def _replace_factors(tree: Any, adapter: Mapping[str, Any], factors: set[str]) -> Any:
+    """``apply_adapter`` for a tree whose factor paths the caller has found already."""
     missing = sorted(factors - adapter.keys())
     unexpected = sorted(adapter.keys() - factors)
     if missing or unexpected:

@@ -50,7 +50,7 @@ from rplora_jax._peft import (
 )
 from rplora_jax._peft import default_module_name as default_module_name
 from rplora_jax._trees import as_param_tree, is_nnx_module
-from rplora_jax.adapters import apply_adapter
+from rplora_jax.adapters import _replace_factors
 from rplora_jax.pairing import RuleSpec
 
 if TYPE_CHECKING:
@@ -367,4 +367,6 @@ def load_peft_adapter(
             stack_shape = shape[: len(shape) - 2]
             flat = [by_index[tuple(int(j) for j in i)] for i in np.ndindex(*stack_shape)]
             adapter[path] = jnp.stack(flat).reshape(shape)
-    return apply_adapter(tree, adapter, rules=rules)
+    # The pairs the plan found, not found again.
+    factors = {path for m in modules for path in (m.pair.a_path, m.pair.b_path)}
+    return _replace_factors(tree, adapter, factors)

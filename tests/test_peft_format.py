@@ -165,6 +165,22 @@ def test_a_tree_with_peft_prefixed_names_keeps_one_prefix(tmp_path):
     assert default_module_name("encoder/base_model/model") == "encoder.base_model.model"
 
 
+def test_loading_finds_the_pairs_once(tmp_path, monkeypatch):
+    # load_peft_adapter pairs the parameters once, for the module names and the loading both.
+    import rplora_jax.pairing
+
+    config = LoRAConfig(rank=2, alpha=4.0)
+    _, _, variables = lora_model(r"layers_\d+/query", config)
+    save_peft_adapter(tmp_path, variables, config, module_names=torch_names)
+    calls = []
+    match = rplora_jax.pairing._match_pairs
+    monkeypatch.setattr(
+        rplora_jax.pairing, "_match_pairs", lambda *a, **k: calls.append(1) or match(*a, **k)
+    )
+    load_peft_adapter(tmp_path, variables, module_names=torch_names, lora=config)
+    assert len(calls) == 1
+
+
 def _with_config(directory, **fields):
     file = directory / "adapter_config.json"
     file.write_text(json.dumps({**json.loads(file.read_text()), **fields}))
