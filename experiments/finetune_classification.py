@@ -60,8 +60,8 @@ from experiments.data import datasets
 from experiments.models import bert
 from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
 from experiments.stats import sample_sd, t_interval, verdict
+from rplora_jax.adapters import extract_adapter
 from rplora_jax.layers.inject import LinenLoRA
-from rplora_jax.pairing import path_tokens
 
 # 5 rates, 0.75 decades apart, over 3 decades for each family (SGD needs larger rates than Adam).
 _ADAM_LRS = (1e-5, 5.6e-5, 3.2e-4, 1.8e-3, 1e-2)
@@ -272,13 +272,7 @@ def preconditioner_stats(params, reg: float = rplora_jax.DEFAULT_REG, pairs=None
       ``{"b_norm", "cond_a", "cond_b"}``, each the mean over pairs; NaN without pairs.
     """
     pairs = rplora_jax.find_lora_pairs(params) if pairs is None else pairs
-    want = {p.a_path for p in pairs} | {p.b_path for p in pairs}
-    leaves = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(path_tokens(path))
-        if name in want:
-            leaves[name] = leaf
-    leaves = jax.device_get(leaves)
+    leaves = jax.device_get(extract_adapter(params))  # every factor, by its pairing path
     b_norm, cond_a, cond_b = [], [], []
     for p in pairs:
         a = np.asarray(leaves[p.a_path], np.float64)

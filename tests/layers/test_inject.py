@@ -12,6 +12,7 @@ from script_loader import load_script
 
 import rplora_jax
 from rplora_jax import LoRAConfig, adapters, inject_linen, inject_nnx
+from rplora_jax._trees import path_str
 from rplora_jax.layers.lora_nnx import LoRALinear
 from rplora_jax.partition import count_parameters
 
@@ -49,7 +50,7 @@ def test_linen_equal_at_init_and_pairs(linen_run):
 
 def _flat(tree) -> dict[str, np.ndarray]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(rplora_jax.pairing.path_tokens(p)): np.asarray(v) for p, v in flat}
+    return {path_str(p): np.asarray(v) for p, v in flat}
 
 
 def _replay(factors, grad_fn, batches):
