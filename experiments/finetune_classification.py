@@ -96,6 +96,7 @@ class Task:
     test: dict[str, np.ndarray]
     num_classes: int
     targets: tuple[str, ...]
+    val: dict[str, np.ndarray] | None = None
     predict: object = None
     steps: dict = dataclasses.field(default_factory=dict)
 
@@ -127,7 +128,8 @@ def prepare(
     )
     train = {**tok(dataset.train_texts), "labels": dataset.train_labels}
     test = {**tok(dataset.test_texts), "labels": dataset.test_labels}
-    return Task(model, base, train, test, dataset.num_classes, tuple(targets))
+    val = {**tok(dataset.val_texts), "labels": dataset.val_labels} if dataset.val_texts else None
+    return Task(model, base, train, test, dataset.num_classes, tuple(targets), val=val)
 
 
 def init_params(task: Task, seed: int) -> dict:
@@ -160,13 +162,15 @@ def make_train_step(model: LinenLoRA, tx: optax.GradientTransformation):
     return optimizers.make_train_step(partial(loss_fn, model), tx)
 
 
-def evaluate(task: Task, params: dict, batch_size: int = 64) -> float:
-    """Test accuracy; the last batch is padded (and its padding ignored) to keep shapes fixed."""
-    n = len(task.test["labels"])
+def evaluate(task: Task, params: dict, batch_size: int = 64, split: str = "test") -> float:
+    """Accuracy on the test (or ``"val"``) split; the last batch is padded (and its padding
+    ignored) to keep shapes fixed."""
+    data = task.test if split == "test" else task.val
+    n = len(data["labels"])
     correct = 0
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
-        batch = {k: v[idx] for k, v in task.test.items()}
+        batch = {k: v[idx] for k, v in data.items()}
         pred = np.asarray(task.predict(params, batch))
         keep = min(batch_size, n - start)
         correct += int((pred[:keep] == batch["labels"][:keep]).sum())
@@ -205,7 +209,8 @@ def train_run(
     the current parameters, outside the jitted step.
 
     Returns:
-      ``{"eval_acc", "train_loss" (mean of the last 10% of steps), "losses" ((step, loss)
+      ``{"eval_acc" (test accuracy), "val_acc" (validation accuracy, NaN without a validation
+      split), "train_loss" (mean of the last 10% of steps), "losses" ((step, loss)
       pairs at the logged steps, the loss averaged over the steps since the previous one),
       "curve" (a dict per logged step: ``step``, ``train_loss`` and the
       :data:`PRECOND_FIELDS`), "seconds", "diverged"}``, and the trained ``"params"`` with
@@ -237,8 +242,10 @@ def train_run(
     diverged = not all(math.isfinite(x) for x in losses)
     tail = losses[-max(1, steps // 10) :]
     acc = float("nan") if diverged else evaluate(task, params)
+    val = float("nan") if diverged or task.val is None else evaluate(task, params, split="val")
     return {
         "eval_acc": acc,
+        "val_acc": val,
         "train_loss": float(np.mean(tail)),
         "losses": curve,
         "curve": [
@@ -315,23 +322,32 @@ def lr_band(lrs: Sequence[float], accs: Sequence[float], points: float) -> tuple
 
 
 def paired_differences(
-    rows: Sequence[dict], treatment: str, control: str, scale: float = 100.0
+    rows: Sequence[dict],
+    treatment: str,
+    control: str,
+    scale: float = 100.0,
+    select: str = "eval_acc",
 ) -> list[dict]:
-    """Per-seed differences ``treatment - control`` (in points with ``scale=100``).
+    """Per-seed differences ``treatment - control`` in test accuracy (points with ``scale=100``).
 
     One entry per learning rate both optimizers ran, pairing runs of the same seed (the same
-    batches), and one (``lr = "best"``) pairing each optimizer at its own best mean rate. A pair
-    where either run diverged (NaN accuracy) is left out and counted.
+    batches), and one (``lr = "best"``) pairing each optimizer at its own best rate, the one
+    with the best mean ``select`` (``"val_acc"``: chosen on validation data). A pair where
+    either run diverged (NaN accuracy) is left out and counted.
 
     Returns:
       Dicts with ``lr``, ``n`` (pairs), ``diverged`` (pairs left out), ``mean``, ``lo``, ``hi``
       (95% t-interval of the mean difference) and ``verdict``.
     """
     acc = {(r["optimizer"], r["lr"], r["seed"]): r["eval_acc"] for r in rows}
+    chosen = {(r["optimizer"], r["lr"], r["seed"]): r[select] for r in rows}
 
     def means(o):
         lrs = sorted({lr for (oo, lr, _) in acc if oo == o})
-        m = [np.mean([v for (oo, lr2, _), v in acc.items() if oo == o and lr2 == lr]) for lr in lrs]
+        m = [
+            np.mean([v for (oo, lr2, _), v in chosen.items() if oo == o and lr2 == lr])
+            for lr in lrs
+        ]
         m = np.where(np.isfinite(m), m, -np.inf)
         return lrs[int(np.argmax(m))] if lrs else None
 
@@ -364,9 +380,11 @@ def paired_differences(
 
 # The columns of runs.csv and curves.csv; `settings` holds everything else that changes a run.
 RUN_FIELDS = (
-    "dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "train_loss", "seconds",
-    "diverged", "settings",
+    "dataset", "optimizer", "lr", "seed", "steps", "eval_acc", "val_acc", "train_loss",
+    "seconds", "diverged", "settings",
 )  # fmt: skip
+# Sweeps run before the validation split: read (val_acc NaN), never appended to.
+_LEGACY_RUN_FIELDS = tuple(f for f in RUN_FIELDS if f != "val_acc")
 CURVE_FIELDS = ("optimizer", "lr", "seed", "step", "train_loss", *PRECOND_FIELDS, "settings")
 
 
@@ -432,14 +450,19 @@ def _check_header(path: Path, fields: Sequence[str]) -> None:
         )
 
 
-def _read_runs(path: Path, fields: Sequence[str] = RUN_FIELDS) -> list[dict]:
+def _read_runs(path: Path, fields: Sequence[str] = RUN_FIELDS, legacy: bool = True) -> list[dict]:
     """The rows of a ``runs.csv`` with columns ``fields``, typed back: ints for seed and
-    steps, a bool for ``diverged``, strings for the names, floats (where they parse) else."""
+    steps, a bool for ``diverged``, strings for the names, floats (where they parse) else.
+    With ``legacy``, a file from before the validation split is read too (``val_acc`` NaN)."""
     if not path.exists():
         return []
-    _check_header(path, fields)
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        header = tuple(next(csv.reader(f), None) or ())
+    old = legacy and tuple(fields) == RUN_FIELDS and header == _LEGACY_RUN_FIELDS
+    if not old:
+        _check_header(path, fields)
+    with open(path, newline="") as f:
+        rows = [r | {"val_acc": "nan"} if old else r for r in csv.DictReader(f)]
     for r in rows:
         for k, v in r.items():
             if k in _INT_FIELDS:
@@ -505,7 +528,7 @@ def run_sweep(
         _check_header(out / name, fields)
     done = {
         run_key(r["optimizer"], r["lr"], r["seed"], r["settings"]): r
-        for r in _read_runs(out / "runs.csv", run_fields)
+        for r in _read_runs(out / "runs.csv", run_fields, legacy=False)
     }
     rows = []
     for o, lr, seed in jobs:
@@ -567,6 +590,10 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
         shlex.join(["python", "-m", "experiments.finetune_classification", *args.argv]) + "\n"
     )
     summary, by_lr = [], []
+    # Rates are chosen on the validation split when the sweep has one, else on the test split.
+    select = (
+        "val_acc" if any(math.isfinite(r.get("val_acc", math.nan)) for r in rows) else "eval_acc"
+    )
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     for o in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == o]
@@ -580,16 +607,19 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
             | {"acc_sd": round(d, 2), "train_loss": round(float(x), 4)}
             for lr, m, d, x in zip(lrs, acc, sd, loss, strict=True)
         ]
-        b = int(np.argmax(np.where(np.isfinite(acc), acc, -np.inf)))
+        chosen = [100 * np.mean([r[select] for r in mine if r["lr"] == lr]) for lr in lrs]
+        b = int(np.argmax(np.where(np.isfinite(chosen), chosen, -np.inf)))
         n_best = int(np.isfinite(at[lrs[b]]).sum())
         se = sd[b] / math.sqrt(n_best) if n_best >= 2 else float("nan")
         band = args.band if args.band is not None else (se if math.isfinite(se) else 0.0)
-        best_lr, best, lo, hi, width = lr_band(lrs, acc, band)
+        _, _, lo, hi, width = lr_band(lrs, acc, band)  # the band: of test accuracy
+        best_lr, best = lrs[b], acc[b]
         _, ci_lo, ci_hi = t_interval([100 * a for a in at[best_lr]])
         above = acc[b + 1] if b + 1 < len(lrs) else float("nan")
         summary.append(
             {
                 "optimizer": o,
+                "chosen_on": "validation" if select == "val_acc" else "test",
                 "best_lr": best_lr,
                 "best_acc": round(best, 2),
                 "best_sd": round(sd[lrs.index(best_lr)], 2),
@@ -639,7 +669,14 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
         f"Untuned (pretrained encoder + fresh head) accuracy: {100 * untuned:.1f}%",
         "",
         f"Accuracy on {n_test} test documents: the binomial standard error of one run is "
-        f"{_f(binomial_se(best_overall, n_test), 2)} points near {_f(best_overall)}%.",
+        f"{_f(binomial_se(best_overall, n_test), 2)} points near {_f(best_overall)}%. "
+        + (
+            "Each optimizer's best rate is chosen on the validation split (mean validation "
+            "accuracy over seeds); the accuracies are test accuracies at that rate."
+            if select == "val_acc"
+            else "Each optimizer's best rate is chosen on the test split itself (no validation "
+            "split): its accuracy is optimistic."
+        ),
         "",
         "| optimizer | best lr | best acc (%), mean ± sd | 95% CI | lr band within "
         f"{band_words} | width (decades) | acc one step above | bracketed | seeds |",
@@ -667,7 +704,7 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
     paired = []
     for t, c in COMPARISONS:
         if t in present and c in present:
-            for d in paired_differences(rows, t, c):
+            for d in paired_differences(rows, t, c, select=select):
                 paired.append({"treatment": t, "control": c, **d})
                 lr = d["lr"] if d["lr"] == "best" else f"{d['lr']:g}"
                 div = f" ({d['diverged']} diverged)" if d["diverged"] else ""
@@ -802,6 +839,7 @@ def _settings(args, ds_id: str) -> dict:
         "data": ds_id,
         "n_train": args.n_train,
         "n_test": args.n_test,
+        **({"n_val": args.n_val} if args.n_val else {}),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
@@ -853,6 +891,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=None, help="subsample the training split")
     p.add_argument("--n-test", type=int, default=None, help="subsample the test split")
     p.add_argument(
+        "--n-val",
+        type=int,
+        default=0,
+        help="move this many training documents (seeded) to a validation split, on which the "
+        "summary chooses each optimizer's rate (default 0: none, rates chosen on test)",
+    )
+    p.add_argument(
         "--band",
         type=float,
         default=None,
@@ -891,10 +936,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         ds = datasets.load(args.dataset or "rotten_tomatoes")
         ds_id = ds.name
     ds = ds.subset(args.n_train, args.n_test, seed=0)
+    if args.n_val:
+        ds = ds.split_validation(args.n_val, seed=0)
     out = args.out or Path("results/finetune") / ds.name
     print(
-        f"{ds.name}: {len(ds.train_texts)} train / {len(ds.test_texts)} test, "
-        f"{ds.num_classes} classes"
+        f"{ds.name}: {len(ds.train_texts)} train / {len(ds.val_texts)} validation / "
+        f"{len(ds.test_texts)} test, {ds.num_classes} classes"
     )
     task = prepare(ds, rank=args.rank, targets=args.targets, max_length=args.max_length)
     untuned = evaluate(task, init_params(task, args.seeds[0]))

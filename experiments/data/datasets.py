@@ -109,6 +109,9 @@ class TextDataset:
       test_texts: test documents.
       test_labels: ``int32`` class indices.
       label_names: class names; index ``i`` is label ``i``.
+      val_texts: validation documents, carved from the training split by
+        :meth:`split_validation` (none by default).
+      val_labels: their labels.
     """
 
     name: str
@@ -117,9 +120,11 @@ class TextDataset:
     test_texts: tuple[str, ...]
     test_labels: np.ndarray
     label_names: tuple[str, ...]
+    val_texts: tuple[str, ...] = ()
+    val_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     def __post_init__(self):
-        for split in ("train", "test"):
+        for split in ("train", "test", "val"):
             texts, labels = getattr(self, f"{split}_texts"), getattr(self, f"{split}_labels")
             if len(texts) != len(labels):
                 raise ValueError(
@@ -156,6 +161,32 @@ class TextDataset:
         te = pick(self.test_texts, self.test_labels, n_test)
         return dataclasses.replace(
             self, train_texts=tr[0], train_labels=tr[1], test_texts=te[0], test_labels=te[1]
+        )
+
+    def split_validation(self, n_val: int, *, seed: int = 0) -> TextDataset:
+        """``n_val`` training documents, drawn with ``seed``, moved to the validation split
+        (they leave the training split; both keep their original order).
+
+        Example:
+          >>> ds = TextDataset("toy", ("a", "b", "c", "d"), np.array([0, 1, 0, 1], np.int32),
+          ...                  ("e",), np.array([0], np.int32), ("x", "y"))
+          >>> split = ds.split_validation(1, seed=0)
+          >>> len(split.train_texts), split.val_texts, split.test_texts
+          (3, ('d',), ('e',))
+        """
+        if not 0 < n_val < len(self.train_texts):
+            raise ValueError(
+                f"{self.name}: n_val must lie in (0, {len(self.train_texts)}), got {n_val}."
+            )
+        val = np.zeros(len(self.train_texts), bool)
+        val[np.random.default_rng(seed).choice(len(self.train_texts), n_val, replace=False)] = True
+        texts = np.asarray(self.train_texts, dtype=object)
+        return dataclasses.replace(
+            self,
+            train_texts=tuple(texts[~val]),
+            train_labels=self.train_labels[~val],
+            val_texts=tuple(texts[val]),
+            val_labels=self.train_labels[val],
         )
 
 

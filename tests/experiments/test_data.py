@@ -214,3 +214,21 @@ def test_tab_rows_end_at_newlines_only(tmp_path):
     texts = [(r.line, r.text) for r in rows]
     assert texts == [(5, "great film\u2028would buy"), (6, "dull\x0cmerger"), (7, "fine")]
     assert skipped == 0
+
+
+def test_validation_split_is_carved_from_the_training_documents():
+    texts = tuple(f"doc {i}" for i in range(50))
+    labels = np.arange(50, dtype=np.int32) % 2
+    ds = data.TextDataset("toy", texts, labels, ("t",), np.zeros(1, np.int32), ("a", "b"))
+    split = ds.split_validation(10, seed=0)
+    assert (len(split.train_texts), len(split.val_texts)) == (40, 10)
+    assert not set(split.train_texts) & set(split.val_texts)
+    assert set(split.train_texts) | set(split.val_texts) == set(texts)
+    # labels travel with their texts, and the same seed draws the same documents
+    assert all(
+        int(t.split()[1]) % 2 == y for t, y in zip(split.val_texts, split.val_labels, strict=True)
+    )
+    assert ds.split_validation(10, seed=0).val_texts == split.val_texts
+    assert ds.split_validation(10, seed=1).val_texts != split.val_texts
+    with pytest.raises(ValueError, match=r"n_val must lie in \(0, 50\)"):
+        ds.split_validation(50)

@@ -139,7 +139,7 @@ def test_main_on_files_given_by_path_and_resume(tmp_path, capsys):
         "--targets", "query", "--log-every", "1", "--out", str(out),
     ]  # fmt: skip
     ft.main(argv)
-    assert "train: 8 train / 2 test, 2 classes" in capsys.readouterr().out
+    assert "train: 8 train / 0 validation / 2 test, 2 classes" in capsys.readouterr().out
     with open(out / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["optimizer"], r["seed"]) for r in rows] == [
@@ -148,6 +148,13 @@ def test_main_on_files_given_by_path_and_resume(tmp_path, capsys):
     assert all(0.0 <= float(r["eval_acc"]) <= 1.0 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "scaled_adamw - adamw" in summary and "95% CI" in summary
+    assert "chosen on the test split itself" in summary
+    # With a validation split carved from the training documents, rates are chosen on it.
+    ft.main([*argv[:-1], str(tmp_path / "val"), "--n-val", "2"])
+    assert "train: 6 train / 2 validation / 2 test" in capsys.readouterr().out
+    with open(tmp_path / "val" / "runs.csv", newline="") as f:
+        assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in csv.DictReader(f))
+    assert "chosen on the validation split" in (tmp_path / "val" / "summary.md").read_text()
     # The same command again runs nothing and rewrites the same summary.
     ft.main(argv)
     assert "resuming: 4 of 4 runs already in" in capsys.readouterr().out
@@ -212,8 +219,9 @@ def test_final_preconditioner_stats_take_each_runs_last_step(tmp_path):
             {"step": 1, "train_loss": 1.0, "b_norm": 0.0, "cond_a": 1.0, "cond_b": 1.0},
             {"step": 2, "train_loss": 0.5, "b_norm": seed, "cond_a": 2.0, "cond_b": last},
         ]
-        return {"eval_acc": 0.5, "train_loss": 0.5, "seconds": 0.0, "diverged": False} | {
-            "curve": curve
+        return {"eval_acc": 0.5, "val_acc": 0.5, "train_loss": 0.5, "seconds": 0.0} | {
+            "diverged": False,
+            "curve": curve,
         }
 
     jobs = [(r["optimizer"], r["lr"], r["seed"]) for r in runs]

@@ -75,6 +75,37 @@ def test_paired_differences_pair_seeds():
     assert by_lr["best"]["mean"] == pytest.approx(8.0)
 
 
+def test_the_best_rates_can_be_chosen_on_validation_accuracy():
+    # Validation prefers adamw's 1e-2 (where its test accuracy is lower): "best" pairs the
+    # test accuracies at the rates validation chose, 0.80 against 0.55 on average.
+    rows = [
+        *(_row("adamw", 1e-3, s, a) | {"val_acc": 0.6} for s, a in enumerate([0.70, 0.72, 0.74])),
+        *(_row("adamw", 1e-2, s, a) | {"val_acc": 0.7} for s, a in enumerate([0.60, 0.50, 0.55])),
+        *(
+            _row("scaled_adamw", lr, s, a) | {"val_acc": v}
+            for lr, v, accs in ((1e-3, 0.6, [0.71, 0.74, 0.77]), (1e-2, 0.7, [0.80, 0.81, 0.79]))
+            for s, a in enumerate(accs)
+        ),
+    ]
+    on_test = {d["lr"]: d for d in ft.paired_differences(rows, "scaled_adamw", "adamw")}
+    on_val = {
+        d["lr"]: d for d in ft.paired_differences(rows, "scaled_adamw", "adamw", select="val_acc")
+    }
+    assert on_test["best"]["mean"] == pytest.approx(8.0)
+    assert on_val["best"]["mean"] == pytest.approx(25.0)
+    assert on_val[1e-3] == on_test[1e-3]  # the same-rate entries do not depend on the choice
+
+
+def test_runs_from_before_the_validation_split_are_read_but_not_extended(tmp_path):
+    path = tmp_path / "runs.csv"
+    legacy = [f for f in ft.RUN_FIELDS if f != "val_acc"]
+    path.write_text(",".join(legacy) + "\nd,adamw,0.001,0,10,0.75,0.5,1.0,False,x\n")
+    (row,) = ft._read_runs(path)
+    assert row["eval_acc"] == 0.75 and np.isnan(row["val_acc"])
+    with pytest.raises(ValueError, match="older format"):
+        ft.run_sweep([("adamw", 0.01, 0)], None, tmp_path, dataset="d", steps=10, settings="x")
+
+
 def test_paired_differences_leave_out_diverged_pairs():
     rows = [
         *(_row("sgd", 1.0, s, a) for s, a in enumerate([0.5, float("nan"), 0.6])),
@@ -98,6 +129,7 @@ class FakeRuns:
         acc = 0.5 + 0.1 * seed + (0.05 if o.startswith("scaled") else 0.0)
         return {
             "eval_acc": acc,
+            "val_acc": acc - 0.01,
             "train_loss": 1.0 / (1 + seed),
             "seconds": 0.1,
             "diverged": False,
