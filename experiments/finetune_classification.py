@@ -72,6 +72,8 @@ DEFAULT_LRS = {
     "sgd": _SGD_LRS,
     "scaled_sgd": _SGD_LRS,
     "loraplus_adamw": _ADAM_LRS,
+    "lora_rite": _ADAM_LRS,
+    "reflora_adamw": _ADAM_LRS,
 }
 # Paired comparisons in the summary: (treatment, control), when both were swept.
 COMPARISONS = (
@@ -1001,7 +1003,7 @@ def optimizer_kwargs(optimizer: str, args) -> dict:
         kw = {"momentum": args.momentum, "reg": args.reg}
     else:
         kw = {"weight_decay": args.weight_decay, "reg": args.reg}
-    if optimizer in ("adamw", "sgd", "loraplus_adamw"):
+    if optimizer in ("adamw", "sgd", "loraplus_adamw", "lora_rite", "reflora_adamw"):
         kw.pop("reg")
     if optimizer == "loraplus_adamw":
         kw["lr_ratio"] = args.lr_ratio

