@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,21 @@ def test_leave_one_seed_out_never_picks_a_rate_with_a_diverged_run():
     ]
     acc, picks = ft.leave_one_seed_out(rows, "o")
     assert picks == [1e-3] * 3 and acc == pytest.approx(0.80)
+
+
+def test_power_of_the_paired_tests():
+    # A standard value: 10 pairs, an effect of one sd, two-sided 5%: power 0.80.
+    assert stats.power_paired_t(1.0, 1.0, 10, 0.05) == pytest.approx(0.803, abs=1e-3)
+    assert stats.power_paired_t(0.0, 1.0, 10, 0.05) == pytest.approx(0.05, abs=1e-9)
+    tost = [stats.power_tost(1.0, 1.0, n, 0.05) for n in (5, 10, 20, 40)]
+    assert tost == sorted(tost) and tost[0] < 0.5 and tost[-1] > 0.95
+    assert stats.power_tost(1.0, 1.0, 20, 0.05, delta=1.0) < 0.06  # at the margin: about alpha
+
+
+def test_the_preregistrations_variances_come_from_the_committed_sweeps():
+    from experiments import power
+
+    root = Path(__file__).resolve().parents[2] / "results" / "finetune"
+    rt, r8 = (power.paired_sds(root / d / "runs.csv") for d in ("rotten_tomatoes", "reuters_r8"))
+    assert (round(rt["best"], 2), round(rt["one step above"], 2)) == (0.75, 6.98)
+    assert (round(r8["best"], 2), round(r8["one step above"], 2)) == (0.24, 1.47)
