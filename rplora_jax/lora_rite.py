@@ -76,8 +76,10 @@ def _tall(xs, rank_axis: int, stacked: int, dtype) -> jax.Array:
 
 
 def _untall(x: jax.Array, like, rank_axis: int) -> jax.Array:
-    moved = np.moveaxis(np.empty(np.shape(like), np.int8), rank_axis, -1).shape
-    return jnp.moveaxis(x.reshape(moved), -1, rank_axis)
+    """A tall ``(*stack, rows, r)`` array back in the layout of ``like``."""
+    shape = list(np.shape(like))
+    rank = shape.pop(rank_axis)
+    return jnp.moveaxis(x.reshape(*shape, rank), -1, rank_axis)
 
 
 def _factorize(x, axes):
