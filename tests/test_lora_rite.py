@@ -206,3 +206,40 @@ def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
     assert "error" not in got, got
     assert got["rel"] < 2e-5, got
     assert got.get("kept", True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: rplora_jax.lora_rite(1e-2, **kw),
+        lambda **kw: rplora_jax.reflora_adamw(1e-2, **kw),
+    ],
+    ids=["lora_rite", "reflora_adamw"],
+)
+def test_pytorch_layout_takes_the_same_steps(make):
+    # PEFT's A: (r, in), B: (out, r) under rules=PEFT: the transposes of the Flax-layout steps.
+    problem = Regression(seed=7, shapes=[(9, 7)], rank=3, b_zero=False)
+    ((a, b),) = problem.init
+    flax = {"lora_a": jnp.asarray(a.T, jnp.float32), "lora_b": jnp.asarray(b.T, jnp.float32)}
+    torch = {
+        "q.lora_A.weight": jnp.asarray(a, jnp.float32),
+        "q.lora_B.weight": jnp.asarray(b, jnp.float32),
+    }
+    tx_flax, tx_torch = make(), make(rules=rplora_jax.PEFT)
+    s_flax, s_torch = tx_flax.init(flax), tx_torch.init(torch)
+    for _ in range(5):
+        pairs = [
+            (
+                np.asarray(torch["q.lora_A.weight"], np.float64),
+                np.asarray(torch["q.lora_B.weight"], np.float64),
+            )
+        ]
+        ((g_a, g_b),) = problem.grads(pairs)
+        g_a, g_b = g_a.astype(np.float32), g_b.astype(np.float32)
+        u_flax, s_flax = tx_flax.update({"lora_a": g_a.T, "lora_b": g_b.T}, s_flax, flax)
+        u_torch, s_torch = tx_torch.update(
+            {"q.lora_A.weight": g_a, "q.lora_B.weight": g_b}, s_torch, torch
+        )
+        flax, torch = optax.apply_updates(flax, u_flax), optax.apply_updates(torch, u_torch)
+        np.testing.assert_allclose(torch["q.lora_A.weight"], flax["lora_a"].T, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(torch["q.lora_B.weight"], flax["lora_b"].T, rtol=1e-5, atol=1e-6)
