@@ -1,0 +1,203 @@
+"""The analysis of the pre-registered design (docs/experiments/preregistration.md).
+
+``rates``: each optimizer's rate chosen on stage 1's validation accuracy, and the stage 2
+commands that follow. ``report``: the hypotheses H1 to H4 tested on stage 2's test accuracies,
+paired by seed at the rates stage 1 chose, with Holm's correction per family::
+
+    python -m experiments.confirmatory rates --stage1 results/prereg/stage1/rotten_tomatoes
+    python -m experiments.confirmatory report --dataset rotten_tomatoes \\
+        --stage1 results/prereg/stage1/rotten_tomatoes \\
+        --stage2 results/prereg/stage2/rotten_tomatoes
+
+(``report`` takes ``--dataset``, ``--stage1`` and ``--stage2`` once per dataset, in order.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from experiments.finetune_classification import _read_runs
+from experiments.stats import t_interval
+
+ADAM = ("adamw", "scaled_adamw", "lora_rite", "reflora_adamw")
+SGD = ("sgd", "scaled_sgd")
+STAGE2_SEEDS = tuple(range(100, 120))
+
+
+def half_decades_above(lr: float, k: int) -> float:
+    """The rate ``k`` half-decade grid steps above ``lr``, rounded like the grids (3.2e-3)."""
+    x = 10 ** (math.log10(lr) + k / 2)
+    return float(f"{x:.2g}")
+
+
+def chosen_rates(stage1: Path) -> dict[str, dict]:
+    """Per optimizer: the rate with the best mean validation accuracy (a rate with a diverged
+    run ranks last), whether it is at an edge of the swept grid, and the grid."""
+    rows = _read_runs(stage1 / "runs.csv")
+    out = {}
+    for o in dict.fromkeys(r["optimizer"] for r in rows):
+        lrs = sorted({r["lr"] for r in rows if r["optimizer"] == o})
+        mean = {
+            lr: np.mean([r["val_acc"] for r in rows if r["optimizer"] == o and r["lr"] == lr])
+            for lr in lrs
+        }
+        best = max(lrs, key=lambda lr: mean[lr] if np.isfinite(mean[lr]) else -np.inf)
+        out[o] = {"lr": best, "edge": best in (lrs[0], lrs[-1]), "grid": lrs}
+    return out
+
+
+def stage2_lrs(chosen: dict[str, dict]) -> dict[str, list[float]]:
+    """Stage 2's rates: each optimizer's chosen one, and for AdamW and scaled AdamW also one and
+    two half-decades above AdamW's."""
+    lrs = {o: [c["lr"]] for o, c in chosen.items()}
+    if "adamw" in chosen:
+        above = [half_decades_above(chosen["adamw"]["lr"], k) for k in (1, 2)]
+        for o in ("adamw", "scaled_adamw"):
+            if o in lrs:
+                lrs[o] = sorted(set(lrs[o]) | set(above))
+    return lrs
+
+
+def accuracies(rows, optimizer: str, lr: float, chance: float) -> dict[int, float]:
+    """Test accuracy (points) per seed; a diverged run scores the majority class's ``chance``."""
+    return {
+        r["seed"]: 100
+        * (chance if r["diverged"] or not np.isfinite(r["eval_acc"]) else r["eval_acc"])
+        for r in rows
+        if r["optimizer"] == optimizer and math.isclose(r["lr"], lr, rel_tol=1e-9)
+    }
+
+
+def paired(treat: dict[int, float], control: dict[int, float]) -> np.ndarray:
+    seeds = sorted(set(treat) & set(control))
+    return np.array([treat[s] - control[s] for s in seeds])
+
+
+def difference_test(d: np.ndarray) -> float:
+    """Two-sided p-value of the paired t-test that the mean difference is 0."""
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def equivalence_test(d: np.ndarray, margin: float) -> float:
+    """p-value of the paired TOST with margin ``± margin``: the larger one-sided p-value."""
+    lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
+    return float(max(lower, upper))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order.
+
+    Example:
+      >>> holm([0.01, 0.04, 0.03])
+      [0.03, 0.06, 0.06]
+    """
+    order = np.argsort(pvalues)
+    m, adjusted, running = len(pvalues), [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = round(running, 12)
+    return adjusted
+
+
+def tests_for(dataset: str, chosen: dict, rows, chance: float) -> list[dict]:
+    """The dataset's tests of H1-H4 (unadjusted): name, family, the differences and p."""
+    lr = {o: c["lr"] for o, c in chosen.items()}
+    acc = lambda o, rate: accuracies(rows, o, rate, chance)
+    out = []
+
+    def add(name, family, d, p, kind):
+        mean, lo, hi = t_interval(d)
+        out.append(dict(dataset=dataset, hypothesis=name, family=family, kind=kind, n=len(d),
+                        mean=mean, lo=lo, hi=hi, p=p))  # fmt: skip
+
+    d = paired(acc("scaled_sgd", lr["scaled_sgd"]), acc("sgd", lr["sgd"]))
+    add("H1 scaled_sgd > sgd", "primary", d, difference_test(d), "greater")
+    for k in (1, 2):
+        rate = half_decades_above(lr["adamw"], k)
+        d = paired(acc("scaled_adamw", rate), acc("adamw", rate))
+        add(
+            f"H2 scaled_adamw > adamw at +{k} ({rate:g})",
+            "primary",
+            d,
+            difference_test(d),
+            "greater",
+        )
+    d = paired(acc("scaled_adamw", lr["scaled_adamw"]), acc("adamw", lr["adamw"]))
+    add("H3 |scaled_adamw - adamw| < 1", "primary", d, equivalence_test(d, 1.0), "equivalent")
+    for t in ("lora_rite", "reflora_adamw"):
+        for c in ("scaled_adamw", "adamw"):
+            d = paired(acc(t, lr[t]), acc(c, lr[c]))
+            add(f"H4 {t} vs {c}", "secondary", d, difference_test(d), "two-sided")
+    return out
+
+
+def decide(results: list[dict]) -> list[dict]:
+    """Holm per family, then the pre-registered verdicts."""
+    for family in ("primary", "secondary"):
+        members = [r for r in results if r["family"] == family]
+        for r, p in zip(members, holm([r["p"] for r in members]), strict=True):
+            r["p_holm"] = p
+            significant = p < 0.05
+            if r["kind"] == "greater":
+                r["verdict"] = "supported" if significant and r["mean"] > 0 else "not supported"
+            elif r["kind"] == "equivalent":
+                r["verdict"] = "supported" if significant else "not supported"
+            elif not significant:
+                r["verdict"] = "no difference detected"
+            else:
+                r["verdict"] = "better" if r["mean"] > 0 else "worse"
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("rates", "report"))
+    p.add_argument("--dataset", action="append", default=[])
+    p.add_argument("--stage1", type=Path, action="append", default=[])
+    p.add_argument("--stage2", type=Path, action="append", default=[])
+    p.add_argument("--out", type=Path, default=Path("results/prereg/report.md"))
+    args = p.parse_args(argv)
+    if args.what == "rates":
+        for stage1 in args.stage1:
+            chosen = chosen_rates(stage1)
+            for o, c in chosen.items():
+                print(
+                    f"{stage1.name} {o}: {c['lr']:g}"
+                    + (" (at the grid's edge)" if c["edge"] else "")
+                )
+            lrs = " ".join(
+                f"{o}={','.join(f'{x:g}' for x in v)}" for o, v in stage2_lrs(chosen).items()
+            )
+            seeds = " ".join(map(str, STAGE2_SEEDS))
+            print(f"stage 2: --optimizers {' '.join(chosen)} --lrs {lrs} --seeds {seeds}")
+        return
+    from experiments.data import datasets
+
+    results = []
+    for name, stage1, stage2 in zip(args.dataset, args.stage1, args.stage2, strict=True):
+        labels = datasets.load(name).test_labels
+        chance = float(np.bincount(labels).max() / len(labels))
+        results += tests_for(name, chosen_rates(stage1), _read_runs(stage2 / "runs.csv"), chance)
+    lines = [
+        "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in decide(results):
+        lines.append(
+            f"| {r['dataset']} | {r['hypothesis']} | {r['n']} | {r['mean']:.2f} | "
+            f"{r['lo']:.2f} to {r['hi']:.2f} | {r['p_holm']:.3g} | {r['verdict']} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The pre-registered analysis on synthetic runs whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import experiments.finetune_classification as ft
+from experiments import confirmatory as cf
+
+
+def test_holm_and_the_grid_steps():
+    assert cf.holm([0.01, 0.04, 0.03]) == [0.03, 0.06, 0.06]
+    assert cf.holm([0.5, 0.001]) == [0.5, 0.002]
+    assert [cf.half_decades_above(3.2e-3, k) for k in (1, 2)] == [0.01, 0.032]
+    assert [cf.half_decades_above(1e-3, k) for k in (1, 2)] == [0.0032, 0.01]
+
+
+def _run(o, lr, seed, acc, val=None, diverged=False):
+    return {"dataset": "toy", "optimizer": o, "lr": lr, "seed": seed, "steps": 10,
+            "eval_acc": float("nan") if diverged else acc,
+            "val_acc": float("nan") if diverged else acc if val is None else val,
+            "train_loss": 0.1, "seconds": 1.0, "diverged": diverged, "settings": "x"}  # fmt: skip
+
+
+def test_rates_are_chosen_on_validation_and_a_diverged_rate_ranks_last(tmp_path):
+    rows = [
+        # adamw: test prefers 1e-3, validation 3.2e-3; 1e-2 has the best validation mean of
+        # the finite runs' but one diverged seed
+        *(_run("adamw", 1e-3, s, 0.9, val=0.70) for s in range(3)),
+        *(_run("adamw", 3.2e-3, s, 0.8, val=0.75) for s in range(3)),
+        *(_run("adamw", 1e-2, s, 0.8, val=0.9, diverged=s == 2) for s in range(3)),
+        *(_run("sgd", lr, s, 0.5, val=v) for lr, v in ((0.1, 0.6), (0.32, 0.5)) for s in range(3)),
+    ]
+    ft._append(tmp_path / "runs.csv", ft.RUN_FIELDS, rows)
+    chosen = cf.chosen_rates(tmp_path)
+    assert chosen["adamw"]["lr"] == 3.2e-3 and not chosen["adamw"]["edge"]
+    assert chosen["sgd"]["lr"] == 0.1 and chosen["sgd"]["edge"]
+    assert cf.stage2_lrs(chosen) == {"adamw": [3.2e-3, 0.01, 0.032], "sgd": [0.1]}
+
+
+def _stage2(effects, chance_runs=()):
+    """20 seeds per (optimizer, rate): accuracy base + effect + noise (points / 100)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for (o, lr), effect in effects.items():
+        for s in range(100, 120):
+            rows.append(_run(o, lr, s, 0.70 + (effect + rng.normal(0, 0.3)) / 100,
+                             diverged=(o, lr, s) in chance_runs))  # fmt: skip
+    return rows
+
+
+def test_the_hypotheses_on_runs_with_known_answers():
+    chosen = {o: {"lr": lr} for o, lr in (("sgd", 0.1), ("scaled_sgd", 0.32), ("adamw", 1e-3),
+              ("scaled_adamw", 1e-3), ("lora_rite", 1e-3), ("reflora_adamw", 3.2e-3))}  # fmt: skip
+    effects = {
+        ("sgd", 0.1): 0.0, ("scaled_sgd", 0.32): 3.0,  # H1: +3 points
+        ("adamw", 1e-3): 0.0, ("scaled_adamw", 1e-3): 0.0,  # H3: equivalent
+        ("adamw", 0.0032): 0.0, ("scaled_adamw", 0.0032): 0.0,  # H2 at +1: no effect
+        ("adamw", 0.01): 0.0, ("scaled_adamw", 0.01): 5.0,  # H2 at +2: +5, but ...
+        ("lora_rite", 1e-3): -2.0, ("reflora_adamw", 3.2e-3): 0.0,
+    }  # fmt: skip
+    rows = _stage2(effects)
+    results = cf.decide(cf.tests_for("toy", chosen, rows, chance=0.5))
+    verdicts = {r["hypothesis"]: r["verdict"] for r in results}
+    assert verdicts == {
+        "H1 scaled_sgd > sgd": "supported",
+        "H2 scaled_adamw > adamw at +1 (0.0032)": "not supported",
+        "H2 scaled_adamw > adamw at +2 (0.01)": "supported",
+        "H3 |scaled_adamw - adamw| < 1": "supported",
+        "H4 lora_rite vs scaled_adamw": "worse",
+        "H4 lora_rite vs adamw": "worse",
+        "H4 reflora_adamw vs scaled_adamw": "no difference detected",
+        "H4 reflora_adamw vs adamw": "no difference detected",
+    }
+    assert all(r["n"] == 20 for r in results)
+    # ... a diverged run scores the majority class (50%): six diverged scaled AdamW seeds at +2
+    # turn its 5-point gain into a loss, where dropping them would have kept it.
+    diverged = {("scaled_adamw", 0.01, s) for s in range(100, 106)}
+    results = cf.decide(cf.tests_for("toy", chosen, _stage2(effects, diverged), chance=0.5))
+    h2 = next(r for r in results if r["hypothesis"].startswith("H2") and "+2" in r["hypothesis"])
+    assert h2["verdict"] == "not supported" and h2["mean"] < 0
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    rng = np.random.default_rng(1)
+    assert cf.equivalence_test(rng.normal(0, 0.3, 20), 1.0) < 1e-6
+    assert cf.equivalence_test(rng.normal(2, 0.3, 20), 1.0) > 0.5
+    assert cf.difference_test(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.0742, abs=1e-4)
+
+
+def test_rates_prints_the_stage2_command(tmp_path, capsys):
+    rows = [
+        _run(o, lr, s, 0.8, val=lr)
+        for o in ("adamw", "scaled_adamw")
+        for lr in (1e-3, 3.2e-3, 0.01)
+        for s in range(3)
+    ]
+    ft._append(tmp_path / "runs.csv", ft.RUN_FIELDS, rows)
+    cf.main(["rates", "--stage1", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "adamw: 0.01 (at the grid's edge)" in out
+    assert "--lrs adamw=0.01,0.032,0.1 scaled_adamw=0.01,0.032,0.1 --seeds 100 101" in out
