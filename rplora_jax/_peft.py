@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -54,6 +55,74 @@ def default_module_name(path: str) -> str:
     if tokens[:2] == ["base_model", "model"]:  # a tree with PEFT's own names: not added twice
         tokens = tokens[2:]
     return ".".join(tokens)
+
+
+# HuggingFace decoders (Llama, Mistral, Qwen, Gemma...): model.layers.{i}.<group>.<projection>.
+_HF_GROUPS = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), "self_attn"),
+    **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "mlp"),
+}
+_LAYER = re.compile(r"(?:^|/)layers?[_/](\d+)(?:/|$)")
+
+
+def hf_decoder_names(prefix: str = "model.") -> Callable[..., str]:
+    """A ``module_names`` callable for HuggingFace decoders: a pair whose module path ends in a
+    projection name (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``,
+    ``up_proj``, ``down_proj``) in layer ``i`` is ``{prefix}layers.{i}.self_attn.q_proj`` (or
+    ``.mlp.gate_proj``...), the names of Llama, Mistral, Qwen and Gemma in transformers.
+
+    The layer is the stacked index (``nn.scan`` / ``nnx.vmap`` layers) or a number in the path
+    (``layers/3/...``, ``layers_3/...``). ``prefix`` is the decoder's attribute path in the
+    task model (``"model."`` for ``LlamaForCausalLM``; ``""`` for the bare ``LlamaModel``).
+
+    Examples:
+      >>> names = hf_decoder_names()
+      >>> names("params/layers/q_proj", (3,))
+      'model.layers.3.self_attn.q_proj'
+      >>> names("decoder/layers_0/mlp/down_proj")
+      'model.layers.0.mlp.down_proj'
+    """
+
+    def name(path: str, index: tuple[int, ...] = ()) -> str:
+        projection = path.rsplit("/", 1)[-1]
+        if projection not in _HF_GROUPS:
+            raise ValueError(
+                f"hf_decoder_names: '{path}' does not end in a projection name "
+                f"{sorted(_HF_GROUPS)}; pass module_names= of your own for it."
+            )
+        found = _LAYER.search(path)
+        if index:
+            layer = index[0]
+        elif found is not None:
+            layer = int(found.group(1))
+        else:
+            raise ValueError(
+                f"hf_decoder_names: no layer number in '{path}' (stacked index or "
+                "layers/<i>/, layers_<i>/)."
+            )
+        return f"{prefix}layers.{layer}.{_HF_GROUPS[projection]}.{projection}"
+
+    return name
+
+
+def check_module_names(modules: list[Module], known: Iterable[str], where: str) -> None:
+    """Every module's name must be one of ``known`` (a PyTorch model's ``named_modules()``)."""
+    known = set(known)
+    missing = sorted({m.name for m in modules} - known)
+    if not missing:
+        return
+    hints = [p for p in ("model.", "base_model.model.") if all(p + n in known for n in missing)]
+    hint = f" They are there with the prefix {hints[0]!r}." if hints else ""
+    raise ValueError(
+        f"{where}: the adapter names modules the PyTorch model does not have: "
+        f"{preview(missing)}.{hint} PEFT would load such an adapter with a warning and serve "
+        "the base model unchanged."
+    )
+
+
+def preview(names: list[str], n: int = 8) -> str:
+    """The first ``n`` names, and how many more there are."""
+    return str(names) if len(names) <= n else f"{names[:n]} and {len(names) - n} more"
 
 
 class Module(NamedTuple):

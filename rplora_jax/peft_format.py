@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -44,11 +44,14 @@ from rplora_jax._peft import (
     CONFIG_NAME,
     Module,
     ModuleNames,
+    check_module_names,
     lora_config,
     plan,
+    preview,
     read_config,
 )
 from rplora_jax._peft import default_module_name as default_module_name
+from rplora_jax._peft import hf_decoder_names as hf_decoder_names
 from rplora_jax._trees import as_param_tree, is_nnx_module
 from rplora_jax.adapters import _replace_factors
 from rplora_jax.pairing import RuleSpec
@@ -70,8 +73,8 @@ def _check_nnx_scales(params: Any, scale: float, theirs: str, where: str) -> Non
     wrong = {p: s for p, s in _layer_scales(params).items() if not math.isclose(s, scale)}
     if wrong:
         raise ValueError(
-            f"{where}: the model's LoRA layers {_preview(sorted(wrong))} have scale "
-            f"{_preview(sorted(set(wrong.values())))}, but {theirs} has scale {scale} "
+            f"{where}: the model's LoRA layers {preview(sorted(wrong))} have scale "
+            f"{preview(sorted(set(wrong.values())))}, but {theirs} has scale {scale} "
             "(alpha / rank, or alpha / sqrt(rank) with rslora; Flax's nnx.LoRALinear has 1). "
             "A PEFT adapter has one scale for every module."
         )
@@ -102,10 +105,6 @@ def _auto_targets(modules: list[Module], leaves: Mapping[str, Any]) -> list[str]
     return suffixes
 
 
-def _preview(names: list[str], n: int = 8) -> str:
-    return str(names) if len(names) <= n else f"{names[:n]} and {len(names) - n} more"
-
-
 def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -120,6 +119,7 @@ def save_peft_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     rules: RuleSpec | Sequence[RuleSpec] | None = None,
+    model_modules: Iterable[str] | None = None,
 ) -> dict[str, jax.Array]:
     """Saves the LoRA factors of ``params`` as a PEFT adapter directory.
 
@@ -141,7 +141,8 @@ def save_peft_adapter(
         torch_name``. Stacked pairs (``nn.scan`` / ``nnx.vmap``, ``a: (L, in, r)``) need a callable
         ``(flax_path, index) -> torch_name`` with ``index`` a tuple of ints, e.g. ``lambda p, i:
         f"layers.{i[0]}.{p.rsplit('/', 1)[-1]}"``; it is called with one argument for the unstacked
-        pairs.
+        pairs. [`hf_decoder_names`][rplora_jax.peft_format.hf_decoder_names] is that callable
+        for HuggingFace decoders (Llama, Mistral, Qwen, Gemma).
       target_modules: PEFT's ``target_modules`` as written; ``None`` writes the modules' last
         name components (``["query", "value"]``, as PEFT users write them) when no other 2-D
         kernel in ``params`` has the same last name, else the full module names. PEFT adds
@@ -151,6 +152,10 @@ def save_peft_adapter(
       task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``); ``None`` for a plain
         ``PeftModel``.
       rules: pairing rules (see [`find_lora_pairs`][rplora_jax.pairing.find_lora_pairs]).
+      model_modules: the PyTorch model's module names, if you have the model at hand
+        (``[name for name, _ in model.named_modules()]``): every module the adapter names must
+        be one of them. PEFT loads an adapter whose names match nothing with only a warning,
+        and then serves the base model.
 
     Returns:
       The saved tensors, ``{"base_model.model.<name>.lora_A.weight": array, ...}``.
@@ -158,7 +163,8 @@ def save_peft_adapter(
     Raises:
       ValueError: naming the path, for factors with several input or output axes, a rank other
         than ``lora.rank``, a stacked pair without a callable ``module_names``, a module
-        missing from a ``module_names`` dict, or two pairs mapped to the same name.
+        missing from a ``module_names`` dict, two pairs mapped to the same name, or names that
+        are not in ``model_modules``.
 
     Examples:
       >>> import os, tempfile, jax.numpy as jnp
@@ -188,6 +194,8 @@ def save_peft_adapter(
     modules, leaves = plan(
         tree, module_names, rules, (lora.rank, "the LoRAConfig's rank is"), where
     )
+    if model_modules is not None:
+        check_module_names(modules, model_modules, where)
     tensors: dict[str, jax.Array] = {}
     for m in modules:
         a, b = leaves[m.pair.a_path], leaves[m.pair.b_path]
@@ -356,7 +364,7 @@ def load_peft_adapter(
             f"{where}: '{file}' does not fit the parameters. Keys the parameters need but the "
             f"file lacks: {sorted(missing)}; keys in the file with no LoRA pair in the "
             f"parameters: {unexpected}. Check module_names: the parameters' LoRA modules map "
-            f"to {_preview(sorted({m.name for m in modules}))}."
+            f"to {preview(sorted({m.name for m in modules}))}."
         )
     adapter = {}
     for path, by_index in parts.items():

@@ -20,6 +20,7 @@ import rplora_jax
 from rplora_jax.layers.config import LoRAConfig
 from rplora_jax.peft_format import (
     default_module_name,
+    hf_decoder_names,
     load_peft_adapter,
     peft_config,
     save_peft_adapter,
@@ -179,6 +180,52 @@ def test_loading_finds_the_pairs_once(tmp_path, monkeypatch):
     )
     load_peft_adapter(tmp_path, variables, module_names=torch_names, lora=config)
     assert len(calls) == 1
+
+
+def _stacked_decoder(layers=2, d=8, ffn=12, rank=2, seed=0):
+    """Stacked LoRA factors named like a Llama port's: layers/<proj>/lora_a, (L, in, r)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"q_proj": (d, d), "v_proj": (d, d), "gate_proj": (d, ffn), "down_proj": (ffn, d)}
+    return {
+        "layers": {
+            name: {
+                "kernel": jnp.zeros((layers, i, o)),
+                "lora_a": jnp.asarray(rng.standard_normal((layers, i, rank)), jnp.float32),
+                "lora_b": jnp.asarray(rng.standard_normal((layers, rank, o)), jnp.float32),
+            }
+            for name, (i, o) in shapes.items()
+        }
+    }
+
+
+def test_hf_decoder_names_and_the_check_against_the_models_modules(tmp_path):
+    tree = _stacked_decoder()
+    known = [f"model.layers.{i}.{g}.{p}" for i in range(2) for g, p in
+             (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
+              ("mlp", "down_proj"))]  # fmt: skip
+    saved = save_peft_adapter(
+        tmp_path, tree, LoRAConfig(rank=2), module_names=hf_decoder_names(), model_modules=known
+    )
+    assert sorted(saved) == sorted(
+        f"base_model.model.{k}.lora_{r}.weight" for k in known for r in "AB"
+    )
+    np.testing.assert_array_equal(
+        saved["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"],
+        tree["layers"]["down_proj"]["lora_a"][1].T,
+    )
+    # Without transformers' "model." prefix PEFT would match nothing: an error with the hint.
+    with pytest.raises(
+        ValueError, match=r"does not have: \['layers.0.mlp.down_proj', .*prefix 'model.'"
+    ):
+        save_peft_adapter(
+            tmp_path,
+            tree,
+            LoRAConfig(rank=2),
+            module_names=hf_decoder_names(""),
+            model_modules=known,
+        )
+    with pytest.raises(ValueError, match="does not end in a projection name"):
+        hf_decoder_names()("layers/query", (0,))
 
 
 def _with_config(directory, **fields):
@@ -475,3 +522,27 @@ def test_nnx_default_names(tmp_path):
     np.testing.assert_array_equal(
         model.blocks[1].query.lora_b[...], saved["base_model.model.blocks.1.query.lora_B.weight"].T
     )
+
+
+def test_hf_decoder_names_load_into_a_transformers_llama(tmp_path, torch_peft):
+    # A tiny Llama built from its config (no download): its module names take the adapter, and
+    # PEFT applies it (every lora_B of the loaded model equals ours).
+    _, peft, _ = torch_peft
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    llama = transformers.LlamaForCausalLM(config)
+    tree = _stacked_decoder()
+    save_peft_adapter(
+        tmp_path, tree, LoRAConfig(rank=2, alpha=4.0), module_names=hf_decoder_names(),
+        model_modules=[n for n, _ in llama.named_modules()],
+    )  # fmt: skip
+    peft_model = peft.PeftModel.from_pretrained(llama, str(tmp_path))
+    state = dict(peft_model.named_parameters())
+    for name, f in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+        got = state[f"base_model.model.model.layers.1.{f}.{name}.lora_B.default.weight"]
+        np.testing.assert_allclose(
+            got.detach().numpy(), np.asarray(tree["layers"][name]["lora_b"][1]).T
+        )
