@@ -86,12 +86,16 @@ def _large_kernel(shape, rank_axis: int, tuning: Tuning) -> bool:
 
 def grams(factors: list, rank_axis: int, kind: Kind, tuning: Tuning) -> jax.Array:
     """``(n, *stack, r, r)`` Grams of a chunk's ``n`` factors on one side."""
+    k = kind.stacked
     stacked = len(factors) > 1 and (
         np.size(factors[0]) < tuning.stack_max_size or tuning.large_grams == "stacked"
     )
-    form = _linalg.stacked_grams if stacked else _linalg.separate_grams
-    sharding = _mesh.gram_sharding(factors[0], kind.stacked)
-    return form(factors, rank_axis, kind.stacked, kind.dtype, sharding)
+    if stacked:  # one batched dot over the factors stacked on a new leading axis
+        x = jnp.stack(factors)
+        return _linalg.gram(x, rank_axis + 1, k + 1, kind.dtype, _mesh.gram_sharding(x, k + 1))
+    return jnp.stack(
+        [_linalg.gram(f, rank_axis, k, kind.dtype, _mesh.gram_sharding(f, k)) for f in factors]
+    )
 
 
 def inverse(grams: jax.Array, reg: Any, tuning: Tuning) -> jax.Array:

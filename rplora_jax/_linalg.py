@@ -34,16 +34,6 @@ def gram(x: jax.Array, rank_axis: int, stacked: int, dtype, out_sharding: Any = 
     )
 
 
-def stacked_grams(factors, rank_axis: int, stacked: int, dtype, out_sharding=None):
-    """``(n, *stack, r, r)`` Grams of ``n`` factors of one shape by one batched dot."""
-    return gram(jnp.stack(factors), rank_axis + 1, stacked + 1, dtype, out_sharding)
-
-
-def separate_grams(factors, rank_axis: int, stacked: int, dtype, out_sharding=None):
-    """``(n, *stack, r, r)`` Grams of ``n`` factors, one dot each."""
-    return jnp.stack([gram(f, rank_axis, stacked, dtype, out_sharding) for f in factors])
-
-
 def gauss_jordan_inverse(m: jax.Array, eye: jax.Array) -> jax.Array:
     """Inverse of SPD ``m`` by Gauss-Jordan without pivoting (stable for SPD), identity if singular.
 

@@ -129,6 +129,20 @@ def varying(x: Any) -> frozenset:
     return frozenset(axes or ())
 
 
+def layer_axes(x, stacked: int, summed, spec: Any = None, by_spec: bool = False) -> tuple:
+    """The manual mesh axes that split factor ``x``'s stacked layers across devices, whose
+    totals over layers must be summed there too: from its PartitionSpec with ``by_spec``, else
+    from shard_map's varying axes, less the axes its Grams are summed over."""
+    manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+    if not manual:
+        return ()
+    if by_spec:
+        entries = (*(spec or ()), *(None,) * stacked)[:stacked]
+        names = {n for e in entries for n in ((e,) if isinstance(e, str) else (e or ()))}
+        return tuple(sorted(names & manual))
+    return tuple(sorted((varying(x) & manual) - set(summed)))
+
+
 def _manual_axes(names, who: str, where: str, hint: str = "") -> frozenset:
     """Those of ``names`` that are manual axes here; a name that is not a mesh axis is an error
     (it would never match a varying axis and be skipped silently). An Auto/Explicit axis holds

@@ -31,7 +31,8 @@ class ScaleByLoraRiteState(NamedTuple):
 
     Attributes:
       count: the number of updates so far.
-      mu: each factor's first moment, in the factor's layout (float32).
+      mu: each factor's first moment, in the factor's layout (float32; float64 for float64
+        factors).
       nu: each factor's ``(*stack, r, r)`` second moment.
       basis: each factor's orthonormal basis ``Q`` of the last step, in the factor's layout.
       escape: each factor's ``(*stack,)`` escaped mass (zero unless ``escaped_mass``).
@@ -71,15 +72,27 @@ def _inner(x, y, axes):
 
 def _tall(xs, rank_axis: int, stacked: int, dtype) -> jax.Array:
     """``(n, *stack, rows, r)``: the chunk's factors with the rank axis last, features flat."""
-    moved = [jnp.moveaxis(jnp.asarray(x, dtype), rank_axis, -1) for x in xs]
-    return jnp.stack([x.reshape(*x.shape[:stacked], -1, x.shape[-1]) for x in moved])
+    return jnp.stack([_flat_features(jnp.asarray(x, dtype), rank_axis, stacked) for x in xs])
+
+
+def _flat_features(x, rank_axis: int, stacked: int) -> jax.Array:
+    x = jnp.moveaxis(x, rank_axis, -1)
+    explicit = _mesh.explicit_spec(x)
+    if x.ndim - stacked > 2 and explicit is not None and any(explicit[1][stacked:]):
+        # On Explicit axes several feature axes, one of them sharded, cannot be merged in
+        # place: the factor's features are gathered first (a LoRA factor is small).
+        mesh, spec = explicit
+        x = jax.sharding.reshard(x, _mesh.named(mesh, spec[:stacked]))
+    return x.reshape(*x.shape[:stacked], -1, x.shape[-1])
 
 
 def _untall(x: jax.Array, like, rank_axis: int) -> jax.Array:
-    """A tall ``(*stack, rows, r)`` array back in the layout of ``like``."""
+    """A tall ``(*stack, rows, r)`` array back in the layout, and sharding, of ``like``."""
     shape = list(np.shape(like))
     rank = shape.pop(rank_axis)
-    return jnp.moveaxis(x.reshape(*shape, rank), -1, rank_axis)
+    out = jnp.moveaxis(x.reshape(*shape, rank), -1, rank_axis)
+    explicit = _mesh.explicit_spec(like)
+    return out if explicit is None else jax.sharding.reshard(out, _mesh.named(*explicit))
 
 
 def _factorize(x, axes):
@@ -92,12 +105,18 @@ def _factorize(x, axes):
     return mm(x, r_pinv), r_pinv
 
 
+def _off(x) -> bool:
+    """Whether a threshold is off (0) as a Python number; arrays (``inject_hyperparams``) are
+    compared when traced."""
+    return isinstance(x, (int, float)) and x <= 0
+
+
 def _skip_and_norm(g, axes, threshold):
     """``g`` zeroed per layer where its RMS passes ``threshold``, and its squared norm."""
     sq = _sum(jnp.sum(g * g, axis=(-2, -1)), axes)
     size = _sum(g.shape[-2], axes) * g.shape[-1]
-    if threshold > 0:
-        skip = jnp.sqrt(sq / size) > threshold
+    if not _off(threshold):
+        skip = (threshold > 0) & (jnp.sqrt(sq / size) > threshold)
         g, sq = jnp.where(skip[..., None, None], 0.0, g), jnp.where(skip, 0.0, sq)
     return g, sq
 
@@ -117,22 +136,28 @@ def _side(g, q_other, q_other_old, r_pinv_other, nu, mu, rho, axes, other_axes, 
     rows = _sum(g.shape[-2], axes)
     p = _inner(q_other, q_other_old, other_axes)  # the change of basis, r x r
     moved = jnp.nan_to_num(sym(mm(mm(p, nu), t(p))))
-    rho = _escape(nu, moved, rho, c["b2"]) if c["escaped_mass"] else jnp.zeros_like(rho)
+    escaped = c["escaped_mass"]  # a bool, or an array under inject_hyperparams
+    if escaped is False:
+        rho = jnp.zeros_like(rho)
+    else:
+        rho = jnp.where(escaped, _escape(nu, moved, rho, c["b2"]), 0.0)
     nu = sym((1 - c["b2"]) * sym(_inner(g, g, axes)) / rows + c["b2"] * moved)
     lam, e = _linalg.psd_eigh(nu)
     inv_root = 1 / (jnp.sqrt(lam + rho[..., None]) + c["eps"])
     u = jnp.nan_to_num(mm(g, sym(mm(e * inv_root[..., None, :], t(e)))))
     mu = (1 - c["b1"]) * u + c["b1"] * mm(mu, t(p))
-    d = mu
-    if c["update_capping"] > 0:
+    d, cap = mu, c["update_capping"]
+    if not _off(cap):
         rms = jnp.sqrt(_sum(jnp.sum(d * d, axis=(-2, -1)), axes) / (rows * g.shape[-1]))
-        d = d / jnp.maximum(1.0, rms / c["update_capping"])[..., None, None]
+        capped = d / jnp.maximum(1.0, rms / cap)[..., None, None]
+        d = jnp.where(cap > 0, capped, d)
     return mm(d, r_pinv_other), nu, mu, rho
 
 
-def _unmagnified(a, b, g_a, g_b, kind: _grouping.Kind, threshold: float) -> dict:
+def _unmagnified(a, b, g_a, g_b, kind: _grouping.Kind, threshold, layers) -> dict:
     """A chunk's bases, ``pinv(R)`` and unmagnified gradients (tall), with their squared norm
-    summed over the chunk's pairs and layers."""
+    summed over the chunk's pairs and layers; ``layers``: for a's and b's, the manual axes that
+    split the stacked layers."""
     dtype, k = kind.dtype, kind.stacked
     q_a, rp_a = _factorize(_tall(a, kind.a_rank_axis, k, dtype), kind.a_sum)
     q_b, rp_b = _factorize(_tall(b, kind.b_rank_axis, k, dtype), kind.b_sum)
@@ -143,10 +168,7 @@ def _unmagnified(a, b, g_a, g_b, kind: _grouping.Kind, threshold: float) -> dict
         mm(_tall(g_b, kind.b_rank_axis, k, dtype), rp_a), kind.b_sum, threshold
     )
     # Layers split across devices (a stacked axis inside shard_map) are summed there too.
-    sq = sum(
-        _sum(jnp.sum(x), tuple(sorted(_mesh.varying(leaf) - set(summed))))
-        for x, leaf, summed in ((sq_a, a[0], kind.a_sum), (sq_b, b[0], kind.b_sum))
-    )
+    sq = _sum(jnp.sum(sq_a), layers[0]) + _sum(jnp.sum(sq_b), layers[1])
     return dict(q_a=q_a, q_b=q_b, rp_a=rp_a, rp_b=rp_b, ga=ga, gb=gb, sq=sq)
 
 
@@ -154,7 +176,7 @@ def _second_pass(chunk, kind: _grouping.Kind, f: dict, scale, c: dict, fields, o
     """The moments and steps of a chunk's pairs, written into ``out`` and the state ``fields``
     (lists per leaf: mu, nu, basis, escape)."""
     mu, nu, basis, escape = fields
-    k, f32 = kind.stacked, jnp.float32
+    k, f32 = kind.stacked, kind.dtype
     index = {"a": [p.a_index for p in chunk], "b": [p.b_index for p in chunk]}
     axis = {"a": kind.a_rank_axis, "b": kind.b_rank_axis}
     tall = lambda field, s: _tall([field[i] for i in index[s]], axis[s], k, f32)
@@ -182,6 +204,24 @@ def _second_pass(chunk, kind: _grouping.Kind, f: dict, scale, c: dict, fields, o
             out[i] = _linalg.cast_back(_untall(step[n], like, axis[s]), jnp.result_type(like))
             mu[i], nu[i], escape[i] = _untall(new_mu[n], like, axis[s]), new_nu[n], rho[n]
             basis[i] = _untall(f["q_" + s][n], like, axis[s])
+
+
+def _dtype(x) -> Any:
+    """The state's dtype for factor ``x``: its compute dtype (float32, or float64)."""
+    return _linalg.compute_dtype(jnp.result_type(x))
+
+
+def _per_layer_zeros(x, pair, shape: tuple) -> jax.Array:
+    """Zeros of ``(*stack, *shape)``, sharded like the stacked axes of factor ``x`` on an
+    Explicit mesh (replicated otherwise)."""
+    zeros = jnp.zeros((*pair.info.stacked_shape, *shape), _dtype(x))
+    explicit = _mesh.explicit_spec(x)
+    if explicit is None or not any(explicit[1][: pair.stacked]):
+        return zeros
+    mesh, spec = explicit
+    return jax.sharding.reshard(
+        zeros, _mesh.named(mesh, (*spec[: pair.stacked], *(None,) * len(shape)))
+    )
 
 
 def _roles(pairs) -> dict[int, tuple[Any, int]]:
@@ -283,6 +323,11 @@ def scale_by_lora_rite(
       Transformation Equilibration for LoRA Optimization", ICLR 2025,
       https://arxiv.org/abs/2410.20625
     """
+    for name, value in (("b1", b1), ("b2", b2)):
+        if isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise ValueError(f"lora_rite: {name} must lie in [0, 1), got {value!r}.")
+    if isinstance(eps, (int, float)) and eps < 0:
+        raise ValueError(f"lora_rite: eps must be non-negative, got {eps!r}.")
     setup = _pairwise.setup(
         "lora_rite",
         rules=rules,
@@ -312,13 +357,13 @@ def scale_by_lora_rite(
                 ]
             )
 
-        stack = lambda pair: tuple(pair.info.stacked_shape)
+        r = lambda p: (p.info.rank, p.info.rank)
         return ScaleByLoraRiteState(
             count=jnp.zeros([], jnp.int32),
-            mu=per_leaf(lambda x, _: jnp.zeros_like(x, jnp.float32)),
-            nu=per_leaf(lambda x, p: jnp.zeros((*stack(p), p.info.rank, p.info.rank), jnp.float32)),
-            basis=per_leaf(lambda x, _: jnp.zeros_like(x, jnp.float32)),
-            escape=per_leaf(lambda x, p: jnp.zeros(stack(p), jnp.float32)),
+            mu=per_leaf(lambda x, _: jnp.zeros_like(x, _dtype(x))),
+            nu=per_leaf(lambda x, p: _per_layer_zeros(x, p, r(p))),
+            basis=per_leaf(lambda x, _: jnp.zeros_like(x, _dtype(x))),
+            escape=per_leaf(lambda x, p: _per_layer_zeros(x, p, ())),
         )
 
     def update_fn(updates, state, params=None):
@@ -328,14 +373,23 @@ def scale_by_lora_rite(
         chunks = list(_pairwise.chunks(setup, pairs, p_leaves, g_leaves, params, _grouping.DEFAULT))
         count = state.count.astype(jnp.float32)
         c = dict(consts, b1=_decay(count, b1), b2=_decay(count, b2))
-        first = [
-            _unmagnified(a, b, g_a, g_b, kind, update_skipping)
-            for _, kind, a, b, g_a, g_b in chunks
-        ]
+        by_spec = setup.specs is not None
+        specs = _mesh.leaf_specs(setup.specs, params, setup.who) if by_spec else None
+
+        def layers(i, x, kind, summed):
+            return _mesh.layer_axes(x, kind.stacked, summed, specs and specs[i], by_spec)
+
+        first = []
+        for chunk, kind, a, b, g_a, g_b in chunks:
+            split = (
+                layers(chunk[0].a_index, a[0], kind, kind.a_sum),
+                layers(chunk[0].b_index, b[0], kind, kind.b_sum),
+            )
+            first.append(_unmagnified(a, b, g_a, g_b, kind, update_skipping, split))
         norm = jnp.sqrt(sum(f["sq"] for f in first))
-        scale = 1.0
-        if clip_unmagnified_grad > 0:
-            scale = jnp.where(norm > clip_unmagnified_grad, clip_unmagnified_grad / norm, 1.0)
+        clip, scale = clip_unmagnified_grad, 1.0
+        if not _off(clip):
+            scale = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
         out = list(g_leaves)
         for (chunk, kind, *_), f in zip(chunks, first, strict=True):
             _second_pass(chunk, kind, f, scale, c, fields, out, g_leaves)

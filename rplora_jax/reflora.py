@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rplora_jax import _grouping, _linalg, _pairwise
@@ -124,7 +125,13 @@ def reflora_preconditioner(
       [2.0, 0.5]
     """
     for name, value, least in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        # Under optax.inject_hyperparams both arrive as (traced) integer arrays.
+        is_int = isinstance(value, int) or jnp.issubdtype(jnp.result_type(value), jnp.integer)
+        if isinstance(value, bool) or not is_int or np.ndim(value) != 0:
+            raise ValueError(
+                f"reflora_preconditioner: {name} must be an int >= {least}, got {value!r}."
+            )
+        if isinstance(value, (int, np.integer)) and value < least:
             raise ValueError(
                 f"reflora_preconditioner: {name} must be an int >= {least}, got {value!r}."
             )
@@ -146,7 +153,9 @@ def reflora_preconditioner(
 
     def update_fn(updates, state, params=None):
         new, _ = inner.update(updates, optax.EmptyState(), params)
-        if warmup_steps or interval > 1:
+        if not (isinstance(warmup_steps, int) and isinstance(interval, int)) or (
+            warmup_steps or interval > 1
+        ):
             since = state.count - warmup_steps
             on = (since >= 0) & (since % interval == 0)
             new = jax.tree.map(lambda x, g: jnp.where(on, x, g), new, updates)

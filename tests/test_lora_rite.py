@@ -196,7 +196,19 @@ def test_dtypes_are_kept_and_the_state_is_float32():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", ["features/axis_name", "features/specs", "stacked/specs", "jit", "jit-explicit"]
+    "case",
+    [
+        "features/axis_name",
+        "features/specs",
+        "stacked/specs",
+        "einsum/axis_name",
+        "einsum/specs",
+        "jit",
+        "jit-explicit",
+        "jit-stacked",
+        "jit-explicit-stacked",
+        "jit-explicit-einsum",
+    ],
 )
 def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
     # 8 virtual devices: inside shard_map every sum over a factor's features (and, for the
@@ -243,3 +255,27 @@ def test_pytorch_layout_takes_the_same_steps(make):
         flax, torch = optax.apply_updates(flax, u_flax), optax.apply_updates(torch, u_torch)
         np.testing.assert_allclose(torch["q.lora_A.weight"], flax["lora_a"].T, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(torch["q.lora_B.weight"], flax["lora_b"].T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make", [rplora_jax.lora_rite, rplora_jax.reflora_adamw], ids=["lora_rite", "reflora_adamw"]
+)
+def test_inject_hyperparams_schedules_the_rate(make):
+    # Every numeric argument becomes a traced hyperparameter; the steps must not change.
+    problem = Regression(seed=8, shapes=[(9, 7)], rank=3, b_zero=False)
+    params = to_flax(problem.init)
+    grads = to_flax(problem.grads(problem.init))
+    plain, injected = make(1e-2), optax.inject_hyperparams(make)(learning_rate=1e-2)
+    s1, s2 = plain.init(params), injected.init(params)
+    for _ in range(3):
+        u1, s1 = jax.jit(plain.update)(grads, s1, params)
+        u2, s2 = jax.jit(injected.update)(grads, s2, params)
+        for x, y in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)  # rounding only
+
+
+def test_bad_hyperparameters_are_named():
+    for kw, message in (({"b1": 1.0}, "b1 must lie in"), ({"b2": -0.1}, "b2 must lie in"),
+                        ({"eps": -1.0}, "eps must be non-negative")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            rplora_jax.lora_rite(1e-2, **kw)

@@ -758,3 +758,15 @@ def test_specs_are_matched_to_the_parameters_by_path():
     with_bias = {"x": {**params["x"], "bias": None}}  # a spec tree mapped over it keeps the None
     tx = riemannian_preconditioner(specs=jax.tree.map(lambda _: P(), with_bias))
     assert tx.update(with_bias, tx.init(with_bias), with_bias)[0]["x"]["bias"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", ["jit-explicit", "jit-stacked", "jit-explicit-stacked", "jit-explicit-einsum"]
+)
+def test_two_pairs_of_a_kind_on_8_devices(successor_report, case):
+    # Two pairs of one kind share one batched Gram dot; on Explicit axes with the layers split
+    # its output sharding must follow the stacked layers, not the pairs' axis.
+    got = successor_report[f"scaled_adamw/{case}"]
+    assert "error" not in got, got
+    assert got["rel"] < 1e-6 and got["kept"], got

@@ -133,7 +133,19 @@ def test_other_leaves_pass_through_and_dtypes_are_kept():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "case", ["features/axis_name", "features/specs", "stacked/specs", "jit", "jit-explicit"]
+    "case",
+    [
+        "features/axis_name",
+        "features/specs",
+        "stacked/specs",
+        "einsum/axis_name",
+        "einsum/specs",
+        "jit",
+        "jit-explicit",
+        "jit-stacked",
+        "jit-explicit-stacked",
+        "jit-explicit-einsum",
+    ],
 )
 def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
     # 8 virtual devices: inside shard_map every sum over a factor's features (and, for the
