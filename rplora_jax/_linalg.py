@@ -174,7 +174,7 @@ def geometric_mean_factors(ata: jax.Array, bbt: jax.Array, eps) -> tuple[jax.Arr
     """``(S, inv(S))`` for ``S = inv(ata) # bbt``, the matrix geometric mean, which solves
     ``S @ ata @ S = bbt`` (RefLoRA's refactoring). As in the authors' code, from two eigen
     decompositions, with ``eps`` added to each singular value that is inverted; batched. Where
-    either Gram is numerically singular (``b = 0``), both are the identity."""
+    either Gram is numerically singular (``b = 0`` in particular), both are the identity."""
     lam_a, v_a = psd_eigh(ata)
     s_a = jnp.sqrt(lam_a)
     # M^T M for M = b^T V_a diag(s_a): its eigenvectors and singular values.
@@ -185,9 +185,11 @@ def geometric_mean_factors(ata: jax.Array, bbt: jax.Array, eps) -> tuple[jax.Arr
     s = mm(left * s_m[..., None, :], t(left))
     right = mm(v_a * s_a[..., None, :], v_m)
     s_inv = mm(right / (s_m[..., None, :] + eps), t(right))
-    # An eigenvalue at most r * eps of the largest is rounding noise in a float32 Gram.
+    # An eigenvalue at most r * eps of the largest is rounding noise in a float32 Gram. b b^T
+    # is judged through M^T M, whose conditioning is at most a^T a's times b b^T's.
     tol = ata.shape[-1] * jnp.finfo(ata.dtype).eps
-    singular = (lam_a[..., 0] <= tol * lam_a[..., -1]) | (lam_m[..., 0] <= tol * lam_m[..., -1])
+    ratio_a = lam_a[..., 0] / jnp.maximum(lam_a[..., -1], jnp.finfo(ata.dtype).tiny)
+    singular = (ratio_a <= tol) | (lam_m[..., 0] <= tol * ratio_a * lam_m[..., -1])
     eye = jnp.broadcast_to(jnp.eye(ata.shape[-1], dtype=ata.dtype), ata.shape)
     pick = lambda x: jnp.where(singular[..., None, None], eye, x)
     return pick(s), pick(s_inv)

@@ -57,7 +57,7 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 
 def _kernel_tokens(pair: LoRAPair, index: Mapping[str, tuple]) -> tuple[str, ...]:
     """The token path of the base kernel that ``pair`` adapts. Stricter than the pairing's
-    `rplora_jax.pairing.find_kernel`: merge writes into it, so only the layouts whose
+    search (``_trees.find_kernel``): merge writes into it, so only the layouts whose
     kernel it knows (a ``kernel`` next to ``lora_a`` or to ``nnx.LoRALinear``'s ``lora``;
     qwix's ``<w>``)."""
     a = tuple(pair.a_path.split("/"))

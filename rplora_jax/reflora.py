@@ -75,11 +75,13 @@ def reflora_preconditioner(
     cast back to its gradient's dtype. Differences from the authors' code (``Refactorer`` with
     ``use_scalar=False``), each for finite results:
 
-    - A pair whose ``a.T a`` or ``b b.T`` is numerically singular (an eigenvalue at most ``r``
-      float32 eps times the largest) gets the identity. The authors' code gives ``S = 0`` when
-      ``b = 0`` (LoRA's initialisation), so ``b`` never moves; they avoid that with
-      ``warmup_steps`` or by re-initialising ``b``. Here LoRA starts as usual: plain
-      gradients until ``b`` has full rank.
+    - A pair whose ``a.T a`` or ``b b.T`` is numerically singular gets the identity: an
+      eigenvalue of ``a.T a`` at most ``r`` float32 eps times its largest, or ``b b.T`` judged
+      the same way through the refactoring's second Gram (whose conditioning is at most the
+      product of the two). The authors' code gives ``S = 0`` when ``b = 0`` (LoRA's
+      initialisation), so ``b`` never moves; they avoid that with ``warmup_steps`` or by
+      re-initialising ``b``. Here LoRA starts as usual: plain gradients until ``b`` has full
+      rank.
     - Eigenvalues that rounding makes slightly negative are taken as 0; the authors' code
       takes their square root (NaN).
     - The scalar variant (RefLoRA-S, ``use_scalar=True``), which rescales the factors and the

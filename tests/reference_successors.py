@@ -121,8 +121,8 @@ def reflora_factors(a, b, eps, fallback=False):
     left = (v_a * (1 / (s_a + eps))) @ v_m
     right = (v_a * s_a) @ v_m
     s, s_inv = (left * s_m) @ left.T, (right * (1 / (s_m + eps))) @ right.T
-    tol = a.shape[0] * np.finfo(np.float32).eps
-    if fallback and (lam_a[0] <= tol * lam_a[-1] or lam_m[0] <= tol * lam_m[-1]):
+    tol, ratio_a = a.shape[0] * np.finfo(np.float32).eps, lam_a[0] / lam_a[-1]
+    if fallback and (ratio_a <= tol or lam_m[0] <= tol * ratio_a * lam_m[-1]):
         return np.eye(a.shape[0]), np.eye(a.shape[0])
     return s, s_inv
 

@@ -155,3 +155,16 @@ def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
     assert "error" not in got, got
     assert got["rel"] < 2e-5, got
     assert got.get("kept", True)
+
+
+def test_ill_conditioned_but_regular_factors_are_refactored():
+    # a^T a = diag(1, 1e-4) and b b^T = diag(1, 1e-3): both far from singular in float32, so S
+    # is their geometric mean diag(1, sqrt(10)), not the identity fallback.
+    a = jnp.array([[1.0, 0.0], [0.0, 1e-2], [0.0, 0.0]])
+    b = jnp.array([[1.0, 0.0, 0.0], [0.0, 1e-3**0.5, 0.0]])
+    params = {"lora_a": a, "lora_b": b}
+    tx = rplora_jax.reflora_preconditioner(eps=0.0)
+    ones = jax.tree.map(jnp.ones_like, params)
+    got, _ = tx.update(ones, tx.init(params), params)
+    np.testing.assert_allclose(got["lora_b"][:, 0], [1.0, 10**0.5], rtol=1e-4)
+    np.testing.assert_allclose(got["lora_a"][0], [1.0, 10**-0.5], rtol=1e-4)
