@@ -8,7 +8,7 @@ and validation split), evaluated on the validation split every ``--eval-every`` 
 skipped), ``summary.md`` (mean ± sample sd over seeds at each length) and ``command.txt``::
 
     python -m experiments.training_length --dataset rotten_tomatoes --n-val 1000 \\
-        --configs adamw=3.2e-3 sgd=3.2e-2 sgd=3.2e-1 --seeds 0 1 --steps 500 --eval-every 100
+        --configs adamw=3.2e-3 sgd=3.2e-2 sgd=3.2e-1 --seeds 0 1 2 3 --steps 500 --eval-every 100
 """
 
 from __future__ import annotations
@@ -49,6 +49,38 @@ def run(task: ft.Task, optimizer: str, lr: float, seed: int, steps: int, every: 
     return rows
 
 
+def choose_length(rows: Sequence[dict], points: float = 1.0) -> tuple[int, dict]:
+    """The pre-registered rule: the smallest length at which the mean validation accuracy
+    (over seeds) of AdamW and of the better of the SGD rates is at most ``points`` below their
+    plateau, the mean over the last two lengths; the last length if none qualifies (the runs had
+    not converged). Returns the length and each counted configuration's ``{step: mean accuracy
+    (%)}`` with its plateau under ``"plateau"``.
+
+    Example:
+      >>> rows = [{"optimizer": "adamw", "lr": "1e-3", "seed": s, "step": st, "val_acc": a}
+      ...         for s in (0, 1) for st, a in ((100, .70), (200, .795), (300, .80), (400, .80))]
+      >>> choose_length(rows)[0]
+      200
+    """
+    configs = {(r["optimizer"], float(r["lr"])) for r in rows}
+    steps = sorted({int(r["step"]) for r in rows})
+    curve = {
+        c: {
+            s: 100 * np.mean([float(r["val_acc"]) for r in rows
+                              if (r["optimizer"], float(r["lr"]), int(r["step"])) == (*c, s)])
+            for s in steps
+        }
+        for c in configs
+    }  # fmt: skip
+    for c in curve.values():
+        c["plateau"] = float(np.mean([c[s] for s in steps[-2:]]))
+    sgd = [c for c in configs if c[0] == "sgd"]
+    counted = [c for c in configs if c[0] == "adamw"]
+    counted += [max(sgd, key=lambda c: curve[c]["plateau"])] if sgd else []
+    ok = lambda s: all(curve[c][s] >= curve[c]["plateau"] - points for c in counted)
+    return next((s for s in steps if ok(s)), steps[-1]), {c: curve[c] for c in counted}
+
+
 def summary_lines(rows: Sequence[dict]) -> list[str]:
     """Mean ± sample sd (over seeds) of the validation accuracy, in %, at each length."""
     configs = list(dict.fromkeys((r["optimizer"], float(r["lr"])) for r in rows))
@@ -75,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dataset", default="rotten_tomatoes")
     p.add_argument("--n-val", type=int, default=1000)
     p.add_argument("--configs", nargs="+", default=["adamw=3.2e-3", "sgd=3.2e-2"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-length", type=int, default=32)
@@ -119,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines = summary_lines(list(csv.DictReader(f)))
     header = [f"`{(out / 'command.txt').read_text().strip()}`", "", f"{ds.name}: validation "
               f"accuracy (%) on {args.n_val} documents, mean ± sample sd (seeds)", ""]  # fmt: skip
+    with open(path, newline="") as f:
+        length, counted = choose_length(list(csv.DictReader(f)))
+    plateaus = ", ".join(f"{o} {lr:g}: {c['plateau']:.1f}" for (o, lr), c in counted.items())
+    lines += ["", f"Length by the pre-registered rule: {length} steps (plateaus: {plateaus})."]
     (out / "summary.md").write_text("\n".join(header + lines) + "\n")
     print("\n".join(lines))
 

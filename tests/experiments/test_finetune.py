@@ -333,6 +333,23 @@ def test_training_length_pilot_writes_validation_accuracy_by_length(tmp_path):
     ]
     assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)
     assert "| adamw | 0.001 |" in (tmp_path / "summary.md").read_text()
+    assert "Length by the pre-registered rule:" in (tmp_path / "summary.md").read_text()
     tl.main(argv)  # resumes: nothing new
     with open(tmp_path / "lengths.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_the_length_rule_counts_adamw_and_the_better_sgd_rate():
+    from experiments.training_length import choose_length
+
+    def rows(o, lr, accs):
+        return [{"optimizer": o, "lr": str(lr), "seed": s, "step": 100 * (i + 1), "val_acc": a}
+                for s in (0, 1) for i, a in enumerate(accs)]  # fmt: skip
+
+    adamw = rows("adamw", 1e-3, [0.78, 0.80, 0.80, 0.80])  # on its plateau from 200 steps
+    slow_sgd = rows("sgd", 0.03, [0.60, 0.70, 0.77, 0.78])  # within 1 point from 300
+    bad_sgd = rows("sgd", 0.3, [0.50, 0.50, 0.50, 0.50])  # the worse rate does not count
+    length, counted = choose_length(adamw + slow_sgd + bad_sgd)
+    assert length == 300 and set(counted) == {("adamw", 1e-3), ("sgd", 0.03)}
+    assert counted[("sgd", 0.03)]["plateau"] == pytest.approx(77.5)
+    assert choose_length(adamw)[0] == 200
