@@ -9,7 +9,8 @@ paired by seed at the rates stage 1 chose, with Holm's correction per family::
         --stage1 results/prereg/stage1/rotten_tomatoes \\
         --stage2 results/prereg/stage2/rotten_tomatoes
 
-(``report`` takes ``--dataset``, ``--stage1`` and ``--stage2`` once per dataset, in order.)
+(``report`` takes ``--dataset``, ``--stage1`` and ``--stage2`` once per dataset, in order, for
+both pre-registered datasets together: Holm's correction covers the 8 tests of each family.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from experiments.stats import t_interval
 ADAM = ("adamw", "scaled_adamw", "lora_rite", "reflora_adamw")
 SGD = ("sgd", "scaled_sgd")
 STAGE2_SEEDS = tuple(range(100, 120))
+CONTINGENCY_SEEDS = tuple(range(100, 112))  # the pre-registered 12-seed contingency
+DATASETS = ("rotten_tomatoes", "reuters_r8")
+FAMILY_SIZES = {"primary": 8, "secondary": 8}  # 4 + 4 tests per dataset
 
 
 def half_decades_above(lr: float, k: int) -> float:
@@ -42,7 +46,15 @@ def chosen_rates(stage1: Path) -> dict[str, dict]:
     rows = _read_runs(stage1 / "runs.csv")
     out = {}
     for o in dict.fromkeys(r["optimizer"] for r in rows):
-        lrs = sorted({r["lr"] for r in rows if r["optimizer"] == o})
+        mine = [r for r in rows if r["optimizer"] == o]
+        if not any(np.isfinite(r["val_acc"]) for r in mine):
+            cause = (
+                "every run diverged"
+                if all(r["diverged"] for r in mine)
+                else "the sweep has no validation split (--n-val)"
+            )
+            raise ValueError(f"{stage1}: no validation accuracy for {o}: {cause}.")
+        lrs = sorted({r["lr"] for r in mine})
         mean = {
             lr: np.mean([r["val_acc"] for r in rows if r["optimizer"] == o and r["lr"] == lr])
             for lr in lrs
@@ -62,6 +74,25 @@ def stage2_lrs(chosen: dict[str, dict]) -> dict[str, list[float]]:
             if o in lrs:
                 lrs[o] = sorted(set(lrs[o]) | set(above))
     return lrs
+
+
+def check_stage2(rows) -> None:
+    """Stage 2's runs must come from one setting, once per seed, with the pre-registered
+    seeds (or the 12-seed contingency) in every cell."""
+    settings = sorted({r["settings"] for r in rows})
+    if len(settings) != 1:
+        raise ValueError(f"stage 2 mixes runs of {len(settings)} settings: {settings}.")
+    cells: dict[tuple, list[int]] = {}
+    for r in rows:
+        cells.setdefault((r["optimizer"], r["lr"]), []).append(r["seed"])
+    for (o, lr), seeds in cells.items():
+        if len(seeds) != len(set(seeds)):
+            raise ValueError(f"stage 2 has {o} at {lr:g} twice for a seed: {sorted(seeds)}.")
+        if tuple(sorted(seeds)) not in (STAGE2_SEEDS, CONTINGENCY_SEEDS):
+            raise ValueError(
+                f"stage 2 has {o} at {lr:g} with seeds {sorted(seeds)}, not the pre-registered "
+                f"{STAGE2_SEEDS[0]}-{STAGE2_SEEDS[-1]} (or {CONTINGENCY_SEEDS[-1]})."
+            )
 
 
 def accuracies(rows, optimizer: str, lr: float, chance: float) -> dict[int, float]:
@@ -138,10 +169,16 @@ def tests_for(dataset: str, chosen: dict, rows, chance: float) -> list[dict]:
     return out
 
 
-def decide(results: list[dict]) -> list[dict]:
-    """Holm per family, then the pre-registered verdicts."""
+def decide(results: list[dict], sizes: dict[str, int] = FAMILY_SIZES) -> list[dict]:
+    """Holm per family, then the pre-registered verdicts; each family must have the
+    pre-registered number of tests (``sizes``), or the correction would be another."""
     for family in ("primary", "secondary"):
         members = [r for r in results if r["family"] == family]
+        if len(members) != sizes[family]:
+            raise ValueError(
+                f"the {family} family has {len(members)} tests, not the pre-registered "
+                f"{sizes[family]}: report both datasets together."
+            )
         for r, p in zip(members, holm([r["p"] for r in members]), strict=True):
             r["p_holm"] = p
             significant = p < 0.05
@@ -167,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.what == "rates":
         for stage1 in args.stage1:
             chosen = chosen_rates(stage1)
+            run = _read_runs(stage1 / "runs.csv")[0]
+            n_val = dict(kv.split("=", 1) for kv in run["settings"].split(";")).get("n_val")
             for o, c in chosen.items():
                 print(
                     f"{stage1.name} {o}: {c['lr']:g}"
@@ -176,15 +215,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{o}={','.join(f'{x:g}' for x in v)}" for o, v in stage2_lrs(chosen).items()
             )
             seeds = " ".join(map(str, STAGE2_SEEDS))
-            print(f"stage 2: --optimizers {' '.join(chosen)} --lrs {lrs} --seeds {seeds}")
+            print(
+                f"stage 2: python -m experiments.finetune_classification --dataset "
+                f"{run['dataset']} --n-val {n_val} --steps {run['steps']} --optimizers "
+                f"{' '.join(chosen)} --lrs {lrs} --seeds {seeds} --out "
+                f"results/prereg/stage2/{run['dataset']}"
+            )
         return
     from experiments.data import datasets
 
+    if sorted(args.dataset) != sorted(DATASETS):
+        p.error(f"report takes the pre-registered datasets together: {' '.join(DATASETS)}")
     results = []
     for name, stage1, stage2 in zip(args.dataset, args.stage1, args.stage2, strict=True):
         labels = datasets.load(name).test_labels
         chance = float(np.bincount(labels).max() / len(labels))
-        results += tests_for(name, chosen_rates(stage1), _read_runs(stage2 / "runs.csv"), chance)
+        runs = _read_runs(stage2 / "runs.csv")
+        check_stage2(runs)
+        results += tests_for(name, chosen_rates(stage1), runs, chance)
     lines = [
         "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|",

@@ -16,11 +16,15 @@ def test_holm_and_the_grid_steps():
     assert [cf.half_decades_above(1e-3, k) for k in (1, 2)] == [0.0032, 0.01]
 
 
+ONE_DATASET = {"primary": 4, "secondary": 4}
+
+
 def _run(o, lr, seed, acc, val=None, diverged=False):
     return {"dataset": "toy", "optimizer": o, "lr": lr, "seed": seed, "steps": 10,
             "eval_acc": float("nan") if diverged else acc,
             "val_acc": float("nan") if diverged else acc if val is None else val,
-            "train_loss": 0.1, "seconds": 1.0, "diverged": diverged, "settings": "x"}  # fmt: skip
+            "train_loss": 0.1, "seconds": 1.0, "diverged": diverged,
+            "settings": "steps=10;n_val=1000"}  # fmt: skip
 
 
 def test_rates_are_chosen_on_validation_and_a_diverged_rate_ranks_last(tmp_path):
@@ -61,7 +65,7 @@ def test_the_hypotheses_on_runs_with_known_answers():
         ("lora_rite", 1e-3): -2.0, ("reflora_adamw", 3.2e-3): 0.0,
     }  # fmt: skip
     rows = _stage2(effects)
-    results = cf.decide(cf.tests_for("toy", chosen, rows, chance=0.5))
+    results = cf.decide(cf.tests_for("toy", chosen, rows, chance=0.5), ONE_DATASET)
     verdicts = {r["hypothesis"]: r["verdict"] for r in results}
     assert verdicts == {
         "H1 scaled_sgd > sgd": "supported",
@@ -77,7 +81,9 @@ def test_the_hypotheses_on_runs_with_known_answers():
     # ... a diverged run scores the majority class (50%): six diverged scaled AdamW seeds at +2
     # turn its 5-point gain into a loss, where dropping them would have kept it.
     diverged = {("scaled_adamw", 0.01, s) for s in range(100, 106)}
-    results = cf.decide(cf.tests_for("toy", chosen, _stage2(effects, diverged), chance=0.5))
+    results = cf.decide(
+        cf.tests_for("toy", chosen, _stage2(effects, diverged), chance=0.5), ONE_DATASET
+    )
     h2 = next(r for r in results if r["hypothesis"].startswith("H2") and "+2" in r["hypothesis"])
     assert h2["verdict"] == "not supported" and h2["mean"] < 0
 
@@ -100,4 +106,37 @@ def test_rates_prints_the_stage2_command(tmp_path, capsys):
     cf.main(["rates", "--stage1", str(tmp_path)])
     out = capsys.readouterr().out
     assert "adamw: 0.01 (at the grid's edge)" in out
-    assert "--lrs adamw=0.01,0.032,0.1 scaled_adamw=0.01,0.032,0.1 --seeds 100 101" in out
+    assert (
+        "stage 2: python -m experiments.finetune_classification --dataset toy --n-val 1000 "
+        "--steps 10 --optimizers adamw scaled_adamw --lrs adamw=0.01,0.032,0.1 "
+        "scaled_adamw=0.01,0.032,0.1 --seeds 100 101"
+    ) in out
+    assert out.rstrip().endswith("--out results/prereg/stage2/toy")
+
+
+def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
+    # A stage 1 without a validation split cannot choose rates.
+    ft._append(
+        tmp_path / "runs.csv",
+        ft.RUN_FIELDS,
+        [_run("adamw", 1e-3, 0, 0.8) | {"val_acc": float("nan")}],
+    )
+    with pytest.raises(
+        ValueError, match="no validation accuracy for adamw: the sweep has no validation split"
+    ):
+        cf.chosen_rates(tmp_path)
+    # Stage 2 needs one setting, each seed once, and the pre-registered seeds.
+    cell = [_run("adamw", 1e-3, s, 0.8) for s in range(100, 120)]
+    cf.check_stage2(cell)
+    cf.check_stage2(cell[:12])  # the 12-seed contingency
+    with pytest.raises(ValueError, match="seeds"):
+        cf.check_stage2(cell[:10])
+    with pytest.raises(ValueError, match="twice for a seed"):
+        cf.check_stage2([*cell, cell[0]])
+    with pytest.raises(ValueError, match="mixes runs of 2 settings"):
+        cf.check_stage2([*cell[1:], cell[0] | {"settings": "steps=100"}])
+    # Holm's correction is over the pre-registered family: both datasets.
+    with pytest.raises(ValueError, match="4 tests, not the pre-registered 8"):
+        cf.decide([{"family": "primary", "p": 0.01}] * 4 + [{"family": "secondary", "p": 0.5}] * 8)
+    with pytest.raises(SystemExit):
+        cf.main(["report", "--dataset", "rotten_tomatoes", "--stage1", "x", "--stage2", "y"])
