@@ -206,3 +206,28 @@ def test_lora_init_redraws_only_the_factors(loaded, tok):
             assert not np.array_equal(other[p], x), p
         else:  # base weights shared, lora_b = 0 for every seed
             np.testing.assert_array_equal(_bits(other[p]), _bits(x), err_msg=str(p))
+
+
+def test_the_ports_adapters_carry_transformers_llama_names(tmp_path):
+    # The port's stacked LoRA factors, saved with hf_decoder_names, name exactly the modules of
+    # transformers' Llama of the same shape (checked by save_peft_adapter's model_modules).
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from rplora_jax.peft_format import hf_decoder_names, save_peft_adapter
+
+    shape = dict(hidden_size=8, intermediate_size=12, num_heads=2, num_kv_heads=2)
+    config = llama.LlamaConfig(vocab_size=32, num_layers=2, **shape)
+    model = llama.LlamaForCausalLM(config)
+    params = model.init(jax.random.key(0), llama.dummy_ids())["params"]
+    lora = rplora_jax.LoRAConfig(rank=2, alpha=4.0)
+    _, params = llama.add_lora(model, params, lora, llama.LORA_TARGETS)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    ))  # fmt: skip
+    saved = save_peft_adapter(
+        tmp_path, params, lora, module_names=hf_decoder_names(),
+        model_modules=[n for n, _ in hf.named_modules()],
+    )  # fmt: skip
+    assert len(saved) == 2 * 2 * len(llama.LORA_TARGETS)
+    assert "base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight" in saved
