@@ -208,6 +208,7 @@ def test_lora_init_redraws_only_the_factors(loaded, tok):
             np.testing.assert_array_equal(_bits(other[p]), _bits(x), err_msg=str(p))
 
 
+@pytest.mark.slow
 def test_the_ports_adapters_carry_transformers_llama_names(tmp_path):
     # The port's stacked LoRA factors, saved with hf_decoder_names, name exactly the modules of
     # transformers' Llama of the same shape (checked by save_peft_adapter's model_modules).
