@@ -1,4 +1,5 @@
-"""LoRA-RITE against a NumPy float64 transcription of the authors' code, step by step."""
+"""LoRA-RITE against a NumPy float64 transcription of the authors' code, step by step; and both
+successors (LoRA-RITE and RefLoRA) on PyTorch layout, under inject_hyperparams and on 8 devices."""
 
 from __future__ import annotations
 
@@ -195,6 +196,7 @@ def test_dtypes_are_kept_and_the_state_is_float32():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora_rite", "reflora"])
 @pytest.mark.parametrize(
     "case",
     [
@@ -210,11 +212,11 @@ def test_dtypes_are_kept_and_the_state_is_float32():
         "jit-explicit-einsum",
     ],
 )
-def test_sharded_steps_equal_the_single_device_ones(successor_report, case):
+def test_sharded_steps_equal_the_single_device_ones(successor_report, name, case):
     # 8 virtual devices: inside shard_map every sum over a factor's features (and, for the
     # global norm, over layers split across devices) is completed; under jax.jit on sharded
     # arrays (Auto or Explicit axes) the updates and the state keep the factors' sharding.
-    got = successor_report[f"lora_rite/{case}"]
+    got = successor_report[f"{name}/{case}"]
     assert "error" not in got, got
     assert got["rel"] < 2e-5, got
     assert got.get("kept", True)
