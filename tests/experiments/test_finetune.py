@@ -353,3 +353,19 @@ def test_the_length_rule_counts_adamw_and_the_better_sgd_rate():
     assert length == 300 and set(counted) == {("adamw", 1e-3), ("sgd", 0.03)}
     assert counted[("sgd", 0.03)]["plateau"] == pytest.approx(77.5)
     assert choose_length(adamw)[0] == 200
+
+
+def test_the_committed_pilot_gives_the_quoted_length():
+    # docs/experiments/preregistration.md quotes L = 400: Rotten Tomatoes 400, Reuters R8 300.
+    from pathlib import Path
+
+    from experiments.training_length import choose_length
+
+    root = Path(__file__).resolve().parents[2] / "results" / "training_length"
+    lengths = {}
+    for name in ("rotten_tomatoes", "reuters_r8"):
+        with open(root / name / "lengths.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len({r["seed"] for r in rows}) == 4
+        lengths[name] = choose_length(rows)[0]
+    assert lengths == {"rotten_tomatoes": 400, "reuters_r8": 300}
