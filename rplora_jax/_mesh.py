@@ -1,9 +1,10 @@
-"""The preconditioner on meshes: Explicit shardings, ``axis_name`` and ``specs`` in shard_map.
+"""The optimizers on meshes: Explicit shardings, ``axis_name`` and ``specs`` in shard_map.
 
 Under ``jax.jit`` on global arrays XLA sums sharded Grams itself; on a mesh of Explicit axes the
 shardings are types, which the Gram dots, the inverse and the apply must state or keep; inside
 ``shard_map`` each Gram must be summed over the manual axes its factor's feature axes are split
-over, and no others. Everything here serves `rplora_jax.preconditioner`.
+over, and no others. Everything here serves the optimizers over LoRA pairs; the tall layouts
+(rank axis last, features flat) are LoRA-RITE's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rplora_jax._trees import is_masked, path_str, unwrap_variables
@@ -99,6 +101,47 @@ def keep_sharding(g: jax.Array, rank_axis: int, fn) -> jax.Array:
     gathered = (*spec[:rank_axis], None, *spec[rank_axis + 1 :])
     out = fn(jax.sharding.reshard(g, named(mesh, gathered)))
     return jax.sharding.reshard(out, named(mesh, spec))
+
+
+def inner_rows(x, y, axes):
+    """``x.T @ y`` over the rows of tall ``(..., rows, r)`` arrays, summed over the devices that
+    split the rows; on Explicit axes the ``r x r`` result is replicated."""
+    batch = tuple(range(x.ndim - 2))
+    sharding = gram_sharding(x, x.ndim - 2)
+    out = jax.lax.dot_general(
+        x,
+        y,
+        (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=x.dtype,
+        **({} if sharding is None else {"out_sharding": sharding}),
+    )
+    return jax.lax.psum(out, axes) if axes else out
+
+
+def tall(xs, rank_axis: int, stacked: int, dtype) -> jax.Array:
+    """``(n, *stack, rows, r)``: the chunk's factors with the rank axis last, features flat."""
+    return jnp.stack([_flat_features(jnp.asarray(x, dtype), rank_axis, stacked) for x in xs])
+
+
+def _flat_features(x, rank_axis: int, stacked: int) -> jax.Array:
+    x = jnp.moveaxis(x, rank_axis, -1)
+    explicit = explicit_spec(x)
+    if x.ndim - stacked > 2 and explicit is not None and any(explicit[1][stacked:]):
+        # On Explicit axes several feature axes, one of them sharded, cannot be merged in
+        # place: the factor's features are gathered first (a LoRA factor is small).
+        mesh, spec = explicit
+        x = jax.sharding.reshard(x, named(mesh, spec[:stacked]))
+    return x.reshape(*x.shape[:stacked], -1, x.shape[-1])
+
+
+def untall(x: jax.Array, like, rank_axis: int) -> jax.Array:
+    """A tall ``(*stack, rows, r)`` array back in the layout, and sharding, of ``like``."""
+    shape = list(np.shape(like))
+    rank = shape.pop(rank_axis)
+    out = jnp.moveaxis(x.reshape(*shape, rank), -1, rank_axis)
+    explicit = explicit_spec(like)
+    return out if explicit is None else jax.sharding.reshard(out, named(*explicit))
 
 
 def check_axis_name(axis_name: Any) -> tuple[str, ...] | None:

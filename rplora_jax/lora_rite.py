@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rplora_jax import _grouping, _linalg, _mesh, _pairwise
@@ -54,51 +53,10 @@ def _sum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _inner(x, y, axes):
-    """``x.T @ y`` over the rows of tall ``(..., rows, r)`` arrays, summed over the devices that
-    split the rows; on Explicit axes the ``r x r`` result is replicated."""
-    batch = tuple(range(x.ndim - 2))
-    sharding = _mesh.gram_sharding(x, x.ndim - 2)
-    out = jax.lax.dot_general(
-        x,
-        y,
-        (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
-        precision=_linalg.HIGHEST,
-        preferred_element_type=x.dtype,
-        **({} if sharding is None else {"out_sharding": sharding}),
-    )
-    return _sum(out, axes)
-
-
-def _tall(xs, rank_axis: int, stacked: int, dtype) -> jax.Array:
-    """``(n, *stack, rows, r)``: the chunk's factors with the rank axis last, features flat."""
-    return jnp.stack([_flat_features(jnp.asarray(x, dtype), rank_axis, stacked) for x in xs])
-
-
-def _flat_features(x, rank_axis: int, stacked: int) -> jax.Array:
-    x = jnp.moveaxis(x, rank_axis, -1)
-    explicit = _mesh.explicit_spec(x)
-    if x.ndim - stacked > 2 and explicit is not None and any(explicit[1][stacked:]):
-        # On Explicit axes several feature axes, one of them sharded, cannot be merged in
-        # place: the factor's features are gathered first (a LoRA factor is small).
-        mesh, spec = explicit
-        x = jax.sharding.reshard(x, _mesh.named(mesh, spec[:stacked]))
-    return x.reshape(*x.shape[:stacked], -1, x.shape[-1])
-
-
-def _untall(x: jax.Array, like, rank_axis: int) -> jax.Array:
-    """A tall ``(*stack, rows, r)`` array back in the layout, and sharding, of ``like``."""
-    shape = list(np.shape(like))
-    rank = shape.pop(rank_axis)
-    out = jnp.moveaxis(x.reshape(*shape, rank), -1, rank_axis)
-    explicit = _mesh.explicit_spec(like)
-    return out if explicit is None else jax.sharding.reshard(out, _mesh.named(*explicit))
-
-
 def _factorize(x, axes):
     """``(Q, pinv(R))`` with ``x = Q @ R``: ``R = (x.T x)^(1/2)``, any basis serving (the rule
     is invariant to it); directions below ``r * eps`` of the largest eigenvalue are dropped."""
-    lam, v = _linalg.psd_eigh(_inner(x, x, axes))
+    lam, v = _linalg.psd_eigh(_mesh.inner_rows(x, x, axes))
     keep = lam > x.shape[-1] * jnp.finfo(x.dtype).eps * lam[..., -1:]
     root = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
     r_pinv = mm(v * root[..., None, :], t(v))
@@ -134,14 +92,14 @@ def _escape(v_old, v_moved, rho, beta2):
 def _side(g, q_other, q_other_old, r_pinv_other, nu, mu, rho, axes, other_axes, c):
     """One factor's step in the other's basis: ``(update, nu, mu, rho)``, all tall."""
     rows = _sum(g.shape[-2], axes)
-    p = _inner(q_other, q_other_old, other_axes)  # the change of basis, r x r
+    p = _mesh.inner_rows(q_other, q_other_old, other_axes)  # the change of basis, r x r
     moved = jnp.nan_to_num(sym(mm(mm(p, nu), t(p))))
     escaped = c["escaped_mass"]  # a bool, or an array under inject_hyperparams
     if escaped is False:
         rho = jnp.zeros_like(rho)
     else:
         rho = jnp.where(escaped, _escape(nu, moved, rho, c["b2"]), 0.0)
-    nu = sym((1 - c["b2"]) * sym(_inner(g, g, axes)) / rows + c["b2"] * moved)
+    nu = sym((1 - c["b2"]) * sym(_mesh.inner_rows(g, g, axes)) / rows + c["b2"] * moved)
     lam, e = _linalg.psd_eigh(nu)
     inv_root = 1 / (jnp.sqrt(lam + rho[..., None]) + c["eps"])
     u = jnp.nan_to_num(mm(g, sym(mm(e * inv_root[..., None, :], t(e)))))
@@ -159,13 +117,13 @@ def _unmagnified(a, b, g_a, g_b, kind: _grouping.Kind, threshold, layers) -> dic
     summed over the chunk's pairs and layers; ``layers``: for a's and b's, the manual axes that
     split the stacked layers."""
     dtype, k = kind.dtype, kind.stacked
-    q_a, rp_a = _factorize(_tall(a, kind.a_rank_axis, k, dtype), kind.a_sum)
-    q_b, rp_b = _factorize(_tall(b, kind.b_rank_axis, k, dtype), kind.b_sum)
+    q_a, rp_a = _factorize(_mesh.tall(a, kind.a_rank_axis, k, dtype), kind.a_sum)
+    q_b, rp_b = _factorize(_mesh.tall(b, kind.b_rank_axis, k, dtype), kind.b_sum)
     ga, sq_a = _skip_and_norm(
-        mm(_tall(g_a, kind.a_rank_axis, k, dtype), rp_b), kind.a_sum, threshold
+        mm(_mesh.tall(g_a, kind.a_rank_axis, k, dtype), rp_b), kind.a_sum, threshold
     )
     gb, sq_b = _skip_and_norm(
-        mm(_tall(g_b, kind.b_rank_axis, k, dtype), rp_a), kind.b_sum, threshold
+        mm(_mesh.tall(g_b, kind.b_rank_axis, k, dtype), rp_a), kind.b_sum, threshold
     )
     # Layers split across devices (a stacked axis inside shard_map) are summed there too.
     sq = _sum(jnp.sum(sq_a), layers[0]) + _sum(jnp.sum(sq_b), layers[1])
@@ -179,7 +137,7 @@ def _second_pass(chunk, kind: _grouping.Kind, f: dict, scale, c: dict, fields, o
     k, f32 = kind.stacked, kind.dtype
     index = {"a": [p.a_index for p in chunk], "b": [p.b_index for p in chunk]}
     axis = {"a": kind.a_rank_axis, "b": kind.b_rank_axis}
-    tall = lambda field, s: _tall([field[i] for i in index[s]], axis[s], k, f32)
+    tall = lambda field, s: _mesh.tall([field[i] for i in index[s]], axis[s], k, f32)
     stack = lambda field, s: jnp.stack([field[i] for i in index[s]])
     args = {
         "a": (f["ga"] * scale, f["q_b"], tall(basis, "b"), f["rp_b"], kind.a_sum, kind.b_sum),
@@ -201,9 +159,9 @@ def _second_pass(chunk, kind: _grouping.Kind, f: dict, scale, c: dict, fields, o
         )
         for n, i in enumerate(index[s]):
             like = g_leaves[i]
-            out[i] = _linalg.cast_back(_untall(step[n], like, axis[s]), jnp.result_type(like))
-            mu[i], nu[i], escape[i] = _untall(new_mu[n], like, axis[s]), new_nu[n], rho[n]
-            basis[i] = _untall(f["q_" + s][n], like, axis[s])
+            out[i] = _linalg.cast_back(_mesh.untall(step[n], like, axis[s]), jnp.result_type(like))
+            mu[i], nu[i], escape[i] = _mesh.untall(new_mu[n], like, axis[s]), new_nu[n], rho[n]
+            basis[i] = _mesh.untall(f["q_" + s][n], like, axis[s])
 
 
 def _dtype(x) -> Any:
