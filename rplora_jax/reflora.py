@@ -129,11 +129,9 @@ def reflora_preconditioner(
     for name, value, least in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1)):
         # Under optax.inject_hyperparams both arrive as (traced) integer arrays.
         is_int = isinstance(value, int) or jnp.issubdtype(jnp.result_type(value), jnp.integer)
-        if isinstance(value, bool) or not is_int or np.ndim(value) != 0:
-            raise ValueError(
-                f"reflora_preconditioner: {name} must be an int >= {least}, got {value!r}."
-            )
-        if isinstance(value, (int, np.integer)) and value < least:
+        # A concrete value is range-checked too; a traced one only by its type.
+        too_small = isinstance(value, (int, np.integer)) and value < least
+        if isinstance(value, bool) or not is_int or np.ndim(value) != 0 or too_small:
             raise ValueError(
                 f"reflora_preconditioner: {name} must be an int >= {least}, got {value!r}."
             )
