@@ -10,6 +10,7 @@ import doctest
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,15 @@ def test_pages_have_examples():
     assert len(BLOCKS) >= 8
 
 
+# Trainer frameworks: CI's trainers job installs them (docs/trainers.md); elsewhere they skip.
+FRAMEWORKS = re.compile(r"^(?:from|import) (tunix|qwix|gemma|kauldron)\b", re.M)
+
+
 def _param(page, index, block):
     # The experiment pages load real pretrained models: minutes, and the data packages.
     marks = [pytest.mark.slow, pytest.mark.data] if page.parent.name == "experiments" else []
+    if FRAMEWORKS.search(block):
+        marks = [pytest.mark.slow]
     return pytest.param(page, index, block, id=f"{page.relative_to(ROOT)}:{index}", marks=marks)
 
 
@@ -37,14 +44,20 @@ def test_python_block_runs(page, index, block):
     from experiments.data.datasets import DatasetNotInstalledError
 
     del index
+    frameworks = sorted(set(FRAMEWORKS.findall(block)))
+    for framework in frameworks:
+        pytest.importorskip(framework, reason="a trainer framework (docs/trainers.md)")
+    # Their models rely on implicit rank promotion, which conftest makes an error.
+    promotion = jax.numpy_rank_promotion("allow" if frameworks else "raise")
     try:
-        if block.startswith(">>>"):
-            test = doctest.DocTestParser().get_doctest(block, {}, page.name, str(page), 0)
-            runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-            runner.run(test)
-            assert runner.failures == 0
-        else:
-            exec(compile(block, str(page), "exec"), {})
+        with promotion:
+            if block.startswith(">>>"):
+                test = doctest.DocTestParser().get_doctest(block, {}, page.name, str(page), 0)
+                runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+                runner.run(test)
+                assert runner.failures == 0
+            else:
+                exec(compile(block, str(page), "exec"), {})
     except DatasetNotInstalledError as err:  # a data/model package the README says to install
         pytest.skip(str(err))
 
