@@ -57,18 +57,27 @@ def _pairs(tree):
     }
 
 
+def _perturbed(model):
+    """Adds noise to every factor, so that ``b != 0`` and both factors get gradients."""
+    rng = np.random.default_rng(0)
+    state = nnx.state(model, nnx.LoRAParam)
+    noise = jax.tree.map(lambda v: 0.1 * rng.standard_normal(v.shape).astype(v.dtype), state)
+    nnx.update(model, jax.tree.map(lambda v, n: v + n, state, noise))
+    return model
+
+
+def _assert_step(before, after, want, lr, key):
+    # The step is read back from float32 parameters: allow their rounding.
+    atol = 1e-4 * np.abs(want).max() + 4 * np.spacing(np.abs(before).max()) / lr
+    np.testing.assert_allclose((before - after) / lr, want, atol=atol, err_msg=str(key))
+
+
 @pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
 def test_one_step_is_the_preconditioned_gradient(qlora):
     """One PeftTrainer step with scaled SGD moves every pair by -lr times NumPy's preconditioned
-    gradient (b set nonzero first, so that both factors' gradients are)."""
+    gradient."""
     lr = 0.05
-    model = recipe.lora_model(qlora=qlora)
-    state = nnx.state(model, nnx.LoRAParam)
-    rng = np.random.default_rng(0)
-    nnx.update(
-        model,
-        jax.tree.map(lambda v: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype), state),
-    )
+    model = _perturbed(recipe.lora_model(qlora=qlora))
     batch = next(recipe.batches(1))
     grad_fn = nnx.grad(peft_trainer._default_loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))
     grads = jax.tree.map(np.asarray, nnx.to_pure_dict(grad_fn(model, **recipe.model_inputs(batch))))
@@ -80,11 +89,29 @@ def test_one_step_is_the_preconditioned_gradient(qlora):
     assert len(moved) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     for key, (a, b) in moved.items():
         g_a, g_b = _pairs(grads)[key]
-        want_a, want_b = precondition_flax(g_a, g_b, a, b, rplora_jax.DEFAULT_REG)
-        for x, moved_x, want in zip((a, b), after[key], (want_a, want_b), strict=True):
-            # The step is read back from float32 parameters: allow their rounding.
-            atol = 1e-4 * np.abs(want).max() + 4 * np.spacing(np.abs(x).max()) / lr
-            np.testing.assert_allclose((x - moved_x) / lr, want, atol=atol, err_msg=str(key))
+        want = precondition_flax(g_a, g_b, a, b, rplora_jax.DEFAULT_REG)
+        for x, moved_x, want_x in zip((a, b), after[key], want, strict=True):
+            _assert_step(x, moved_x, want_x, lr, key)
+
+
+def test_gradient_accumulation_preconditions_the_averaged_gradient():
+    """Two accumulated micro-batches make the step that one batch of both makes: one update, of
+    the averaged gradient, preconditioned with that step's factors."""
+    lr = 1.0
+    x, y = recipe.batches(2)
+    both = peft_trainer.TrainingInput(
+        input_tokens=np.concatenate([x.input_tokens, y.input_tokens]),
+        input_mask=np.concatenate([x.input_mask, y.input_mask]),
+    )
+    accumulated, joined = _perturbed(recipe.lora_model()), _perturbed(recipe.lora_model())
+    before = _pairs(_lora(joined))
+    recipe.trainer(accumulated, rplora_jax.scaled_sgd(lr), 1, accumulation=2).train(iter([x, y]))
+    recipe.trainer(joined, rplora_jax.scaled_sgd(lr), 1).train(iter([both]))
+
+    got, want = _pairs(_lora(accumulated)), _pairs(_lora(joined))
+    for key, factors in before.items():
+        for x0, moved, reference in zip(factors, got[key], want[key], strict=True):
+            _assert_step(x0, moved, (x0 - reference) / lr, lr, key)
 
 
 def test_loss_falls_the_base_stays_frozen_and_the_rate_is_logged():
@@ -139,7 +166,9 @@ def test_a_module_path_that_matches_nothing_is_an_error():
 
 
 def test_the_example_runs_on_an_fsdp_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "tunix_peft.py"), "--steps", "10"],
         capture_output=True,
@@ -149,6 +178,7 @@ def test_the_example_runs_on_an_fsdp_mesh():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert "mesh: fsdp=4, tp=1" in out
     before, after = (float(x) for x in re.findall(r"held-out loss .*: (\d+\.\d+)", out))
     assert after < before - 0.1
     assert "resumed at step 5 of 10" in out
