@@ -1,0 +1,150 @@
+"""The digit diffusion model's pieces: the denoiser, the schedule and sampler, the LoRA targets,
+the metrics; and, slow, pretraining and a concept run end to end on the real digits."""
+
+from __future__ import annotations
+
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rplora_jax
+from experiments.data import images
+from experiments.data.datasets import DatasetNotInstalledError
+from experiments.models import denoiser as dn
+
+SMALL = dn.Denoiser(dim=32, depth=2, heads=2, mlp=64)
+
+
+def _init(model=SMALL):
+    x, t, p = jnp.zeros((2, 28, 28)), jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)
+    return model.init(jax.random.key(0), x, t, p)
+
+
+def _digits():
+    try:
+        return images.mnist_5k()
+    except DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.slow
+def test_denoiser_predicts_noise_shaped_output_that_depends_on_the_prompt():
+    params = _init()
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28))
+    t = jnp.array([0.3, 0.3])
+    a = SMALL.apply(params, x, t, jnp.array([dn.digit_token(1)] * 2))
+    b = SMALL.apply(params, x, t, jnp.array([dn.token("<v1>")] * 2))
+    assert a.shape == (2, 28, 28) and bool(jnp.all(jnp.isfinite(a)))
+    assert float(jnp.abs(a - b).max()) > 1e-4
+    tree = params["params"]
+    assert tree["prompt_embedding"].shape == (11, 32)
+    assert tree["new_token_embedding"].shape == (len(dn.NEW_TOKENS), 32)
+    assert dn.TOKENS[dn.digit_token(7)] == "seven" and dn.TOKENS[dn.NULL] == "null"
+
+
+def test_schedule_runs_from_signal_to_noise():
+    t = jnp.linspace(0.0, 1.0, 11)
+    a = dn.alpha_bar(t)
+    assert float(a[0]) > 0.9998 and float(a[-1]) < 1e-8
+    assert bool(jnp.all(jnp.diff(a) < 0))
+    x0 = jnp.full((1, 28, 28), 0.75)
+    np.testing.assert_allclose(dn.noised(x0, jnp.zeros(1), jnp.ones((1, 28, 28))), 0.5, atol=0.02)
+
+
+class _ZeroModel:
+    """Predicts no noise: its error is the noise's mean square, 1."""
+
+    def apply(self, params, x, t, prompt):
+        del params, t, prompt
+        return jnp.zeros_like(x)
+
+
+def test_fixed_denoising_loss_is_repeatable_and_measures_the_error():
+    x0 = jnp.zeros((16, 28, 28))
+    prompt = jnp.zeros((16,), jnp.int32)
+    loss = dn.fixed_denoising_loss(_ZeroModel(), None, x0, prompt)
+    assert abs(loss - 1.0) < 0.02
+    assert loss == dn.fixed_denoising_loss(_ZeroModel(), None, x0, prompt)
+    params = _init()
+    a = dn.fixed_denoising_loss(SMALL, params, x0, prompt, seed=1)
+    assert a == dn.fixed_denoising_loss(SMALL, params, x0, prompt, seed=1)
+
+
+@pytest.mark.slow
+def test_sampler_is_deterministic_in_range_and_guided():
+    params = _init()
+    prompts = jnp.array([dn.digit_token(1), dn.digit_token(8)])
+    key = jax.random.key(3)
+    a = dn.sample(SMALL, params, prompts, key, steps=5)
+    assert a.shape == (2, 28, 28) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    np.testing.assert_array_equal(a, dn.sample(SMALL, params, prompts, key, steps=5))
+    # Guidance 0 uses only the unconditional prediction: swapping the prompts changes nothing.
+    none = dn.sample(SMALL, params, prompts, key, steps=5, guidance=0.0)
+    both = dn.sample(SMALL, params, prompts[::-1], key, steps=5, guidance=0.0)
+    np.testing.assert_allclose(none, both, atol=1e-6)
+    assert float(jnp.abs(a - dn.sample(SMALL, params, prompts[::-1], key, steps=5)).max()) > 1e-4
+
+
+@pytest.mark.slow
+def test_lora_targets_every_attention_projection_and_mlp_layer():
+    lora = rplora_jax.inject_linen(SMALL, dn.LORA_TARGETS, rplora_jax.LoRAConfig(rank=2))
+    base = _init()
+    x, t, p = jnp.ones((2, 28, 28)), jnp.full((2,), 0.5), jnp.ones((2,), jnp.int32)
+    variables = lora.init_from(base, jax.random.key(1), x, t, p)
+    pairs = rplora_jax.find_lora_pairs(variables["params"])
+    names = sorted(pair.a_path.split("/", 1)[1].rsplit("/", 1)[0] for pair in pairs)
+    layers = ["attention/key", "attention/out", "attention/query", "attention/value"]
+    assert names == sorted([*layers, "mlp_in", "mlp_out"] * 2)
+    np.testing.assert_allclose(
+        lora.apply(variables, x, t, p), SMALL.apply(base, x, t, p), atol=1e-6
+    )
+
+
+def test_mnist_5k_is_split_per_digit():
+    digits = _digits()
+    assert digits.train_images.shape == (4500, 28, 28) and digits.test_images.shape == (500, 28, 28)
+    assert np.bincount(digits.test_labels).tolist() == [50] * 10
+    assert digits.train_images.min() == 0.0 and digits.train_images.max() == 1.0
+    assert len(digits.of([3, 7], "test")) == 100
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
+    from experiments import diffusion_concept, diffusion_pretrain
+
+    digits = _digits()
+    classifier = diffusion_pretrain.train_classifier(
+        digits.train_images, digits.train_labels, epochs=1
+    )
+    accuracy = np.mean(
+        diffusion_pretrain.classify(classifier, digits.test_images) == digits.test_labels
+    )
+    assert accuracy > 0.9
+    base = tmp_path / "base"
+    base.mkdir()
+    keep = digits.train_labels != 7
+    params = diffusion_pretrain.train_denoiser(
+        digits.train_images[keep], digits.train_labels[keep], steps=20, batch=16, lr=1e-3,
+        log=lambda _: None,
+    )  # fmt: skip
+    diffusion_pretrain.save_params(base / "denoiser.safetensors", params)
+    diffusion_pretrain.save_params(base / "classifier.safetensors", classifier)
+    out = tmp_path / "concept"
+    argv = ["--base", str(base), "--optimizers", "scaled_sgd", "--lrs", "scaled_sgd=0.1",
+            "--seeds", "0", "--steps", "4", "--out", str(out)]  # fmt: skip
+    diffusion_concept.main(argv)
+    with open(out / "runs.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["optimizer"] == "scaled_sgd" and row["diverged"] == "False"
+    for key in ("val_loss", "test_loss"):
+        assert 0.0 < float(row[key]) < 2.0
+    for key in ("val_fidelity", "test_fidelity", "prior"):
+        assert 0.0 <= float(row[key]) <= 1.0
+    assert (out / "samples.png").stat().st_size > 1000
+    diffusion_concept.main(argv)  # resumes: nothing to run, the row is read back
+    with open(out / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
