@@ -15,7 +15,9 @@ the images are the same). Per run, ``runs.csv`` gets:
 * ``prior``: the fraction of 8 samples per seen digit's prompt read as that digit (prior
   preservation; the base model's figure is in ``results/diffusion/base/quality.csv``);
 
-and ``curves.csv`` the validation loss over steps (convergence). ``samples/`` keeps seed 0's
+and ``curves.csv`` the validation loss over steps (convergence). A run whose loss is not finite
+at the end is ``diverged`` and scored as no learning: the untrained model's losses, fidelity
+and prior 0. ``samples/`` keeps seed 0's
 first four samples per optimizer and rate, for :func:`grid_png`.
 
 Run ``python -m experiments.diffusion_concept`` after :mod:`experiments.diffusion_pretrain`;
@@ -37,7 +39,7 @@ import numpy as np
 
 import rplora_jax
 from experiments.data.images import mnist_5k
-from experiments.diffusion_pretrain import classify, load_params, save_grid
+from experiments.diffusion_pretrain import classify, load_denoiser, load_params, save_grid
 from experiments.finetune_classification import run_sweep, settings_string
 from experiments.models import denoiser as dn
 from experiments.optimizers import ALL_OPTIMIZERS, make_optimizer, make_train_step
@@ -61,10 +63,10 @@ class Concept:
     def __init__(self, base: Path, concept: int, shots: int, rank: int):
         digits = mnist_5k()
         self.concept, self.seen = concept, [d for d in range(10) if d != concept]
-        self.base = load_params(base / "denoiser.safetensors")
+        denoiser, self.base = load_denoiser(base)
         self.classifier = load_params(base / "classifier.safetensors")
         lora = rplora_jax.LoRAConfig(rank=rank, alpha=float(rank))
-        self.model = rplora_jax.inject_linen(dn.Denoiser(), dn.LORA_TARGETS, lora)
+        self.model = rplora_jax.inject_linen(denoiser, dn.LORA_TARGETS, lora)
         self.shots = jnp.asarray(digits.of([concept])[:shots])
         tests = jnp.asarray(digits.of([concept], "test"))
         self.val, self.test = tests[: len(tests) // 2], tests[len(tests) // 2 :]
@@ -123,6 +125,8 @@ def train_run(
         if i in at:
             curve.append({"step": i, "val_loss": f"{task.concept_loss(variables, task.val):.5f}"})
     diverged = not all(math.isfinite(v) for v in losses[-10:])
+    if diverged:  # scored as no learning: the untrained model's losses, no concept, no prior
+        return _diverged(task, seed, curve, losses, time.time() - start)
     val_fid, drawn = task.fidelity(variables, seed=100)
     test_fid, _ = task.fidelity(variables, seed=200)
     return {
@@ -133,9 +137,25 @@ def train_run(
         "prior": task.prior(variables),
         "train_loss": float(np.mean(losses[-20:])),
         "seconds": time.time() - start,
-        "diverged": diverged,
+        "diverged": False,
         "curve": curve,
         "drawn": drawn[:4],
+    }
+
+
+def _diverged(task: Concept, seed: int, curve, losses, seconds) -> dict:
+    untrained = task.init(seed)
+    return {
+        "val_loss": task.concept_loss(untrained, task.val),
+        "test_loss": task.concept_loss(untrained, task.test),
+        "val_fidelity": 0.0,
+        "test_fidelity": 0.0,
+        "prior": 0.0,
+        "train_loss": float(np.mean(losses[-20:])),
+        "seconds": seconds,
+        "diverged": True,
+        "curve": curve,
+        "drawn": np.zeros((4, 28, 28), np.float32),
     }
 
 

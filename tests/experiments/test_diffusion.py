@@ -19,8 +19,13 @@ SMALL = dn.Denoiser(dim=32, depth=2, heads=2, mlp=64)
 
 
 def _init(model=SMALL):
+    """Parameters with noise on every leaf: adaLN-Zero starts as a model that outputs 0."""
     x, t, p = jnp.zeros((2, 28, 28)), jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)
-    return model.init(jax.random.key(0), x, t, p)
+    params = model.init(jax.random.key(0), x, t, p)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
 
 
 def _digits():
@@ -55,7 +60,7 @@ def test_schedule_runs_from_signal_to_noise():
 
 
 class _ZeroModel:
-    """Predicts no noise: its error is the noise's mean square, 1."""
+    """Predicts a zero velocity: for a black image its error is ``abar + (1 - abar) = 1``."""
 
     def apply(self, params, x, t, prompt):
         del params, t, prompt
@@ -71,6 +76,24 @@ def test_fixed_denoising_loss_is_repeatable_and_measures_the_error():
     params = _init()
     a = dn.fixed_denoising_loss(SMALL, params, x0, prompt, seed=1)
     assert a == dn.fixed_denoising_loss(SMALL, params, x0, prompt, seed=1)
+
+
+class _Oracle:
+    """The exact velocity of a data set that holds one image, ``TARGET``."""
+
+    def apply(self, params, x, t, prompt):
+        del params, prompt
+        a, y = dn.alpha_bar(t)[:, None, None], 2.0 * TARGET[None] - 1.0
+        eps = (x - jnp.sqrt(a) * y) / jnp.sqrt(1.0 - a)
+        return jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * y
+
+
+TARGET = jnp.asarray(np.random.default_rng(0).uniform(size=(28, 28)), jnp.float32)
+
+
+def test_sampler_with_the_exact_velocity_returns_the_data():
+    drawn = dn.sample(_Oracle(), None, jnp.zeros((3,), jnp.int32), jax.random.key(0), steps=10)
+    np.testing.assert_allclose(drawn, jnp.broadcast_to(TARGET, drawn.shape), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -132,6 +155,7 @@ def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
         log=lambda _: None,
     )  # fmt: skip
     diffusion_pretrain.save_params(base / "denoiser.safetensors", params)
+    (base / "config.json").write_text('{"dim": 96, "depth": 4, "heads": 4, "mlp": 384}')
     diffusion_pretrain.save_params(base / "classifier.safetensors", classifier)
     out = tmp_path / "concept"
     argv = ["--base", str(base), "--optimizers", "scaled_sgd", "--lrs", "scaled_sgd=0.1",
@@ -148,3 +172,47 @@ def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
     diffusion_concept.main(argv)  # resumes: nothing to run, the row is read back
     with open(out / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
+
+
+def _row(optimizer, lr, seed, val, test, fidelity=0.5, prior=0.9, diverged=False):
+    return {
+        "optimizer": optimizer, "lr": lr, "seed": seed, "val_loss": val, "test_loss": test,
+        "test_fidelity": fidelity, "prior": prior, "diverged": diverged,
+    }  # fmt: skip
+
+
+def test_analysis_chooses_rates_on_validation_and_signs_differences():
+    from experiments import diffusion_analysis as da
+
+    rows = []
+    for seed in range(4):
+        noise = 0.01 * seed
+        rows += [
+            _row("adamw", 1e-3, seed, 0.30, 0.10 + noise),  # chosen: lowest validation loss
+            _row("adamw", 1e-2, seed, 0.40, 0.05),  # best on test, never chosen
+            _row("adamw", 1e-1, seed, 0.9, 0.9, fidelity=0.0, prior=0.0, diverged=True),
+            _row("scaled_adamw", 1e-3, seed, 0.35, 0.20),
+            _row("scaled_adamw", 1e-2, seed, 0.20, 0.08 + 2 * noise),
+            _row("scaled_adamw", 1e-1, seed, 0.25, 0.12, fidelity=0.25),
+        ]
+    assert da.chosen_rates(rows) == {"adamw": 1e-3, "scaled_adamw": 1e-2}
+    stage2 = {"adamw": [1e-3, 1e-2, 1e-1], "scaled_adamw": [1e-2, 1e-1]}  # 1e-2 is both
+    assert da.stage2_lrs(rows, da.chosen_rates(rows)) == stage2
+    (loss,) = [r for r in da.summary(rows) if r["metric"] == "test_loss" and "above" not in r]
+    # adamw 0.10 + noise against scaled 0.08 + 2 noise: scaled lower by 0.02 - noise.
+    assert loss["first"] == "scaled_adamw@0.01" and loss["seeds"] == 4
+    assert loss["diff"] == pytest.approx(0.02 - 0.015)
+    above = {(r["above"], r["metric"]): r for r in da.summary(rows) if "above" in r}
+    # One step above (1e-2): scaled 0.08 + 2 noise against AdamW's 0.05; mean noise 0.015.
+    assert above[(1, "test_loss")]["diff"] == pytest.approx(-(0.03 + 2 * 0.015))
+    # Two steps above, AdamW diverged in every seed (scored as no learning).
+    two = above[(2, "test_fidelity")]
+    assert two["diff"] == pytest.approx(0.25) and two["verdict"] == "scaled_adamw better"
+    assert above[(2, "test_loss")]["diff"] == pytest.approx(0.9 - 0.12)
+    assert da.chosen_rates([r for r in rows if r["lr"] == 1e-1]) == {
+        "adamw": 0.1,
+        "scaled_adamw": 0.1,
+    }
+    diverged_only = [r | {"val_loss": 0.1} for r in rows if r["diverged"]]
+    more = [r | {"lr": 1.0, "val_loss": 0.5, "diverged": False} for r in diverged_only]
+    assert da.chosen_rates(diverged_only + more) == {"adamw": 1.0}  # never a diverging rate
