@@ -27,7 +27,8 @@ from experiments.confirmatory import difference_test, holm
 from experiments.finetune_classification import _read_runs
 from experiments.stats import t_interval, verdict
 
-METRICS = {"test_loss": -1.0, "test_fidelity": 1.0, "prior": 1.0}  # sign: +1 higher is better
+# Sign: +1 where higher is better.
+METRICS = {"test_loss": -1.0, "early_test_loss": -1.0, "test_fidelity": 1.0, "prior": 1.0}
 PAIRS = (
     ("scaled_sgd", "sgd"),
     ("scaled_adamw", "adamw"),
@@ -87,10 +88,13 @@ def _step_above(rows, optimizer: str, lr: float, k: int) -> float | None:
     return grid[i] if i < len(grid) else None
 
 
-# The pre-registered families (docs/experiments/preregistration.md, amendment 4), on test_loss.
+# The pre-registered families (docs/experiments/preregistration.md, amendment 4): the metric
+# and the comparisons of each.
+CLAIMS = ("scaled_sgd vs sgd", "scaled_adamw vs adamw", "above 1", "above 2")
 FAMILIES = {
-    "D": ("scaled_sgd vs sgd", "scaled_adamw vs adamw", "above 1", "above 2"),
-    "E": tuple(f"{t} vs {c}" for t, c in PAIRS[2:]),
+    "D": ("test_loss", CLAIMS),
+    "S": ("early_test_loss", CLAIMS),
+    "E": ("test_loss", tuple(f"{t} vs {c}" for t, c in PAIRS[2:])),
 }
 
 
@@ -114,8 +118,8 @@ def summary(rows, chosen: dict[str, float] | None = None) -> list[dict]:
                 out += [
                     compare(rows, *pair, m) | {"above": k, "test": f"above {k}"} for m in METRICS
                 ]
-    for family, names in FAMILIES.items():
-        primary = [r for r in out if r["metric"] == "test_loss" and r["test"] in names]
+    for family, (metric, names) in FAMILIES.items():
+        primary = [r for r in out if r["metric"] == metric and r["test"] in names]
         for r, adjusted in zip(primary, holm([r["p"] for r in primary]), strict=True):
             r |= {"family": family, "p_holm": adjusted}
     return out
@@ -149,7 +153,7 @@ def main(argv=None) -> None:
     spec = " ".join(f"{o}={','.join(f'{x:g}' for x in v)}" for o, v in lrs.items())
     print(
         f"stage 2: python -m experiments.diffusion_concept --optimizers {' '.join(lrs)} "
-        f"--lrs {spec} --seeds {' '.join(map(str, range(100, 108)))} --out <stage 2 folder>"
+        f"--lrs {spec} --seeds {' '.join(map(str, range(100, 112)))} --out <stage 2 folder>"
     )
     table = summary(rows, chosen)
     fields = ["test", "first", "second", "metric", "seeds", "diff", "lo", "hi", "verdict", "p",

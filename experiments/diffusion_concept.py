@@ -10,6 +10,7 @@ the images are the same). Per run, ``runs.csv`` gets:
 
 * ``val_loss`` / ``test_loss``: the concept's denoising loss (fixed times and noise) on half of
   its 50 test images each: the validation half chooses rates, the test half reports;
+  ``early_test_loss`` is the test half's after 50 steps (how fast the concept is learned);
 * ``val_fidelity`` / ``test_fidelity``: the fraction of 32 guided samples of ``<v1>`` the
   classifier reads as the concept (two different noise seeds);
 * ``prior``: the fraction of 8 samples per seen digit's prompt read as that digit (prior
@@ -47,7 +48,8 @@ from experiments.optimizers import ALL_OPTIMIZERS, make_optimizer, make_train_st
 CONCEPT_TOKEN = dn.token("<v1>")
 RUN_FIELDS = (
     "dataset", "optimizer", "lr", "seed", "steps", "settings", "val_loss", "test_loss",
-    "val_fidelity", "test_fidelity", "prior", "train_loss", "seconds", "diverged",
+    "early_test_loss", "val_fidelity", "test_fidelity", "prior", "train_loss", "seconds",
+    "diverged",
 )  # fmt: skip
 CURVE_FIELDS = ("optimizer", "lr", "seed", "settings", "step", "val_loss")
 DEFAULT_LRS = {
@@ -108,13 +110,16 @@ def train_run(
     steps: int,
     batch: int,
     evals: int = 8,
+    early: int = 50,
 ) -> dict:
-    """One run: ``steps`` steps of ``batch`` shots (with replacement), evaluated ``evals`` times."""
+    """One run: ``steps`` steps of ``batch`` shots (with replacement), evaluated ``evals`` times
+    on the validation half, and on the test half after ``early`` steps (how fast it learns)."""
     tx = make_optimizer(optimizer, lr, also_train=r"params/new_token_embedding")
     variables = task.init(seed)
     state = tx.init(variables)
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
     curve, losses, start = [], [], time.time()
+    early, early_test = min(early, steps), math.nan
     at = set(np.unique(np.geomspace(1, steps, evals).round().astype(int)))
     curve.append({"step": 0, "val_loss": f"{task.concept_loss(variables, task.val):.5f}"})
     for i in range(1, steps + 1):
@@ -122,16 +127,21 @@ def train_run(
         x = task.shots[rng.integers(0, task.shots.shape[0], batch)]
         variables, state, loss = step_fn[optimizer](variables, state, {"x": x, "key": sub})
         losses.append(float(loss))
+        if i == early:
+            early_test = task.concept_loss(variables, task.test)
         if i in at:
             curve.append({"step": i, "val_loss": f"{task.concept_loss(variables, task.val):.5f}"})
     diverged = not all(math.isfinite(v) for v in losses[-10:])
     if diverged:  # scored as no learning: the untrained model's losses, no concept, no prior
         return _diverged(task, seed, curve, losses, time.time() - start)
+    if not math.isfinite(early_test):  # recovered after step `early`: still no learning then
+        early_test = _diverged(task, seed, curve, losses, 0.0)["early_test_loss"]
     val_fid, drawn = task.fidelity(variables, seed=100)
     test_fid, _ = task.fidelity(variables, seed=200)
     return {
         "val_loss": task.concept_loss(variables, task.val),
         "test_loss": task.concept_loss(variables, task.test),
+        "early_test_loss": early_test,
         "val_fidelity": val_fid,
         "test_fidelity": test_fid,
         "prior": task.prior(variables),
@@ -148,6 +158,7 @@ def _diverged(task: Concept, seed: int, curve, losses, seconds) -> dict:
     return {
         "val_loss": task.concept_loss(untrained, task.val),
         "test_loss": task.concept_loss(untrained, task.test),
+        "early_test_loss": task.concept_loss(untrained, task.test),
         "val_fidelity": 0.0,
         "test_fidelity": 0.0,
         "prior": 0.0,

@@ -164,7 +164,7 @@ def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
     with open(out / "runs.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["optimizer"] == "scaled_sgd" and row["diverged"] == "False"
-    for key in ("val_loss", "test_loss"):
+    for key in ("val_loss", "test_loss", "early_test_loss"):
         assert 0.0 < float(row[key]) < 2.0
     for key in ("val_fidelity", "test_fidelity", "prior"):
         assert 0.0 <= float(row[key]) <= 1.0
@@ -177,7 +177,8 @@ def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
 def _row(optimizer, lr, seed, val, test, fidelity=0.5, prior=0.9, diverged=False):
     return {
         "optimizer": optimizer, "lr": lr, "seed": seed, "val_loss": val, "test_loss": test,
-        "test_fidelity": fidelity, "prior": prior, "diverged": diverged,
+        "early_test_loss": 2 * test, "test_fidelity": fidelity, "prior": prior,
+        "diverged": diverged,
     }  # fmt: skip
 
 
@@ -209,6 +210,8 @@ def test_analysis_chooses_rates_on_validation_and_signs_differences():
     two = above[(2, "test_fidelity")]
     assert two["diff"] == pytest.approx(0.25) and two["verdict"] == "scaled_adamw better"
     assert above[(2, "test_loss")]["diff"] == pytest.approx(0.9 - 0.12)
+    families = {r["family"]: r["metric"] for r in da.summary(rows) if "family" in r}
+    assert families == {"D": "test_loss", "S": "early_test_loss"}  # E needs the successors
     assert da.chosen_rates([r for r in rows if r["lr"] == 1e-1]) == {
         "adamw": 0.1,
         "scaled_adamw": 0.1,
