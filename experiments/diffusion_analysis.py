@@ -125,6 +125,57 @@ def summary(rows, chosen: dict[str, float] | None = None) -> list[dict]:
     return out
 
 
+LABELS = {
+    "D": ("D1", "D2", "D3a", "D3b"),
+    "S": ("S1", "S2", "S3a", "S3b"),
+    "E": ("E1", "E2", "E3", "E4"),
+}
+
+
+def _outcome(r) -> str:
+    significant = r["p_holm"] < 0.05
+    if r["family"] != "E":
+        return "supported" if significant and r["diff"] > 0 else "not supported"
+    if not significant:
+        return "no difference detected"
+    return f"{r['first'].split('@')[0]} {'better' if r['diff'] > 0 else 'worse'}"
+
+
+def hypothesis_rows(table) -> list[str]:
+    """The page's markdown rows, one per tested comparison, in the pre-registration's order."""
+    lines = []
+    for family, (_, names) in FAMILIES.items():
+        for label, name in zip(LABELS[family], names, strict=True):
+            for r in table:
+                if r.get("family") == family and r["test"] == name:
+                    lines.append(
+                        f"| {label} | {r['first']} vs {r['second']} | {r['metric']} | "
+                        f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}] | "
+                        f"{r['p_holm']:.3g} | {_outcome(r)} |"
+                    )
+    return lines
+
+
+def optimizer_rows(rows, chosen: dict[str, float]) -> list[str]:
+    """The page's markdown rows: each optimizer at its chosen rate, means ± sample sd."""
+    cells, lines = _by_cell(rows), []
+    for o, lr in chosen.items():
+        runs = list(cells.get((o, lr), {}).values())
+        if not runs:
+            continue
+        stats = []
+        for m in ("test_loss", "early_test_loss", "test_fidelity", "prior"):
+            x = np.array([r[m] for r in runs], float)
+            stats.append(
+                f"{x.mean():.4f} ± {x.std(ddof=1):.4f}"
+                if "loss" in m
+                else f"{x.mean():.2f} ± {x.std(ddof=1):.2f}"
+            )
+        diverged = sum(bool(r["diverged"]) for r in runs)
+        lines.append(f"| {o} | {lr:g} | {len(runs)} | {' | '.join(stats)} | {diverged} |")
+    return lines
+
+
 def stage2_lrs(rows, chosen: dict[str, float]) -> dict[str, list[float]]:
     """Stage 2's rates: each optimizer's chosen rate; AdamW and scaled AdamW also at one and
     two steps above AdamW's (on the stage 1 grid ``rows`` ran)."""
@@ -164,10 +215,10 @@ def main(argv=None) -> None:
         writer.writerows(table)
     for r in table:
         print(
-            f"{r['first']:>22} vs {r['second']:<20} {r['metric']:<13} {r['diff']:+.4f} "
+            f"{r['first']:>22} vs {r['second']:<20} {r['metric']:<15} {r['diff']:+.4f} "
             f"[{r['lo']:+.4f}, {r['hi']:+.4f}] {r['verdict']}"
-            + (f" (Holm p {r['p_holm']:.3g})" if "p_holm" in r else "")
         )
+    print("\n".join(["", *optimizer_rows(rows, chosen), "", *hypothesis_rows(table)]))
 
 
 if __name__ == "__main__":

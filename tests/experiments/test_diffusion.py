@@ -212,6 +212,18 @@ def test_analysis_chooses_rates_on_validation_and_signs_differences():
     assert above[(2, "test_loss")]["diff"] == pytest.approx(0.9 - 0.12)
     families = {r["family"]: r["metric"] for r in da.summary(rows) if "family" in r}
     assert families == {"D": "test_loss", "S": "early_test_loss"}  # E needs the successors
+    lines = da.hypothesis_rows(da.summary(rows))
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| D2",
+        "| D3a",
+        "| D3b",
+        "| S2",
+        "| S3a",
+        "| S3b",
+    ]
+    # D2: scaled lower by 0.005 on average, but the seeds' spread leaves it within noise.
+    assert lines[0].endswith("| not supported |") and "+0.0050 [" in lines[0]
+    assert lines[2].endswith("| supported |")  # D3b: AdamW diverged in all 4 seeds
     assert da.chosen_rates([r for r in rows if r["lr"] == 1e-1]) == {
         "adamw": 0.1,
         "scaled_adamw": 0.1,
