@@ -40,7 +40,7 @@ import numpy as np
 
 import rplora_jax
 from experiments.data.images import mnist_5k
-from experiments.diffusion_pretrain import classify, load_denoiser, load_params, save_grid
+from experiments.diffusion_pretrain import classify, load_denoiser, load_params
 from experiments.finetune_classification import run_sweep, settings_string
 from experiments.models import denoiser as dn
 from experiments.optimizers import ALL_OPTIMIZERS, make_optimizer, make_train_step
@@ -171,15 +171,35 @@ def _diverged(task: Concept, seed: int, curve, losses, seconds) -> dict:
 
 
 def grid_png(out: Path, optimizers, lrs_of) -> Path:
-    """``samples.png``: rows optimizer x rate, seed 0's first four samples of ``<v1>``."""
-    rows, labels = [], []
-    for o in optimizers:
-        for lr in lrs_of(o):
-            path = out / "samples" / f"{o}_{lr:g}.npy"
-            if path.exists():
-                rows.append(np.load(path))
-                labels.append(f"{o} {lr:g}")
-    save_grid(out / "samples.png", np.stack(rows), labels)
+    """``samples.png``: a row per optimizer, a column per rate of its grid; each cell holds seed
+    0's first four samples of ``<v1>`` (2 x 2), titled with the rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(lrs_of(o)) for o in optimizers)
+    fig, axes = plt.subplots(len(optimizers), cols, figsize=(cols * 1.2, len(optimizers) * 1.35),
+                             squeeze=False)  # fmt: skip
+    for r, o in enumerate(optimizers):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            lrs = lrs_of(o)
+            path = out / "samples" / f"{o}_{lrs[c]:g}.npy" if c < len(lrs) else None
+            if path is None or not path.exists():
+                ax.axis("off")
+                continue
+            four = np.load(path)
+            ax.imshow(
+                np.block([[four[0], four[1]], [four[2], four[3]]]), cmap="gray", vmin=0, vmax=1
+            )
+            ax.set_title(f"{lrs[c]:g}", fontsize=7)
+        axes[r, 0].set_ylabel(o, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=100)
+    plt.close(fig)
     return out / "samples.png"
 
 
