@@ -4,6 +4,7 @@ the metrics; and, slow, pretraining and a concept run end to end on the real dig
 from __future__ import annotations
 
 import csv
+import math
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +232,36 @@ def test_analysis_chooses_rates_on_validation_and_signs_differences():
     diverged_only = [r | {"val_loss": 0.1} for r in rows if r["diverged"]]
     more = [r | {"lr": 1.0, "val_loss": 0.5, "diverged": False} for r in diverged_only]
     assert da.chosen_rates(diverged_only + more) == {"adamw": 1.0}  # never a diverging rate
+
+
+def test_the_page_quotes_the_committed_runs():
+    """docs/experiments/diffusion.md's tables are the analysis of the committed stage 2 runs,
+    at the rates stage 1 chose."""
+    from pathlib import Path
+
+    from experiments import diffusion_analysis as da
+    from experiments.diffusion_concept import RUN_FIELDS
+    from experiments.finetune_classification import _read_runs
+
+    root = Path(__file__).resolve().parents[2]
+    stage1, stage2 = (
+        _read_runs(root / "results" / "diffusion" / stage / "runs.csv", RUN_FIELDS, legacy=False)
+        for stage in ("stage1", "stage2")
+    )
+    chosen = da.chosen_rates(stage1)
+    page = (root / "docs" / "experiments" / "diffusion.md").read_text()
+    lines = da.optimizer_rows(stage2, chosen) + da.hypothesis_rows(da.summary(stage2, chosen))
+    assert len(lines) == 6 + 12
+    assert [line for line in lines if line not in page] == []
+    # README's line: D2, D3a, D3b as percentages of AdamW's loss at each rate.
+    tests = {r["test"]: r for r in da.summary(stage2, chosen) if r.get("family") == "D"}
+    percent = []
+    for name in ("scaled_adamw vs adamw", "above 1", "above 2"):
+        lr = float(tests[name]["second"].split("@")[1])
+        base = np.mean(
+            [r["test_loss"] for r in stage2 if r["optimizer"] == "adamw" and r["lr"] == lr]
+        )
+        percent.append(100 * tests[name]["diff"] / base)
+    low, high = math.floor(min(percent[1:])), math.ceil(max(percent[1:]))
+    quoted = f"by {percent[0]:.1f}%, then {low} to {high}%"
+    assert quoted in " ".join((root / "README.md").read_text().split())
