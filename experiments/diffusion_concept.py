@@ -16,7 +16,8 @@ the images are the same). Per run, ``runs.csv`` gets:
 * ``prior``: the fraction of 8 samples per seen digit's prompt read as that digit (prior
   preservation; the base model's figure is in ``results/diffusion/base/quality.csv``);
 
-and ``curves.csv`` the validation loss over steps (convergence). A run whose loss is not finite
+and ``curves.csv`` the validation loss over steps (convergence); ``loss_vs_lr.png`` and
+``curves.png`` plot them. A run whose loss is not finite
 at the end is ``diverged`` and scored as no learning: the untrained model's losses, fidelity
 and prior 0. ``samples/`` keeps seed 0's
 first four samples per optimizer and rate, for :func:`grid_png`.
@@ -28,10 +29,12 @@ runs already in ``--out``/``runs.csv`` are skipped, so an interrupted sweep resu
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import shlex
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -203,6 +206,50 @@ def grid_png(out: Path, optimizers, lrs_of) -> Path:
     return out / "samples.png"
 
 
+def plots(out: Path, rows, curves_path: Path) -> list[Path]:
+    """``loss_vs_lr.png`` (mean validation and test loss ± sd over seeds against the rate) and
+    ``curves.png`` (mean validation loss over steps, each optimizer at its best rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.diffusion_analysis import chosen_rates
+
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["optimizer"], float(r["lr"]))].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, metric in zip(axes, ("val_loss", "test_loss"), strict=True):
+        for o in dict.fromkeys(r["optimizer"] for r in rows):
+            lrs = sorted(lr for oo, lr in by if oo == o)
+            x = [np.array([float(r[metric]) for r in by[(o, lr)]]) for lr in lrs]
+            sd = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in x]
+            ax.errorbar(lrs, [v.mean() for v in x], yerr=sd, marker="o", ms=3, label=o, capsize=2)
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", title=metric.replace("_", " "))
+    axes[0].set_ylabel("concept denoising loss")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_lr.png", dpi=100)
+    plt.close(fig)
+
+    best, steps = chosen_rates(rows), defaultdict(list)
+    with open(curves_path, newline="") as f:
+        for r in csv.DictReader(f):
+            if best.get(r["optimizer"]) == float(r["lr"]):
+                steps[(r["optimizer"], int(r["step"]))].append(float(r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for o, lr in best.items():
+        points = sorted((st, np.mean(v)) for (oo, st), v in steps.items() if oo == o and st > 0)
+        ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=f"{o} {lr:g}")
+    ax.set(xscale="log", yscale="log", xlabel="step", ylabel="validation loss (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return [out / "loss_vs_lr.png", out / "curves.png"]
+
+
 def _lrs(spec: list[str] | None):
     table = dict(DEFAULT_LRS)
     for item in spec or ():
@@ -263,7 +310,7 @@ def main(argv=None) -> None:
     settings = settings_string(
         {"concept": args.concept, "shots": args.shots, "rank": args.rank, "batch": args.batch}
     )
-    run_sweep(
+    rows = run_sweep(
         jobs,
         run,
         args.out,
@@ -275,6 +322,7 @@ def main(argv=None) -> None:
         tables=(("curves.csv", "curve", CURVE_FIELDS),),
     )
     print(grid_png(args.out, args.optimizers, lrs_of))
+    print(*plots(args.out, rows, args.out / "curves.csv"), sep="\n")
 
 
 if __name__ == "__main__":

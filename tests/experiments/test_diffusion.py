@@ -169,7 +169,8 @@ def test_pretraining_and_a_concept_run_end_to_end(tmp_path):
         assert 0.0 < float(row[key]) < 2.0
     for key in ("val_fidelity", "test_fidelity", "prior"):
         assert 0.0 <= float(row[key]) <= 1.0
-    assert (out / "samples.png").stat().st_size > 1000
+    for plot in ("samples.png", "loss_vs_lr.png", "curves.png"):
+        assert (out / plot).stat().st_size > 1000
     diffusion_concept.main(argv)  # resumes: nothing to run, the row is read back
     with open(out / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
