@@ -55,6 +55,7 @@ RUN_FIELDS = (
     "diverged",
 )  # fmt: skip
 CURVE_FIELDS = ("optimizer", "lr", "seed", "settings", "step", "val_loss")
+ALSO_TRAIN = r"params/new_token_embedding"  # the new token's embedding trains beside the LoRA
 DEFAULT_LRS = {
     "sgd": (1e-2, 3.2e-2, 0.1, 0.32, 1.0, 3.2),
     "scaled_sgd": (1e-3, 3.2e-3, 1e-2, 3.2e-2, 0.1, 0.32),
@@ -117,7 +118,7 @@ def train_run(
 ) -> dict:
     """One run: ``steps`` steps of ``batch`` shots (with replacement), evaluated ``evals`` times
     on the validation half, and on the test half after ``early`` steps (how fast it learns)."""
-    tx = make_optimizer(optimizer, lr, also_train=r"params/new_token_embedding")
+    tx = make_optimizer(optimizer, lr, also_train=ALSO_TRAIN)
     variables = task.init(seed)
     state = tx.init(variables)
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
@@ -138,7 +139,7 @@ def train_run(
     if diverged:  # scored as no learning: the untrained model's losses, no concept, no prior
         return _diverged(task, seed, curve, losses, time.time() - start)
     if not math.isfinite(early_test):  # recovered after step `early`: still no learning then
-        early_test = _diverged(task, seed, curve, losses, 0.0)["early_test_loss"]
+        early_test = task.concept_loss(task.init(seed), task.test)
     val_fid, drawn = task.fidelity(variables, seed=100)
     test_fid, _ = task.fidelity(variables, seed=200)
     return {
@@ -158,10 +159,11 @@ def train_run(
 
 def _diverged(task: Concept, seed: int, curve, losses, seconds) -> dict:
     untrained = task.init(seed)
+    test_loss = task.concept_loss(untrained, task.test)
     return {
         "val_loss": task.concept_loss(untrained, task.val),
-        "test_loss": task.concept_loss(untrained, task.test),
-        "early_test_loss": task.concept_loss(untrained, task.test),
+        "test_loss": test_loss,
+        "early_test_loss": test_loss,
         "val_fidelity": 0.0,
         "test_fidelity": 0.0,
         "prior": 0.0,
@@ -285,9 +287,7 @@ def main(argv=None) -> None:
     task, lrs_of = Concept(args.base, args.concept, args.shots, args.rank), _lrs(args.lrs)
     # One compiled step per optimizer: the rate lives in the optimizer state.
     steps = {
-        o: make_train_step(
-            task.loss, make_optimizer(o, 1e-3, also_train=r"params/new_token_embedding")
-        )
+        o: make_train_step(task.loss, make_optimizer(o, 1e-3, also_train=ALSO_TRAIN))
         for o in args.optimizers
     }
     jobs = [(o, lr, s) for o in args.optimizers for lr in lrs_of(o) for s in args.seeds]
