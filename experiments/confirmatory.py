@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stage1", type=Path, action="append", default=[])
     p.add_argument("--stage2", type=Path, action="append", default=[])
     p.add_argument("--out", type=Path, default=Path("results/prereg/report.md"))
+    p.add_argument(
+        "--contingency", action="store_true", help="rates: print the 12-seed stage 2 command"
+    )
     args = p.parse_args(argv)
     if args.what == "rates":
         for stage1 in args.stage1:
@@ -214,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             lrs = " ".join(
                 f"{o}={','.join(f'{x:g}' for x in v)}" for o, v in stage2_lrs(chosen).items()
             )
-            seeds = " ".join(map(str, STAGE2_SEEDS))
+            seeds = " ".join(map(str, CONTINGENCY_SEEDS if args.contingency else STAGE2_SEEDS))
             print(
                 f"stage 2: python -m experiments.finetune_classification --dataset "
                 f"{run['dataset']} --n-val {n_val} --steps {run['steps']} --optimizers "

@@ -112,6 +112,10 @@ def test_rates_prints_the_stage2_command(tmp_path, capsys):
         "scaled_adamw=0.01,0.032,0.1 --seeds 100 101"
     ) in out
     assert out.rstrip().endswith("--out results/prereg/stage2/toy")
+    assert "--seeds 100 101 102 103 104 105 106 107 108 109 110 111 112" in out
+    cf.main(["rates", "--contingency", "--stage1", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "--seeds 100 101 102 103 104 105 106 107 108 109 110 111 --out" in out
 
 
 def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
