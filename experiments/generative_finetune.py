@@ -10,9 +10,10 @@ is the next-token cross-entropy on those target tokens only.
 LoRA (rank ``--rank``) is injected by :func:`rplora_jax.inject_linen` on q and v of all 30 blocks;
 :func:`rplora_jax.freeze_base` keeps every other weight fixed. For every optimizer (AdamW, scaled
 AdamW, SGD, scaled SGD) and learning rate of the sweep, training runs ``--steps`` steps on the
-same seeded batches; then the held-out valid loss is measured and ``--n-test`` test verses are
-greedily decoded and scored with sacrebleu (BLEU, chrF) against the WEB text. Two reference
-points are scored too: the untuned model and copying the KJV verse unchanged.
+same seeded batches; then the loss on the valid verses (for choosing rates) and on the
+``--n-test`` test verses is measured, and the test verses are greedily decoded and scored with
+sacrebleu (BLEU, chrF) against the WEB text. Two reference points are scored too: the untuned
+model and copying the KJV verse unchanged.
 
 Outputs in ``--out``: ``runs.csv`` (one row per run: losses, BLEU, chrF, tokens/s, peak memory),
 ``curves.csv`` (training loss every ``--log-every`` steps), ``samples.csv`` (decoded test verses
@@ -142,6 +143,7 @@ class Task:
     train: Examples
     valid: Examples
     test_pairs: list[bible.VersePair]
+    test: Examples
     init_params: dict
     steps: dict = dataclasses.field(default_factory=dict)
 
@@ -199,12 +201,14 @@ def prepare(
     model, params = llama.load_pretrained(lora=lora, targets=("q_proj", "v_proj"), rng=seed)
     rng = np.random.default_rng(seed)
     pick = lambda split, n: fitting(tok, splits[split], n, max_length, rng)
+    test_pairs = pick("test", n_test)
     return Task(
         model=model,
         tok=tok,
         train=encode_pairs(tok, pick("train", n_train), max_length),
         valid=encode_pairs(tok, pick("valid", n_valid), max_length),
-        test_pairs=pick("test", n_test),
+        test_pairs=test_pairs,
+        test=encode_pairs(tok, test_pairs, max_length),
         init_params=params,
     )
 
@@ -240,22 +244,26 @@ def _eval_rows(model, params, batch):
     return per_row(logits, batch["input_ids"], batch["loss_mask"])
 
 
-def heldout_nll(task: Task, params: dict, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Per valid example: summed target-token cross-entropy and target-token count."""
-    n = len(task.valid)
+def heldout_nll(
+    task: Task, params: dict, batch_size: int = 16, split: str = "valid"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example of the ``"valid"`` (or ``"test"``) verses: summed target-token
+    cross-entropy and target-token count."""
+    data = task.valid if split == "valid" else task.test
+    n = len(data)
     nll, cnt = [], []
     for start in range(0, n, batch_size):
         # The last batch wraps around (one compiled shape); its repeats are cut off below.
         idx = np.arange(start, start + batch_size) % n
-        a, b = _eval_rows(task.model, params, task.valid.take(idx))
+        a, b = _eval_rows(task.model, params, data.take(idx))
         nll.append(np.asarray(a, np.float64))
         cnt.append(np.asarray(b, np.float64))
     return np.concatenate(nll)[:n], np.concatenate(cnt)[:n]
 
 
-def heldout_loss(task: Task, params: dict, batch_size: int = 16) -> float:
-    """Mean target-token cross-entropy on the valid examples (token-weighted)."""
-    nll, cnt = heldout_nll(task, params, batch_size)
+def heldout_loss(task: Task, params: dict, batch_size: int = 16, split: str = "valid") -> float:
+    """Mean target-token cross-entropy on the valid (or test) examples (token-weighted)."""
+    nll, cnt = heldout_nll(task, params, batch_size, split)
     return float(nll.sum() / cnt.sum())
 
 
@@ -365,7 +373,7 @@ def _parse_lrs(items: Sequence[str] | None, optimizers: Sequence[str]) -> dict[s
 
 # The columns of runs.csv, curves.csv and samples.csv (see finetune_classification.run_sweep).
 RUN_FIELDS = (
-    "dataset", "optimizer", "lr", "seed", "steps", "valid_loss", "bleu", "chrf",
+    "dataset", "optimizer", "lr", "seed", "steps", "valid_loss", "test_loss", "bleu", "chrf",
     "final_train_loss", "tokens_per_s", "decode_s", "peak_mem_mb", "rank", "batch_size",
     "n_test", "settings",
 )  # fmt: skip
@@ -437,8 +445,10 @@ def run_one(task: Task, args, name: str, lr: float, seed: int, bar=None) -> dict
             hyps = decode(task, params, max_new_tokens=args.max_new_tokens, bar=dbar)
     trained = name not in BASELINES
     nll, cnt = heldout_nll(task, params) if name != "copy_kjv" else ([], [])
+    test_loss = heldout_loss(task, params, split="test") if name != "copy_kjv" else float("nan")
     return {
         "valid_loss": float(np.sum(nll) / np.sum(cnt)) if name != "copy_kjv" else float("nan"),
+        "test_loss": test_loss,
         **score(hyps, task.test_pairs),
         "final_train_loss": metrics.get("final_train_loss", float("nan")),
         "tokens_per_s": metrics.get("tokens_per_s", float("nan")),
@@ -461,7 +471,7 @@ def run_one(task: Task, args, name: str, lr: float, seed: int, bar=None) -> dict
     }
 
 
-SUMMARY_METRICS = ("valid_loss", "bleu", "chrf", "tokens_per_s", "peak_mem_mb")
+SUMMARY_METRICS = ("valid_loss", "test_loss", "bleu", "chrf", "tokens_per_s", "peak_mem_mb")
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:

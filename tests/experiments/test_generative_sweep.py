@@ -31,6 +31,7 @@ class FakeRuns:
         nll = [(1.0 - lr + 0.01 * seed + 0.05 * i - better) * 10 for i in range(4)]
         return {
             "valid_loss": 1.0 - lr,
+            "test_loss": 1.1 - lr if name != "copy_kjv" else math.nan,
             "bleu": bleu,
             "chrf": 2 * bleu,
             "final_train_loss": 0.5 if trained else float("nan"),
@@ -146,16 +147,17 @@ def test_old_runs_csv_is_an_error(tmp_path, fake):
 def test_summary_uses_sample_sd_over_seeds():
     runs = [
         {"optimizer": "adamw", "lr": 1e-3, "seed": s, "valid_loss": v, "bleu": b, "chrf": 1.0}
-        | {"tokens_per_s": 1.0, "peak_mem_mb": 1.0}
+        | {"test_loss": v + 0.5, "tokens_per_s": 1.0, "peak_mem_mb": 1.0}
         for s, v, b in ((0, 1.0, 10.0), (1, 2.0, 12.0), (2, 3.0, float("nan")))
     ] + [
         {"optimizer": "untuned", "lr": 0.0, "seed": 0, "valid_loss": 4.0, "bleu": 5.0}
-        | {"chrf": 1.0, "tokens_per_s": float("nan"), "peak_mem_mb": 1.0}
+        | {"test_loss": 4.5, "chrf": 1.0, "tokens_per_s": float("nan"), "peak_mem_mb": 1.0}
     ]
     adamw, untuned = gen.summarize(runs)
     assert (adamw["optimizer"], adamw["seeds"]) == ("adamw", 3)
     assert adamw["valid_loss"] == pytest.approx(2.0)
     assert adamw["valid_loss_sd"] == pytest.approx(1.0)  # ddof=1: sqrt(2 / 2)
+    assert adamw["test_loss"] == pytest.approx(2.5)
     assert adamw["bleu"] == pytest.approx(11.0)  # the NaN (diverged) run is left out
     assert adamw["bleu_sd"] == pytest.approx(np.sqrt(2.0))
     assert adamw["chrf_sd"] == 0.0

@@ -149,10 +149,18 @@ def test_lora_steps_train_only_the_factors_and_lower_heldout_loss(loaded, tok):
     short = lambda pairs: [p for p in pairs if len(p.source) < 50 and len(p.target) < 50]
     train = gen_ft.encode_pairs(tok, short(splits["train"])[:8], 64)
     valid = gen_ft.encode_pairs(tok, short(splits["valid"])[:4], 64)
+    test = gen_ft.encode_pairs(tok, short(splits["valid"])[:2], 64)
     assert len(train) == 8 and len(valid) == 4
     assert np.all(valid.loss_mask.sum(axis=1) >= 5)  # targets present and masked in
-    task = gen_ft.Task(model, tok, train, valid, [], params)
+    task = gen_ft.Task(model, tok, train, valid, test.pairs, test, params)
     before = gen_ft.heldout_loss(task, params, batch_size=4)
+    # The test split's loss is its own verses' (here the first two valid ones), token-weighted.
+    nll, cnt = gen_ft.heldout_nll(task, params, batch_size=4)
+    np.testing.assert_allclose(
+        gen_ft.heldout_loss(task, params, batch_size=4, split="test"),
+        nll[:2].sum() / cnt[:2].sum(),
+        rtol=1e-6,
+    )
     lr = 3e-3
     trained, metrics, curve = gen_ft.train_run(
         task, "scaled_adamw", lr, steps=3, batch_size=4, seed=0, log_every=1
@@ -195,7 +203,7 @@ def test_lora_steps_train_only_the_factors_and_lower_heldout_loss(loaded, tok):
 
 def test_lora_init_redraws_only_the_factors(loaded, tok):
     model, params, _ = loaded  # LoRA factors drawn from seed 0
-    task = gen_ft.Task(model, tok, None, None, [], params)
+    task = gen_ft.Task(model, tok, None, None, [], None, params)
     same = traverse_util.flatten_dict(gen_ft.lora_init(task, 0))
     other = traverse_util.flatten_dict(gen_ft.lora_init(task, 1))
     flat = traverse_util.flatten_dict(params)
