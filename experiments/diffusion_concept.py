@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import shlex
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rplora_jax
+from experiments.commands import command_line, record_command
 from experiments.data.images import mnist_5k
 from experiments.diffusion_pretrain import classify, load_denoiser, load_params
 from experiments.finetune_classification import run_sweep, settings_string
@@ -280,10 +279,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "samples").mkdir(exist_ok=True)
-    (args.out / "command.txt").write_text(
-        shlex.join(["python", "-m", "experiments.diffusion_concept", *(argv or sys.argv[1:])])
-        + "\n"
-    )
+    record_command(args.out, command_line("experiments.diffusion_concept", argv))
     task, lrs_of = Concept(args.base, args.concept, args.shots, args.rank), _lrs(args.lrs)
     # One compiled step per optimizer: the rate lives in the optimizer state.
     steps = {

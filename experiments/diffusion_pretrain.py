@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import optax
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from experiments.commands import command_line, record_command
 from experiments.data.images import DIGIT_NAMES, mnist_5k
 from experiments.models import denoiser as dn
 
@@ -171,10 +170,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model = dn.Denoiser(dim=args.dim, depth=args.depth, mlp=4 * args.dim)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "command.txt").write_text(
-        shlex.join(["python", "-m", "experiments.diffusion_pretrain", *(argv or sys.argv[1:])])
-        + "\n"
-    )
+    record_command(args.out, command_line("experiments.diffusion_pretrain", argv))
     start = time.time()
     digits = mnist_5k()
     seen = [d for d in range(10) if d not in args.held_out]

@@ -42,7 +42,6 @@ import contextlib
 import csv
 import dataclasses
 import math
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ import optax
 
 import rplora_jax
 from experiments import optimizers
+from experiments.commands import command_line, record_command
 from experiments.data import datasets
 from experiments.models import bert
 from experiments.optimizers import ALL_OPTIMIZERS, OPTIMIZERS, make_optimizer
@@ -588,9 +588,7 @@ def _write(out: Path, title: str, args, rows, untuned, n_test: int) -> list[dict
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(
-        shlex.join(["python", "-m", "experiments.finetune_classification", *args.argv]) + "\n"
-    )
+    record_command(out, command_line("experiments.finetune_classification", args.argv))
     summary, by_lr = [], []
     # Rates are chosen on the validation split when the sweep has one, else on the test split.
     select = (

@@ -39,8 +39,6 @@ import argparse
 import csv
 import dataclasses
 import resource
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -55,6 +53,7 @@ from flax import traverse_util
 import rplora_jax
 from experiments import finetune_classification as ft
 from experiments import optimizers
+from experiments.commands import command_line, record_command
 from experiments.data import bible
 from experiments.models import llama
 from experiments.models.common import as_key
@@ -651,10 +650,7 @@ def _write(out: Path, command: str, runs: list[dict]) -> None:
     """``summary.md``, ``paired.csv`` and ``bleu_vs_lr.png`` of ``runs``; ``command`` is added
     to ``command.txt``, the list of commands that made the folder."""
     out.mkdir(parents=True, exist_ok=True)
-    previous = (
-        (out / "command.txt").read_text().splitlines() if (out / "command.txt").exists() else []
-    )
-    (out / "command.txt").write_text("\n".join(dict.fromkeys([*previous, command])) + "\n")
+    record_command(out, command, keep_previous=True)
 
     def fmt(v, sd=float("nan")):
         if not isinstance(v, float):
@@ -792,8 +788,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     from tqdm.auto import tqdm
 
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "-m", "experiments.generative_finetune", *given])
+    command = command_line("experiments.generative_finetune", argv)
     lrs = _parse_lrs(args.lrs, args.optimizers)
     sweeps = []  # (jobs, steps, settings): the baselines depend on the data settings only
     if not args.skip_baselines:

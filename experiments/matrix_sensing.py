@@ -37,7 +37,6 @@ import argparse
 import csv
 import dataclasses
 import math
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ import numpy as np
 import optax
 
 import rplora_jax
+from experiments.commands import command_line
 from experiments.stats import t_interval
 
 Params = dict[str, jax.Array]
@@ -732,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")
 
-    command = shlex.join(["python", "-m", "experiments.matrix_sensing", *argv])
+    command = command_line("experiments.matrix_sensing", argv)
     m = round(args.m_factor * args.n * args.r)
     setup = (
         f"n = {args.n}, r = {args.r}, m = {m}, κ ∈ {{{', '.join(f'{k:g}' for k in args.kappas)}}}"

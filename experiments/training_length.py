@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from experiments import finetune_classification as ft
+from experiments.commands import command_line, record_command
 from experiments.data import datasets
 from experiments.stats import sample_sd
 
@@ -116,17 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ds = datasets.load(args.dataset).split_validation(args.n_val, seed=0)
     out = args.out or Path("results/training_length") / ds.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(
-        shlex.join(
-            [
-                "python",
-                "-m",
-                "experiments.training_length",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        )
-        + "\n"
-    )
+    record_command(out, command_line("experiments.training_length", argv))
     task = ft.prepare(ds, max_length=args.max_length)
     path = out / "lengths.csv"
     done = set()
