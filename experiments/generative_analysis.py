@@ -49,8 +49,27 @@ def _trained(runs) -> list[dict]:
     return [r for r in runs if r["optimizer"] not in BASELINES]
 
 
+def check_cells(runs, seeds: Sequence[int], stage: str) -> None:
+    """The trained runs come from one setting, each cell (optimizer, rate) with ``seeds`` once
+    each: a rate is never chosen, nor a test run, on part of its seeds."""
+    runs = _trained(runs)
+    settings = sorted({r["settings"] for r in runs})
+    if len(settings) > 1:
+        raise ValueError(f"{stage} mixes runs of {len(settings)} settings: {settings}.")
+    cells: dict[tuple, list[int]] = {}
+    for r in runs:
+        cells.setdefault((r["optimizer"], r["lr"]), []).append(r["seed"])
+    for (o, lr), got in cells.items():
+        if sorted(got) != list(seeds):
+            raise ValueError(
+                f"{stage} has {o} at {lr:g} with seeds {sorted(got)}, not the pre-registered "
+                f"{seeds[0]}-{seeds[-1]} once each (rerun its command to complete it)."
+            )
+
+
 def chosen_rates(runs) -> dict[str, dict]:
     """Per optimizer: ``{"lr", "edge", "grid"}``, the rate with the lowest mean valid loss."""
+    check_cells(runs, STAGE1_SEEDS, "stage 1")
     runs = _trained(runs)
     out = {}
     for o, lr in best_rates(runs).items():
@@ -59,21 +78,12 @@ def chosen_rates(runs) -> dict[str, dict]:
     return out
 
 
-def check_stage2(runs) -> None:
-    """Stage 2's trained runs come from one setting, with seeds 100 to 107 in every cell."""
-    runs = _trained(runs)
-    settings = sorted({r["settings"] for r in runs})
-    if len(settings) != 1:
-        raise ValueError(f"stage 2 mixes runs of {len(settings)} settings: {settings}.")
-    cells: dict[tuple, list[int]] = {}
-    for r in runs:
-        cells.setdefault((r["optimizer"], r["lr"]), []).append(r["seed"])
-    for (o, lr), seeds in cells.items():
-        if sorted(seeds) != list(STAGE2_SEEDS):
-            raise ValueError(
-                f"stage 2 has {o} at {lr:g} with seeds {sorted(seeds)}, not the pre-registered "
-                f"{STAGE2_SEEDS[0]}-{STAGE2_SEEDS[-1]} once each."
-            )
+def check_stage2(runs, stage1) -> None:
+    """Stage 2's trained runs: seeds 100 to 107 in every cell, and the settings of stage 1."""
+    check_cells(runs, STAGE2_SEEDS, "stage 2")
+    settings = {r["settings"] for r in _trained([*runs, *stage1])}
+    if len(settings) > 1:
+        raise ValueError(f"stage 1 and stage 2 were run with other settings: {sorted(settings)}.")
 
 
 def scores(runs, optimizer: str, lr: float, metric: str) -> dict[int, float]:
@@ -103,6 +113,12 @@ def family_g(chosen: dict[str, dict], runs) -> list[dict]:
         for label, treat, control in cells:
             t, c = scores(runs, *treat, metric), scores(runs, *control, metric)
             d = np.array([t[s] - c[s] for s in sorted(set(t) & set(c))])
+            if len(d) != len(STAGE2_SEEDS):
+                raise ValueError(
+                    f"{label}: {treat[0]} at {treat[1]:g} and {control[0]} at {control[1]:g} "
+                    f"share {len(d)} seeds, not {len(STAGE2_SEEDS)}: is stage 2 the one that "
+                    "stage 1's rates made?"
+                )
             mean, lo, hi = t_interval(d)
             out.append(dict(test=label, metric=metric, treatment=f"{treat[0]}@{treat[1]:g}",
                             control=f"{control[0]}@{control[1]:g}", n=len(d), mean=mean,
@@ -120,8 +136,12 @@ def _argv(lrs: dict[str, Sequence[float]], seeds: Sequence[int], out: Path) -> l
             "--out", str(out)]  # fmt: skip
 
 
-def stage1_argv(stage1: Path) -> list[str]:
-    return _argv(GRIDS, STAGE1_SEEDS, stage1)
+def stage1_argv(stage1: Path, runs=()) -> list[str]:
+    """Stage 1: the pre-registered grids and every rate an extension added to ``runs``, each
+    on seeds 0 to 2 (a sweep resumes, so this completes a cell a stopped design left open)."""
+    lrs = {o: sorted({*grid, *(r["lr"] for r in runs if r["optimizer"] == o)})
+           for o, grid in GRIDS.items()}  # fmt: skip
+    return _argv(lrs, STAGE1_SEEDS, stage1)
 
 
 def extension_argv(stage1: Path, chosen: dict[str, dict]) -> list[str] | None:
@@ -172,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.stage2 is None:
         p.error("report needs --stage2")
-    report(chosen, read(args.stage2), args.stage2 / "report.md")
+    report(chosen, read(args.stage2), args.stage2 / "report.md", read(args.stage1))
 
 
 def design(out: Path) -> None:
@@ -182,17 +202,23 @@ def design(out: Path) -> None:
 
     stage1 = out / "stage1"
     read = lambda folder: _read_runs(folder / "runs.csv", RUN_FIELDS, legacy=False)
-    generative_finetune.main(stage1_argv(stage1))
-    while (extension := extension_argv(stage1, chosen_rates(read(stage1)))) is not None:
+    while True:
+        # Every rate stage 1 has started, on all its seeds (a resumed design may have stopped
+        # inside an extension), before the rule looks at them.
+        generative_finetune.main(stage1_argv(stage1, read(stage1)))
+        extension = extension_argv(stage1, chosen_rates(read(stage1)))
+        if extension is None:
+            break
         generative_finetune.main(extension)
     chosen = chosen_rates(read(stage1))
     generative_finetune.main(stage2_argv(stage1, chosen))
-    report(chosen, read(out / "stage2"), out / "stage2" / "report.md")
+    report(chosen, read(out / "stage2"), out / "stage2" / "report.md", read(stage1))
 
 
-def report(chosen: dict[str, dict], runs, out: Path) -> None:
-    """Writes family G's table to ``out`` (markdown) and prints it."""
-    check_stage2(runs)
+def report(chosen: dict[str, dict], runs, out: Path, stage1) -> None:
+    """Writes family G's table to ``out`` (markdown) and prints it; ``stage1``'s runs give the
+    settings stage 2 must share."""
+    check_stage2(runs, stage1)
     lines = [
         "| test | treatment vs control | metric | seeds | mean diff | 95% CI | p (Holm) "
         "| verdict |",

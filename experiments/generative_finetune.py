@@ -198,18 +198,33 @@ def prepare(
     tok = llama.LlamaTokenizer.from_gguf()
     lora = rplora_jax.LoRAConfig(rank=rank)
     model, params = llama.load_pretrained(lora=lora, targets=("q_proj", "v_proj"), rng=seed)
-    rng = np.random.default_rng(seed)
-    pick = lambda split, n: fitting(tok, splits[split], n, max_length, rng)
-    test_pairs = pick("test", n_test)
+    drawn = draw_pairs(tok, splits, {"train": n_train, "valid": n_valid, "test": n_test},
+                       max_length, seed)  # fmt: skip
     return Task(
         model=model,
         tok=tok,
-        train=encode_pairs(tok, pick("train", n_train), max_length),
-        valid=encode_pairs(tok, pick("valid", n_valid), max_length),
-        test_pairs=test_pairs,
-        test=encode_pairs(tok, test_pairs, max_length),
+        train=encode_pairs(tok, drawn["train"], max_length),
+        valid=encode_pairs(tok, drawn["valid"], max_length),
+        test_pairs=drawn["test"],
+        test=encode_pairs(tok, drawn["test"], max_length),
         init_params=params,
     )
+
+
+def draw_pairs(
+    tok: llama.LlamaTokenizer,
+    splits: dict[str, list[bible.VersePair]],
+    sizes: dict[str, int | None],
+    max_length: int,
+    seed: int,
+) -> dict[str, list[bible.VersePair]]:
+    """The pairs of each split that :func:`fitting` draws, train then valid then test from one
+    generator seeded with ``seed``: the order fixes which verses every sweep used."""
+    rng = np.random.default_rng(seed)
+    return {
+        split: fitting(tok, splits[split], sizes[split], max_length, rng)
+        for split in ("train", "valid", "test")
+    }
 
 
 def lora_init(task: Task, seed: int) -> dict:
@@ -248,6 +263,8 @@ def heldout_nll(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per example of the ``"valid"`` (or ``"test"``) verses: summed target-token
     cross-entropy and target-token count."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', not {split!r}.")
     data = task.valid if split == "valid" else task.test
     n = len(data)
     nll, cnt = [], []

@@ -1,7 +1,9 @@
 """SmolLM2-135M read from its GGUF file: right q/k layout, coherent greedy decoding, LoRA pairs."""
 
+import csv
 import importlib.util
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +242,23 @@ def test_the_ports_adapters_carry_transformers_llama_names(tmp_path):
     )  # fmt: skip
     assert len(saved) == 2 * 2 * len(llama.LORA_TARGETS)
     assert "base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight" in saved
+
+
+@pytest.mark.skipif(
+    not bible.is_available(),
+    reason="needs the SWORD Bibles: apt-get install -y sword-text-kjv sword-text-web",
+)
+def test_draw_pairs_gives_the_verses_of_the_committed_sweep(tok):
+    # results/generative was drawn with split seed 0, 64 valid and 64 test verses of at most
+    # 80 tokens: the same draw must give the same verses, in the same order.
+    drawn = gen_ft.draw_pairs(
+        tok, bible.kjv_web_splits(seed=0), {"train": None, "valid": 64, "test": 64}, 80, seed=0
+    )
+    results = Path(__file__).parents[2] / "results" / "generative"
+    with open(results / "valid.csv", newline="") as f:
+        valid = [r["ref"] for r in csv.DictReader(f) if r["optimizer"] == "untuned"]
+    with open(results / "samples.csv", newline="") as f:
+        test = [r["ref"] for r in csv.DictReader(f) if r["optimizer"] == "copy_kjv"]
+    assert [p.label for p in drawn["valid"]] == valid and len(valid) == 64
+    assert [p.label for p in drawn["test"]] == test and len(test) == 64
+    assert len(drawn["train"]) == 12965
