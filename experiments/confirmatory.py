@@ -28,6 +28,7 @@ from experiments.stats import t_interval
 
 ADAM = ("adamw", "scaled_adamw", "lora_rite", "reflora_adamw")
 SGD = ("sgd", "scaled_sgd")
+STAGE1_SEEDS = (0, 1, 2)
 STAGE2_SEEDS = tuple(range(100, 120))
 CONTINGENCY_SEEDS = tuple(range(100, 112))  # the pre-registered 12-seed contingency
 DATASETS = ("rotten_tomatoes", "reuters_r8")
@@ -55,6 +56,13 @@ def chosen_rates(stage1: Path) -> dict[str, dict]:
             )
             raise ValueError(f"{stage1}: no validation accuracy for {o}: {cause}.")
         lrs = sorted({r["lr"] for r in mine})
+        for lr in lrs:
+            seeds = sorted(r["seed"] for r in mine if r["lr"] == lr)
+            if seeds != list(STAGE1_SEEDS):
+                raise ValueError(
+                    f"{stage1}: {o} at {lr:g} has seeds {seeds}, not 0, 1 and 2 once each: "
+                    "a rate is chosen on complete cells (rerun the sweep's command)."
+                )
         mean = {
             lr: np.mean([r["val_acc"] for r in rows if r["optimizer"] == o and r["lr"] == lr])
             for lr in lrs

@@ -129,6 +129,12 @@ def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
         ValueError, match="no validation accuracy for adamw: the sweep has no validation split"
     ):
         cf.chosen_rates(tmp_path)
+    # Nor one whose cells miss a seed (a sweep stopped halfway).
+    (tmp_path / "partial").mkdir()
+    rows = [_run("adamw", lr, s, 0.8) for lr, n in ((1e-3, 3), (1e-2, 2)) for s in range(n)]
+    ft._append(tmp_path / "partial" / "runs.csv", ft.RUN_FIELDS, rows)
+    with pytest.raises(ValueError, match=r"adamw at 0.01 has seeds \[0, 1\], not 0, 1 and 2"):
+        cf.chosen_rates(tmp_path / "partial")
     # Stage 2 needs one setting, each seed once, and the pre-registered seeds.
     cell = [_run("adamw", 1e-3, s, 0.8) for s in range(100, 120)]
     cf.check_stage2(cell)
