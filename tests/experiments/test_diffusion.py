@@ -68,6 +68,7 @@ class _ZeroModel:
         return jnp.zeros_like(x)
 
 
+@pytest.mark.slow
 def test_fixed_denoising_loss_is_repeatable_and_measures_the_error():
     x0 = jnp.zeros((16, 28, 28))
     prompt = jnp.zeros((16,), jnp.int32)

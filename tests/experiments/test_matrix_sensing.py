@@ -88,6 +88,7 @@ def _best_iters(summary, kappa, optimizer):
     }
 
 
+@pytest.mark.slow
 def test_e2e_one_row_per_seed_and_run(e2e):
     out, summary, _, _ = e2e
     # 2 κ x (GD, scaled GD, 2 rates x (AdamW, scaled AdamW)) = 12 runs per seed.
@@ -104,6 +105,7 @@ def test_e2e_one_row_per_seed_and_run(e2e):
     assert (out / "error_vs_iteration.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_e2e_summary_md_has_the_command_and_tables(e2e):
     out, _, paired, _ = e2e
     md = (out / "summary.md").read_text()
@@ -115,6 +117,7 @@ def test_e2e_summary_md_has_the_command_and_tables(e2e):
         assert p["verdict"] in md
 
 
+@pytest.mark.slow
 def test_e2e_paired_ratios_match_a_recomputation(e2e):
     _, summary, paired, _ = e2e
     assert len(paired) == 4
@@ -148,6 +151,7 @@ def test_e2e_paired_ratios_match_a_recomputation(e2e):
     assert float(gd10["ratio_lo"]) > 3 and gd10["verdict"] == "scaled_gd needs fewer iterations"
 
 
+@pytest.mark.slow
 def test_e2e_aggregate_is_median_and_range_over_seeds(e2e):
     _, summary, _, aggregate = e2e
     assert len(aggregate) == 8
