@@ -177,6 +177,32 @@ def tests_for(dataset: str, chosen: dict, rows, chance: float) -> list[dict]:
     return out
 
 
+def cell_rows(dataset: str, chosen: dict, rows, chance: float) -> list[str]:
+    """Markdown rows, one per stage 2 cell: the optimizer, its rate and why it ran (chosen, or
+    one or two steps above AdamW's rate), the seeds, the test accuracy's mean ± sample sd
+    (diverged runs scored as the majority class) and how many runs diverged."""
+    lines = []
+    above = {half_decades_above(chosen["adamw"]["lr"], k): f"+{k}" for k in (1, 2)}
+    for o, c in chosen.items():
+        rates = sorted({r["lr"] for r in rows if r["optimizer"] == o})
+        for lr in rates:
+            role = "chosen" if math.isclose(lr, c["lr"], rel_tol=1e-9) else None
+            step = next((k for x, k in above.items() if math.isclose(lr, x, rel_tol=1e-9)), None)
+            if o in ("adamw", "scaled_adamw") and step is not None:
+                role = f"{role}, {step}" if role else step
+            if role is None:
+                raise ValueError(f"stage 2 has {o} at {lr:g}, a rate the design does not run.")
+            acc = np.array(list(accuracies(rows, o, lr, chance).values()))
+            diverged = sum(
+                r["diverged"] for r in rows if r["optimizer"] == o and math.isclose(r["lr"], lr)
+            )
+            lines.append(
+                f"| {dataset} | {o} | {lr:g} | {role} | {len(acc)} | "
+                f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {diverged} |"
+            )
+    return lines
+
+
 def decide(results: list[dict], sizes: dict[str, int] = FAMILY_SIZES) -> list[dict]:
     """Holm per family, then the pre-registered verdicts; each family must have the
     pre-registered number of tests (``sizes``), or the correction would be another."""
@@ -237,14 +263,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if sorted(args.dataset) != sorted(DATASETS):
         p.error(f"report takes the pre-registered datasets together: {' '.join(DATASETS)}")
-    results = []
+    results, cells = (
+        [],
+        [
+            "| dataset | optimizer | rate | ran as | seeds | test accuracy (%) | diverged |",
+            "|---|---|---|---|---|---|---|",
+        ],
+    )
     for name, stage1, stage2 in zip(args.dataset, args.stage1, args.stage2, strict=True):
         labels = datasets.load(name).test_labels
         chance = float(np.bincount(labels).max() / len(labels))
         runs = _read_runs(stage2 / "runs.csv")
         check_stage2(runs)
-        results += tests_for(name, chosen_rates(stage1), runs, chance)
+        chosen = chosen_rates(stage1)
+        results += tests_for(name, chosen, runs, chance)
+        cells += cell_rows(name, chosen, runs, chance)
     lines = [
+        *cells,
+        "",
         "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -150,3 +150,43 @@ def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
         cf.decide([{"family": "primary", "p": 0.01}] * 4 + [{"family": "secondary", "p": 0.5}] * 8)
     with pytest.raises(SystemExit):
         cf.main(["report", "--dataset", "rotten_tomatoes", "--stage1", "x", "--stage2", "y"])
+
+
+def test_report_writes_each_cell_and_each_hypothesis(tmp_path, monkeypatch):
+    import types
+
+    chosen = {"sgd": 0.1, "scaled_sgd": 0.32, "adamw": 1e-3, "scaled_adamw": 1e-3,
+              "lora_rite": 1e-3, "reflora_adamw": 3.2e-3}  # fmt: skip
+    effects = {(o, lr): 0.0 for o, lr in chosen.items()} | {
+        ("adamw", 0.0032): 0.0, ("scaled_adamw", 0.0032): 1.0,
+        ("adamw", 0.01): 0.0, ("scaled_adamw", 0.01): 5.0,
+    }  # fmt: skip
+    argv = ["report", "--out", str(tmp_path / "report.md")]
+    for name in cf.DATASETS:
+        stage1, stage2 = tmp_path / name / "stage1", tmp_path / name / "stage2"
+        stage1.mkdir(parents=True)
+        stage2.mkdir(parents=True)
+        ft._append(stage1 / "runs.csv", ft.RUN_FIELDS, [
+            _run(o, lr * k, s, 0.8, val=0.9 if k == 1 else 0.7)
+            for o, lr in chosen.items() for k in (1, 10) for s in range(3)
+        ])  # fmt: skip
+        rows = _stage2(effects, chance_runs={("adamw", 0.01, 100)})
+        ft._append(stage2 / "runs.csv", ft.RUN_FIELDS, rows)
+        argv += ["--dataset", name, "--stage1", str(stage1), "--stage2", str(stage2)]
+    test_labels = types.SimpleNamespace(test_labels=np.array([0, 0, 0, 1]))  # chance 75%
+    monkeypatch.setattr("experiments.data.datasets.load", lambda name: test_labels)
+    cf.main(argv)
+    report = (tmp_path / "report.md").read_text()
+    acc = [100 * r["eval_acc"] for r in rows if (r["optimizer"], r["lr"]) == ("adamw", 0.01)]
+    acc[0] = 75.0  # the diverged run scores the majority class
+    mean, sd = np.mean(acc), np.std(acc, ddof=1)
+    assert f"| reuters_r8 | adamw | 0.01 | +2 | 20 | {mean:.2f} ± {sd:.2f} | 1 |" in report
+    assert "| rotten_tomatoes | scaled_adamw | 0.001 | chosen | 20 |" in report
+    assert "| rotten_tomatoes | adamw | 0.0032 | +1 | 20 |" in report
+    assert report.count("| chosen |") == 2 * 6 and report.count("| +1 |") == 2 * 2
+    assert report.count("| H1 scaled_sgd > sgd |") == 2  # one per dataset
+    assert len([line for line in report.splitlines() if "| H" in line]) == 16
+    # A rate the design does not run is an error, not a row.
+    extra = [_run("sgd", 1.0, s, 0.7) for s in range(100, 120)]
+    with pytest.raises(ValueError, match="stage 2 has sgd at 1, a rate the design does not run"):
+        cf.cell_rows("toy", {o: {"lr": lr} for o, lr in chosen.items()}, [*rows, *extra], 0.5)
