@@ -29,6 +29,9 @@ from experiments.stats import t_interval
 ADAM = ("adamw", "scaled_adamw", "lora_rite", "reflora_adamw")
 SGD = ("sgd", "scaled_sgd")
 STAGE1_SEEDS = (0, 1, 2)
+ADAM_GRID = (1e-4, 3.2e-4, 1e-3, 3.2e-3, 1e-2, 3.2e-2)
+SGD_GRID = (1e-3, 3.2e-3, 1e-2, 3.2e-2, 0.1, 0.32, 1.0)
+GRIDS = {o: ADAM_GRID for o in ADAM} | {o: SGD_GRID for o in SGD}
 STAGE2_SEEDS = tuple(range(100, 120))
 CONTINGENCY_SEEDS = tuple(range(100, 112))  # the pre-registered 12-seed contingency
 DATASETS = ("rotten_tomatoes", "reuters_r8")
@@ -72,6 +75,41 @@ def chosen_rates(stage1: Path) -> dict[str, dict]:
     return out
 
 
+def check_stage1(rows, where) -> None:
+    """Stage 1 is complete: every optimizer over at least its whole pre-registered grid (an
+    extension adds rates), from one setting; :func:`chosen_rates` checks each cell's seeds."""
+    settings = sorted({r["settings"] for r in rows})
+    if len(settings) != 1:
+        raise ValueError(f"{where}: stage 1 mixes runs of {len(settings)} settings: {settings}.")
+    for o, grid in GRIDS.items():
+        have = {r["lr"] for r in rows if r["optimizer"] == o}
+        missing = [lr for lr in grid if not any(math.isclose(lr, x, rel_tol=1e-9) for x in have)]
+        if missing:
+            raise ValueError(
+                f"{where}: stage 1 has no {o} at {', '.join(f'{x:g}' for x in missing)}: "
+                "rates are chosen on the whole grid (rerun the sweep's command)."
+            )
+
+
+def check_design(dataset: str, chosen: dict, stage1, stage2) -> None:
+    """Stage 2 is the one stage 1's rates make: the same dataset and settings, and exactly the
+    cells of :func:`stage2_lrs` (a missing cell would make a test of no seeds)."""
+    for stage, rows in (("stage 1", stage1), ("stage 2", stage2)):
+        names = {r["dataset"] for r in rows}
+        if names != {dataset}:
+            raise ValueError(f"{stage} of {dataset} holds runs of {sorted(names)}.")
+    if {r["settings"] for r in stage2} != {r["settings"] for r in stage1}:
+        raise ValueError(f"{dataset}: stage 2 was run with other settings than stage 1.")
+    want = {(o, lr) for o, lrs in stage2_lrs(chosen).items() for lr in lrs}
+    have = {(r["optimizer"], r["lr"]) for r in stage2}
+    if have != want:
+        fmt = lambda cells: ", ".join(f"{o} at {lr:g}" for o, lr in sorted(cells)) or "none"
+        raise ValueError(
+            f"{dataset}: stage 2 lacks {fmt(want - have)} and has {fmt(have - want)} beyond "
+            "the cells that stage 1's rates make."
+        )
+
+
 def stage2_lrs(chosen: dict[str, dict]) -> dict[str, list[float]]:
     """Stage 2's rates: each optimizer's chosen one, and for AdamW and scaled AdamW also one and
     two half-decades above AdamW's."""
@@ -101,6 +139,8 @@ def check_stage2(rows) -> None:
                 f"stage 2 has {o} at {lr:g} with seeds {sorted(seeds)}, not the pre-registered "
                 f"{STAGE2_SEEDS[0]}-{STAGE2_SEEDS[-1]} (or {CONTINGENCY_SEEDS[-1]})."
             )
+    if len({tuple(sorted(seeds)) for seeds in cells.values()}) > 1:
+        raise ValueError("stage 2 mixes cells of 20 and of 12 seeds: one count for the design.")
 
 
 def accuracies(rows, optimizer: str, lr: float, chance: float) -> dict[int, float]:
@@ -240,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.what == "rates":
         for stage1 in args.stage1:
+            check_stage1(_read_runs(stage1 / "runs.csv"), stage1)
             chosen = chosen_rates(stage1)
             run = _read_runs(stage1 / "runs.csv")[0]
             n_val = dict(kv.split("=", 1) for kv in run["settings"].split(";")).get("n_val")
@@ -263,21 +304,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if sorted(args.dataset) != sorted(DATASETS):
         p.error(f"report takes the pre-registered datasets together: {' '.join(DATASETS)}")
-    results, cells = (
-        [],
-        [
-            "| dataset | optimizer | rate | ran as | seeds | test accuracy (%) | diverged |",
-            "|---|---|---|---|---|---|---|",
-        ],
-    )
+    results, seed_sets = [], set()
+    cells = [
+        "| dataset | optimizer | rate | ran as | seeds | test accuracy (%) | diverged |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, stage1, stage2 in zip(args.dataset, args.stage1, args.stage2, strict=True):
         labels = datasets.load(name).test_labels
         chance = float(np.bincount(labels).max() / len(labels))
-        runs = _read_runs(stage2 / "runs.csv")
+        first, runs = _read_runs(stage1 / "runs.csv"), _read_runs(stage2 / "runs.csv")
+        check_stage1(first, stage1)
         check_stage2(runs)
         chosen = chosen_rates(stage1)
+        check_design(name, chosen, first, runs)
+        seed_sets.add(tuple(sorted({r["seed"] for r in runs})))
         results += tests_for(name, chosen, runs, chance)
         cells += cell_rows(name, chosen, runs, chance)
+    if len(seed_sets) > 1:
+        raise ValueError("the datasets' stage 2 ran different seeds: one count for the design.")
     lines = [
         *cells,
         "",

@@ -95,27 +95,43 @@ def test_equivalence_needs_the_whole_interval_inside_the_margin():
     assert cf.difference_test(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.0742, abs=1e-4)
 
 
-def test_rates_prints_the_stage2_command(tmp_path, capsys):
-    rows = [
-        _run(o, lr, s, 0.8, val=lr)
-        for o in ("adamw", "scaled_adamw")
-        for lr in (1e-3, 3.2e-3, 0.01)
+def _full_stage1(best: dict, dataset: str = "toy") -> list[dict]:
+    """Stage 1 over every pre-registered grid, validation accuracy highest at ``best[o]``."""
+    return [
+        _run(o, lr, s, 0.8, val=0.9 - 0.01 * abs(np.log10(lr / best[o]))) | {"dataset": dataset}
+        for o, grid in cf.GRIDS.items()
+        for lr in grid
         for s in range(3)
     ]
-    ft._append(tmp_path / "runs.csv", ft.RUN_FIELDS, rows)
+
+
+BEST = {"adamw": 1e-3, "scaled_adamw": 3.2e-3, "lora_rite": 1e-3, "reflora_adamw": 3.2e-3,
+        "sgd": 3.2e-2, "scaled_sgd": 1.0}  # fmt: skip
+
+
+def test_rates_prints_the_stage2_command(tmp_path, capsys):
+    ft._append(tmp_path / "runs.csv", ft.RUN_FIELDS, _full_stage1(BEST))
     cf.main(["rates", "--stage1", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "adamw: 0.01 (at the grid's edge)" in out
+    assert " scaled_sgd: 1 (at the grid's edge)" in out and out.count("edge") == 1
     assert (
         "stage 2: python -m experiments.finetune_classification --dataset toy --n-val 1000 "
-        "--steps 10 --optimizers adamw scaled_adamw --lrs adamw=0.01,0.032,0.1 "
-        "scaled_adamw=0.01,0.032,0.1 --seeds 100 101"
+        "--steps 10 --optimizers adamw scaled_adamw lora_rite reflora_adamw sgd scaled_sgd "
+        "--lrs adamw=0.001,0.0032,0.01 scaled_adamw=0.0032,0.01 lora_rite=0.001 "
+        "reflora_adamw=0.0032 sgd=0.032 scaled_sgd=1 --seeds 100 101"
     ) in out
     assert out.rstrip().endswith("--out results/prereg/stage2/toy")
     assert "--seeds 100 101 102 103 104 105 106 107 108 109 110 111 112" in out
     cf.main(["rates", "--contingency", "--stage1", str(tmp_path)])
     out = capsys.readouterr().out
     assert "--seeds 100 101 102 103 104 105 106 107 108 109 110 111 --out" in out
+    # A stage 1 that stopped between cells (no RefLoRA at its last rate) chooses nothing.
+    rows = [r for r in _full_stage1(BEST) if (r["optimizer"], r["lr"]) != ("sgd", 1.0)]
+    ft._append(tmp_path / "partial.csv", ft.RUN_FIELDS, rows)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial.csv").rename(tmp_path / "partial" / "runs.csv")
+    with pytest.raises(ValueError, match="stage 1 has no sgd at 1: rates are chosen on the whole"):
+        cf.main(["rates", "--stage1", str(tmp_path / "partial")])
 
 
 def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
@@ -155,38 +171,59 @@ def test_the_analysis_refuses_what_the_design_does_not_allow(tmp_path):
 def test_report_writes_each_cell_and_each_hypothesis(tmp_path, monkeypatch):
     import types
 
-    chosen = {"sgd": 0.1, "scaled_sgd": 0.32, "adamw": 1e-3, "scaled_adamw": 1e-3,
-              "lora_rite": 1e-3, "reflora_adamw": 3.2e-3}  # fmt: skip
-    effects = {(o, lr): 0.0 for o, lr in chosen.items()} | {
-        ("adamw", 0.0032): 0.0, ("scaled_adamw", 0.0032): 1.0,
-        ("adamw", 0.01): 0.0, ("scaled_adamw", 0.01): 5.0,
-    }  # fmt: skip
+    # Rotten Tomatoes as it came out: scaled AdamW's rate is AdamW's +1; R8 with them equal.
+    best = {"rotten_tomatoes": BEST, "reuters_r8": BEST | {"scaled_adamw": 1e-3}}
     argv = ["report", "--out", str(tmp_path / "report.md")]
+    stage2 = {}
     for name in cf.DATASETS:
-        stage1, stage2 = tmp_path / name / "stage1", tmp_path / name / "stage2"
-        stage1.mkdir(parents=True)
-        stage2.mkdir(parents=True)
-        ft._append(stage1 / "runs.csv", ft.RUN_FIELDS, [
-            _run(o, lr * k, s, 0.8, val=0.9 if k == 1 else 0.7)
-            for o, lr in chosen.items() for k in (1, 10) for s in range(3)
-        ])  # fmt: skip
-        rows = _stage2(effects, chance_runs={("adamw", 0.01, 100)})
-        ft._append(stage2 / "runs.csv", ft.RUN_FIELDS, rows)
-        argv += ["--dataset", name, "--stage1", str(stage1), "--stage2", str(stage2)]
+        folder = tmp_path / name
+        (folder / "stage1").mkdir(parents=True)
+        (folder / "stage2").mkdir()
+        ft._append(folder / "stage1" / "runs.csv", ft.RUN_FIELDS, _full_stage1(best[name], name))
+        chosen = {o: {"lr": lr} for o, lr in best[name].items()}
+        effects = {(o, lr): 1.0 * (o == "scaled_adamw")
+                   for o, lrs in cf.stage2_lrs(chosen).items() for lr in lrs}  # fmt: skip
+        rows = [r | {"dataset": name} for r in _stage2(effects, {("adamw", 0.01, 100)})]
+        ft._append(folder / "stage2" / "runs.csv", ft.RUN_FIELDS, rows)
+        stage2[name] = rows
+        argv += ["--dataset", name, "--stage1", str(folder / "stage1")]
+        argv += ["--stage2", str(folder / "stage2")]
     test_labels = types.SimpleNamespace(test_labels=np.array([0, 0, 0, 1]))  # chance 75%
     monkeypatch.setattr("experiments.data.datasets.load", lambda name: test_labels)
     cf.main(argv)
     report = (tmp_path / "report.md").read_text()
+    rows = stage2["reuters_r8"]
     acc = [100 * r["eval_acc"] for r in rows if (r["optimizer"], r["lr"]) == ("adamw", 0.01)]
     acc[0] = 75.0  # the diverged run scores the majority class
     mean, sd = np.mean(acc), np.std(acc, ddof=1)
     assert f"| reuters_r8 | adamw | 0.01 | +2 | 20 | {mean:.2f} ± {sd:.2f} | 1 |" in report
-    assert "| rotten_tomatoes | scaled_adamw | 0.001 | chosen | 20 |" in report
-    assert "| rotten_tomatoes | adamw | 0.0032 | +1 | 20 |" in report
-    assert report.count("| chosen |") == 2 * 6 and report.count("| +1 |") == 2 * 2
+    assert "| rotten_tomatoes | scaled_adamw | 0.0032 | chosen, +1 | 20 |" in report
+    assert "| reuters_r8 | scaled_adamw | 0.001 | chosen | 20 |" in report
+    assert "| reuters_r8 | scaled_adamw | 0.0032 | +1 | 20 |" in report
+    assert report.count("| chosen") == 2 * 6 and report.count("+1 |") == 2 * 2
     assert report.count("| H1 scaled_sgd > sgd |") == 2  # one per dataset
     assert len([line for line in report.splitlines() if "| H" in line]) == 16
     # A rate the design does not run is an error, not a row.
     extra = [_run("sgd", 1.0, s, 0.7) for s in range(100, 120)]
+    chosen = {o: {"lr": lr} for o, lr in best["reuters_r8"].items()}
     with pytest.raises(ValueError, match="stage 2 has sgd at 1, a rate the design does not run"):
-        cf.cell_rows("toy", {o: {"lr": lr} for o, lr in chosen.items()}, [*rows, *extra], 0.5)
+        cf.cell_rows("toy", chosen, [*rows, *extra], 0.5)
+
+
+def test_report_refuses_a_stage2_that_stage1_did_not_make():
+    chosen = {o: {"lr": lr} for o, lr in BEST.items()}
+    first = _full_stage1(BEST)
+    cells = {(o, lr): 0.0 for o, lrs in cf.stage2_lrs(chosen).items() for lr in lrs}
+    rows = _stage2(cells)
+    cf.check_design("toy", chosen, first, rows)
+    lacking = [r for r in rows if r["optimizer"] != "lora_rite"]
+    with pytest.raises(ValueError, match=r"stage 2 lacks lora_rite at 0\.001 and has none beyond"):
+        cf.check_design("toy", chosen, first, lacking)
+    with pytest.raises(ValueError, match="stage 2 of reuters_r8 holds runs of"):
+        cf.check_design("reuters_r8", chosen, [r | {"dataset": "reuters_r8"} for r in first], rows)
+    with pytest.raises(ValueError, match="other settings than stage 1"):
+        cf.check_design("toy", chosen, first, [r | {"settings": "steps=80"} for r in rows])
+    # One seed count for the design: 12-seed cells beside 20-seed ones are refused.
+    twelve = [r for r in rows if r["optimizer"] != "sgd" or r["seed"] < 112]
+    with pytest.raises(ValueError, match="mixes cells of 20 and of 12 seeds"):
+        cf.check_stage2(twelve)
