@@ -280,9 +280,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.what == "rates":
         for stage1 in args.stage1:
-            check_stage1(_read_runs(stage1 / "runs.csv"), stage1)
+            rows = _read_runs(stage1 / "runs.csv")
+            check_stage1(rows, stage1)
             chosen = chosen_rates(stage1)
-            run = _read_runs(stage1 / "runs.csv")[0]
+            run = rows[0]
             n_val = dict(kv.split("=", 1) for kv in run["settings"].split(";")).get("n_val")
             for o, c in chosen.items():
                 print(

@@ -21,28 +21,38 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from experiments.confirmatory import difference_test, half_decades_above, holm, stage2_lrs
+from experiments.commands import command_line
+from experiments.confirmatory import (
+    ADAM_GRID,
+    STAGE1_SEEDS,
+    difference_test,
+    half_decades_above,
+    holm,
+    stage2_lrs,
+)
 from experiments.finetune_classification import _read_runs
 from experiments.generative_finetune import BASELINES, RUN_FIELDS, best_rates
 from experiments.stats import t_interval
 
-# Fixed by amendment 6: the grids, the seeds and the settings of every run.
-ADAM_GRID = (1e-4, 3.2e-4, 1e-3, 3.2e-3, 1e-2, 3.2e-2)
+# Fixed by amendment 6: the grids, the seeds and the settings of every run (the Adam grid and
+# stage 1's seeds are the classification design's).
 SGD_GRID = (1e-2, 3.2e-2, 0.1, 0.32, 1.0, 3.2)
 GRIDS = {"adamw": ADAM_GRID, "scaled_adamw": ADAM_GRID, "sgd": SGD_GRID, "scaled_sgd": SGD_GRID}
-STAGE1_SEEDS = (0, 1, 2)
 STAGE2_SEEDS = tuple(range(100, 108))
 SETTINGS = ("--steps", "200", "--n-valid", "256", "--n-test", "256")
 MAX_EXTENSIONS = 2  # grid steps added on one side of a pre-registered grid
 # +1 where higher is better.
 METRICS = {"test_loss": -1.0, "bleu": 1.0}
 LABELS = ("G1", "G2a", "G2b")
+
+
+def _read(folder: Path) -> list[dict]:
+    return _read_runs(folder / "runs.csv", RUN_FIELDS, legacy=False)
 
 
 def _trained(runs) -> list[dict]:
@@ -163,10 +173,6 @@ def stage2_argv(stage1: Path, chosen: dict[str, dict]) -> list[str]:
     return _argv(stage2_lrs(chosen), STAGE2_SEEDS, stage1.parent / "stage2")
 
 
-def _command(argv: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "experiments.generative_finetune", *argv])
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("design", "rates", "report"))
@@ -180,19 +186,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         return design(args.out)
     if args.stage1 is None:
         p.error(f"{args.what} needs --stage1")
-    read = lambda folder: _read_runs(folder / "runs.csv", RUN_FIELDS, legacy=False)
-    chosen = chosen_rates(read(args.stage1))
+    chosen = chosen_rates(_read(args.stage1))
     if args.what == "rates":
         for o, c in chosen.items():
             print(f"{o}: {c['lr']:g}" + (" (at the grid's edge)" if c["edge"] else ""))
         extension = extension_argv(args.stage1, chosen)
+        module = "experiments.generative_finetune"
         if extension is not None:
-            print("stage 1 extension:", _command(extension))
-        print("stage 2:", _command(stage2_argv(args.stage1, chosen)))
+            print("stage 1 extension:", command_line(module, extension))
+        print("stage 2:", command_line(module, stage2_argv(args.stage1, chosen)))
         return
     if args.stage2 is None:
         p.error("report needs --stage2")
-    report(chosen, read(args.stage2), args.stage2 / "report.md", read(args.stage1))
+    report(chosen, _read(args.stage2), args.stage2 / "report.md", _read(args.stage1))
 
 
 def design(out: Path) -> None:
@@ -201,18 +207,17 @@ def design(out: Path) -> None:
     from experiments import generative_finetune
 
     stage1 = out / "stage1"
-    read = lambda folder: _read_runs(folder / "runs.csv", RUN_FIELDS, legacy=False)
     while True:
         # Every rate stage 1 has started, on all its seeds (a resumed design may have stopped
         # inside an extension), before the rule looks at them.
-        generative_finetune.main(stage1_argv(stage1, read(stage1)))
-        extension = extension_argv(stage1, chosen_rates(read(stage1)))
+        generative_finetune.main(stage1_argv(stage1, _read(stage1)))
+        chosen = chosen_rates(_read(stage1))
+        extension = extension_argv(stage1, chosen)
         if extension is None:
             break
         generative_finetune.main(extension)
-    chosen = chosen_rates(read(stage1))
     generative_finetune.main(stage2_argv(stage1, chosen))
-    report(chosen, read(out / "stage2"), out / "stage2" / "report.md", read(stage1))
+    report(chosen, _read(out / "stage2"), out / "stage2" / "report.md", _read(stage1))
 
 
 def report(chosen: dict[str, dict], runs, out: Path, stage1) -> None:
