@@ -267,6 +267,44 @@ def decide(results: list[dict], sizes: dict[str, int] = FAMILY_SIZES) -> list[di
     return results
 
 
+def report_lines(designs: Sequence[tuple[str, Path, Path]]) -> list[str]:
+    """The report's Markdown: a row per stage 2 cell, then the tests of H1-H4 with Holm's
+    correction per family and their verdicts. ``designs``: (dataset, stage 1 folder, stage 2
+    folder) for each pre-registered dataset, checked complete and consistent first."""
+    from experiments.data import datasets
+
+    results, seed_sets = [], set()
+    cells = [
+        "| dataset | optimizer | rate | ran as | seeds | test accuracy (%) | diverged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, stage1, stage2 in designs:
+        labels = datasets.load(name).test_labels
+        chance = float(np.bincount(labels).max() / len(labels))
+        first, runs = _read_runs(stage1 / "runs.csv"), _read_runs(stage2 / "runs.csv")
+        check_stage1(first, stage1)
+        check_stage2(runs)
+        chosen = chosen_rates(stage1)
+        check_design(name, chosen, first, runs)
+        seed_sets.add(tuple(sorted({r["seed"] for r in runs})))
+        results += tests_for(name, chosen, runs, chance)
+        cells += cell_rows(name, chosen, runs, chance)
+    if len(seed_sets) > 1:
+        raise ValueError("the datasets' stage 2 ran different seeds: one count for the design.")
+    lines = [
+        *cells,
+        "",
+        "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in decide(results):
+        lines.append(
+            f"| {r['dataset']} | {r['hypothesis']} | {r['n']} | {r['mean']:.2f} | "
+            f"{r['lo']:.2f} to {r['hi']:.2f} | {r['p_holm']:.3g} | {r['verdict']} |"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("rates", "report"))
@@ -301,39 +339,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"results/prereg/stage2/{run['dataset']}"
             )
         return
-    from experiments.data import datasets
-
     if sorted(args.dataset) != sorted(DATASETS):
         p.error(f"report takes the pre-registered datasets together: {' '.join(DATASETS)}")
-    results, seed_sets = [], set()
-    cells = [
-        "| dataset | optimizer | rate | ran as | seeds | test accuracy (%) | diverged |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, stage1, stage2 in zip(args.dataset, args.stage1, args.stage2, strict=True):
-        labels = datasets.load(name).test_labels
-        chance = float(np.bincount(labels).max() / len(labels))
-        first, runs = _read_runs(stage1 / "runs.csv"), _read_runs(stage2 / "runs.csv")
-        check_stage1(first, stage1)
-        check_stage2(runs)
-        chosen = chosen_rates(stage1)
-        check_design(name, chosen, first, runs)
-        seed_sets.add(tuple(sorted({r["seed"] for r in runs})))
-        results += tests_for(name, chosen, runs, chance)
-        cells += cell_rows(name, chosen, runs, chance)
-    if len(seed_sets) > 1:
-        raise ValueError("the datasets' stage 2 ran different seeds: one count for the design.")
-    lines = [
-        *cells,
-        "",
-        "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in decide(results):
-        lines.append(
-            f"| {r['dataset']} | {r['hypothesis']} | {r['n']} | {r['mean']:.2f} | "
-            f"{r['lo']:.2f} to {r['hi']:.2f} | {r['p_holm']:.3g} | {r['verdict']} |"
-        )
+    lines = report_lines(list(zip(args.dataset, args.stage1, args.stage2, strict=True)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
