@@ -122,6 +122,31 @@ def stage2_lrs(chosen: dict[str, dict]) -> dict[str, list[float]]:
     return lrs
 
 
+def validation_rows(dataset: str, rows, chosen: dict) -> list[str]:
+    """Markdown rows, one per optimizer: stage 1's mean ± sample sd validation accuracy (%) at
+    each rate of the grids, the chosen one in bold, "div" for a rate with a diverged seed. It
+    describes how the choice was made; nothing is tested on it."""
+    rates = sorted({r["lr"] for r in rows})
+    lines = [
+        f"| {dataset} | " + " | ".join(f"{x:g}" for x in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for o, c in chosen.items():
+        cells = []
+        for lr in rates:
+            mine = [r for r in rows if r["optimizer"] == o and r["lr"] == lr]
+            acc = np.array([100 * r["val_acc"] for r in mine])
+            if not mine:
+                cells.append("")
+            elif any(r["diverged"] for r in mine) or not np.all(np.isfinite(acc)):
+                cells.append("div")
+            else:
+                cell = f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}"
+                cells.append(f"**{cell}**" if lr == c["lr"] else cell)
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def check_stage2(rows) -> None:
     """Stage 2's runs must come from one setting, once per seed, with the pre-registered
     seeds (or the 12-seed contingency) in every cell."""
@@ -323,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             chosen = chosen_rates(stage1)
             run = rows[0]
             n_val = dict(kv.split("=", 1) for kv in run["settings"].split(";")).get("n_val")
+            print("\n".join(validation_rows(run["dataset"], rows, chosen)))
             for o, c in chosen.items():
                 print(
                     f"{stage1.name} {o}: {c['lr']:g}"

@@ -227,3 +227,69 @@ def test_report_refuses_a_stage2_that_stage1_did_not_make():
     twelve = [r for r in rows if r["optimizer"] != "sgd" or r["seed"] < 112]
     with pytest.raises(ValueError, match="mixes cells of 20 and of 12 seeds"):
         cf.check_stage2(twelve)
+
+
+def test_validation_rows_mark_the_choice_and_divergence():
+    rows = [_run("adamw", lr, s, acc) for lr, acc in ((1e-3, 0.8), (1e-2, 0.9)) for s in (0, 1, 2)]
+    rows += [_run("sgd", 0.1, s, 0.7, diverged=s == 1) for s in (0, 1, 2)]
+    chosen = {"adamw": {"lr": 1e-2}, "sgd": {"lr": 0.1}}
+    assert cf.validation_rows("toy", rows, chosen) == [
+        "| toy | 0.001 | 0.01 | 0.1 |",
+        "|---|---|---|---|",
+        "| adamw | 80.0 ± 0.0 | **90.0 ± 0.0** |  |",
+        "| sgd |  |  | div |",
+    ]
+
+
+def test_the_results_page_quotes_the_committed_design():
+    """docs/experiments/confirmatory.md and results/prereg/report.md are the analysis of the
+    committed stage 1 and stage 2 runs, as `confirmatory report` makes it."""
+    from pathlib import Path
+
+    from experiments.data.datasets import DatasetNotInstalledError
+
+    root = Path(__file__).resolve().parents[2]
+    designs = [
+        (d, root / "results" / "prereg" / "stage1" / d, root / "results" / "prereg" / "stage2" / d)
+        for d in cf.DATASETS
+    ]
+    try:
+        report = cf.report_lines(designs)
+    except DatasetNotInstalledError as err:
+        pytest.skip(str(err))
+    assert (root / "results" / "prereg" / "report.md").read_text().splitlines() == report
+    assert sum(line.startswith("| rotten_tomatoes | H") for line in report) == 8
+    lines = [line for line in report if line.startswith("| ") and "hypothesis" not in line]
+    for _, stage1, _ in designs:
+        runs = ft._read_runs(stage1 / "runs.csv")
+        lines += cf.validation_rows(runs[0]["dataset"], runs, cf.chosen_rates(stage1))[2:]
+    page = (root / "docs" / "experiments" / "confirmatory.md").read_text()
+    assert [line for line in lines if line not in page] == []
+    # README's line quotes the hypothesis rows' mean differences (and R8's H3 interval).
+    rows = {}  # (dataset, "H1" / "H2+1" / "H2+2" / "H3") -> [mean, interval, p, verdict]
+    for line in report:
+        head, *cells = [c.strip() for c in line.strip().strip("|").rsplit("|", 5)]
+        dataset, _, name = (c.strip() for c in head.partition("|"))
+        if name[:2] in ("H1", "H2", "H3"):
+            rows[dataset, name[:2] + name.partition(" at ")[2][:2]] = cells[1:]
+
+    def mean(dataset, key, sign=True, digits=2):
+        x = float(rows[dataset, key][0])
+        return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+    rt, r8 = "rotten_tomatoes", "reuters_r8"
+    lo, hi = (float(x) for x in rows[r8, "H3"][1].split(" to "))
+    quoted = [
+        f"SGD at tuned rates ({mean(r8, 'H1')} points on R8, "
+        f"{mean(rt, 'H1', sign=False)} on Rotten Tomatoes;",
+        f"({mean(rt, 'H2+1', digits=1)} and {mean(rt, 'H2+2', digits=1)} points one and two steps",
+        f"{mean(r8, 'H2+1', digits=1)} and {mean(r8, 'H2+2', digits=1)} on R8, all four supported",
+        f"(on R8 not shown: {mean(r8, 'H3')}, interval {lo:.2f} to {hi:.2f})",
+    ]
+    readme = " ".join((root / "README.md").read_text().split())
+    assert [q for q in quoted if q not in readme] == []
+    verdicts = {k: v[3] for k, v in rows.items()}
+    assert [verdicts[d, h] for d in (rt, r8) for h in ("H1", "H2+1", "H2+2", "H3")] == [
+        "not supported", "supported", "supported", "supported",
+        "not supported", "supported", "supported", "not supported",
+    ]  # fmt: skip
