@@ -292,9 +292,9 @@ def decide(results: list[dict], sizes: dict[str, int] = FAMILY_SIZES) -> list[di
     return results
 
 
-def report_lines(designs: Sequence[tuple[str, Path, Path]]) -> list[str]:
-    """The report's Markdown: a row per stage 2 cell, then the tests of H1-H4 with Holm's
-    correction per family and their verdicts. ``designs``: (dataset, stage 1 folder, stage 2
+def analyse(designs: Sequence[tuple[str, Path, Path]]) -> tuple[list[str], list[dict]]:
+    """The report's cell rows (with their header) and the tests of H1-H4, Holm-corrected per
+    family and decided (``decide``'s rows). ``designs``: (dataset, stage 1 folder, stage 2
     folder) for each pre-registered dataset, checked complete and consistent first."""
     from experiments.data import datasets
 
@@ -316,13 +316,18 @@ def report_lines(designs: Sequence[tuple[str, Path, Path]]) -> list[str]:
         cells += cell_rows(name, chosen, runs, chance)
     if len(seed_sets) > 1:
         raise ValueError("the datasets' stage 2 ran different seeds: one count for the design.")
+    return cells, decide(results)
+
+
+def report_lines(cells: list[str], decided: list[dict]) -> list[str]:
+    """The report's Markdown: ``analyse``'s cell rows, then a row per decided test."""
     lines = [
         *cells,
         "",
         "| dataset | hypothesis | seeds | mean diff | 95% CI | p (Holm) | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in decide(results):
+    for r in decided:
         lines.append(
             f"| {r['dataset']} | {r['hypothesis']} | {r['n']} | {r['mean']:.2f} | "
             f"{r['lo']:.2f} to {r['hi']:.2f} | {r['p_holm']:.3g} | {r['verdict']} |"
@@ -367,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if sorted(args.dataset) != sorted(DATASETS):
         p.error(f"report takes the pre-registered datasets together: {' '.join(DATASETS)}")
-    lines = report_lines(list(zip(args.dataset, args.stage1, args.stage2, strict=True)))
+    designs = list(zip(args.dataset, args.stage1, args.stage2, strict=True))
+    lines = report_lines(*analyse(designs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

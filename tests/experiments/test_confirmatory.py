@@ -254,9 +254,10 @@ def test_the_results_page_quotes_the_committed_design():
         for d in cf.DATASETS
     ]
     try:
-        report = cf.report_lines(designs)
+        cells, decided = cf.analyse(designs)
     except DatasetNotInstalledError as err:
         pytest.skip(str(err))
+    report = cf.report_lines(cells, decided)
     assert (root / "results" / "prereg" / "report.md").read_text().splitlines() == report
     assert sum(line.startswith("| rotten_tomatoes | H") for line in report) == 8
     lines = [line for line in report if line.startswith("| ") and "hypothesis" not in line]
@@ -265,20 +266,19 @@ def test_the_results_page_quotes_the_committed_design():
         lines += cf.validation_rows(runs[0]["dataset"], runs, cf.chosen_rates(stage1))[2:]
     page = (root / "docs" / "experiments" / "confirmatory.md").read_text()
     assert [line for line in lines if line not in page] == []
-    # README's line quotes the hypothesis rows' mean differences (and R8's H3 interval).
-    rows = {}  # (dataset, "H1" / "H2+1" / "H2+2" / "H3") -> [mean, interval, p, verdict]
-    for line in report:
-        head, *cells = [c.strip() for c in line.strip().strip("|").rsplit("|", 5)]
-        dataset, _, name = (c.strip() for c in head.partition("|"))
-        if name[:2] in ("H1", "H2", "H3"):
-            rows[dataset, name[:2] + name.partition(" at ")[2][:2]] = cells[1:]
+    # README's line quotes the primary tests' mean differences (and R8's H3 interval).
+    rows = {  # (dataset, "H1" / "H2+1" / "H2+2" / "H3") -> decide's row
+        (r["dataset"], r["hypothesis"][:2] + r["hypothesis"].partition(" at ")[2][:2]): r
+        for r in decided
+        if r["family"] == "primary"
+    }
 
     def mean(dataset, key, sign=True, digits=2):
-        x = float(rows[dataset, key][0])
+        x = rows[dataset, key]["mean"]
         return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
     rt, r8 = "rotten_tomatoes", "reuters_r8"
-    lo, hi = (float(x) for x in rows[r8, "H3"][1].split(" to "))
+    lo, hi = rows[r8, "H3"]["lo"], rows[r8, "H3"]["hi"]
     quoted = [
         f"SGD at tuned rates ({mean(r8, 'H1')} points on R8, "
         f"{mean(rt, 'H1', sign=False)} on Rotten Tomatoes;",
@@ -288,7 +288,7 @@ def test_the_results_page_quotes_the_committed_design():
     ]
     readme = " ".join((root / "README.md").read_text().split())
     assert [q for q in quoted if q not in readme] == []
-    verdicts = {k: v[3] for k, v in rows.items()}
+    verdicts = {k: v["verdict"] for k, v in rows.items()}
     assert [verdicts[d, h] for d in (rt, r8) for h in ("H1", "H2+1", "H2+2", "H3")] == [
         "not supported", "supported", "supported", "supported",
         "not supported", "supported", "supported", "not supported",
